@@ -1,0 +1,297 @@
+"""The one training loop, shared by train-teacher, distill and the labels-only baseline.
+
+What differs between them is the objective: a callable that returns named, already weighted
+loss terms for a batch. The loop owns optimisation, evaluation, logging and exact resumption.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Protocol, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from pipeline.config import TrainingConfig
+from stages.data import EpochSampler, Encoded, collate
+
+__all__ = ["Objective", "FitResult", "fit", "evaluate_accuracy", "pick_device", "set_seed", "atomic_write_text", "save_model"]
+
+
+class Objective(Protocol):
+    """What a training run optimises. `modules` are extra trainable parts (projections)."""
+
+    modules: nn.ModuleDict
+
+    def start_epoch(self, id_batches: Sequence[Sequence[str]]) -> None:
+        """Called with the ids of every batch left in the epoch, in order (to prefetch them)."""
+
+    def losses(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], ids: Sequence[str], step: int, total_steps: int
+    ) -> dict[str, torch.Tensor]:
+        """Weighted loss terms for one batch at optimizer step `step` of `total_steps`."""
+
+    def close(self) -> None:
+        """Release background resources (prefetch threads)."""
+
+
+@dataclass(frozen=True)
+class FitResult:
+    steps: int
+    epochs_done: float
+    dev_accuracy: float | None
+    dev_macro_f1: float | None
+    seconds: float
+    examples_per_second: float
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _autocast(device: torch.device, mode: str):
+    """bf16/fp16 autocast on CUDA only: CPU autocast slows these small models down."""
+    if device.type != "cuda" or mode == "no":
+        return torch.autocast("cpu", enabled=False), None
+    dtype = torch.float16 if mode == "fp16" or not torch.cuda.is_bf16_supported() else torch.bfloat16
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    return torch.autocast("cuda", dtype=dtype), scaler
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a small file so readers see either the old or the new content, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _atomic_torch_save(obj: object, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@torch.no_grad()
+def evaluate_accuracy(
+    model: nn.Module, data: Encoded, batch_size: int, device: torch.device
+) -> tuple[float, float, np.ndarray]:
+    """Accuracy, macro-F1 and predictions of a classifier on an encoded, labelled split."""
+    was_training = model.training
+    model.eval()
+    order = np.argsort(data.lengths, kind="stable")  # similar lengths together: less padding
+    preds = np.empty(len(order), dtype=np.int64)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        batch, _ = collate(data, rows)
+        batch.pop("labels", None)
+        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+        preds[rows] = logits.argmax(-1).cpu().numpy()
+    model.train(was_training)
+    labels = np.asarray(data.labels)
+    acc = float((preds == labels).mean()) if len(labels) else float("nan")
+    f1s = []
+    for c in np.unique(np.concatenate([labels, preds])):
+        tp = np.sum((preds == c) & (labels == c))
+        denom = np.sum(preds == c) + np.sum(labels == c)
+        f1s.append(2 * tp / denom if denom else 0.0)
+    return acc, float(np.mean(f1s)) if f1s else float("nan"), preds
+
+
+def _decay_groups(params: Sequence[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
+    # Biases and LayerNorm weights are not decayed (the BERT recipe every toolkit follows).
+    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
+    decay = [p for n, p in params if p.requires_grad and not n.endswith(no_decay)]
+    rest = [p for n, p in params if p.requires_grad and n.endswith(no_decay)]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def _remaining_batches(sampler: EpochSampler, ids: np.ndarray) -> tuple[list[np.ndarray], list[list[str]]]:
+    """The rest of the current epoch without advancing `sampler` (a copy walks it)."""
+    peek = EpochSampler(sampler.n, sampler.batch_size, shuffle=sampler.shuffle, seed=sampler.seed,
+                        drop_last=sampler.drop_last)
+    peek.load_state_dict(sampler.state_dict())
+    rows = list(peek)
+    return rows, [ids[r].tolist() for r in rows]
+
+
+def fit(
+    model: nn.Module,
+    objective: Objective,
+    train: Encoded,
+    dev: Encoded | None,
+    cfg: TrainingConfig,
+    *,
+    output: Path,
+    log_dir: Path | None = None,
+    device: torch.device | None = None,
+    desc: str = "train",
+) -> FitResult:
+    """Train `model` (and `objective.modules`) on `train`; checkpoint to `output/checkpoint`.
+
+    With `cfg.resume`, continue exactly from the last checkpoint: same weights, optimizer,
+    scheduler, RNG and position in the epoch, so the remaining batches are the ones an
+    uninterrupted run would have seen.
+    """
+    device = device or pick_device()
+    set_seed(cfg.seed)
+    model.to(device).train()
+    objective.modules.to(device).train()
+    named = list(model.named_parameters()) + [("proj." + n, p) for n, p in objective.modules.named_parameters()]
+    optimizer = torch.optim.AdamW(_decay_groups(named, cfg.weight_decay), lr=cfg.lr)
+    sampler = EpochSampler(len(train), cfg.batch_size, shuffle=True, seed=cfg.seed)
+    steps_per_epoch = math.ceil(sampler.batches_per_epoch / cfg.grad_accum)
+    total_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    autocast, scaler = _autocast(device, cfg.mixed_precision)
+    ids = np.asarray(train.ids, dtype=object)
+
+    ckpt_path = output / "checkpoint" / "state.pt"
+    step = 0
+    if cfg.resume and ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        objective.modules.load_state_dict(state["modules"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["sampler"])
+        step = state["step"]
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if torch.cuda.is_available() and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+    def save_checkpoint() -> None:
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        _atomic_torch_save({"model": model.state_dict(), "modules": objective.modules.state_dict(),
+                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                            "sampler": sampler.state_dict(), "step": step, "rng": rng}, ckpt_path)
+
+    live = None
+    if log_dir is not None:
+        from dvclive import Live  # imported here: it is slow to import and only needed for logging
+
+        live = Live(dir=str(log_dir), resume=cfg.resume and step > 0, save_dvc_exp=False, dvcyaml=None)
+    log_every = max(1, total_steps // 200)  # ~200 points per curve: enough to plot, cheap to write
+    sums: dict[str, float] = {}
+    n_sums = 0
+    dev_acc = dev_f1 = None
+    seen = 0
+    t0 = time.perf_counter()
+    bar = tqdm(total=total_steps, initial=step, desc=desc, unit="step", dynamic_ncols=True,
+               disable=os.environ.get("KD_PROGRESS", "1") == "0")
+    try:
+        while step < total_steps:
+            rows_list, id_batches = _remaining_batches(sampler, ids)
+            objective.start_epoch(id_batches)
+            micro = 0
+            for rows, batch_ids in zip(rows_list, id_batches):
+                next(iter_once(sampler))  # advance the real sampler in lockstep (its state is saved)
+                batch, _ = collate(train, rows)
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                with autocast:
+                    terms = objective.losses(model, batch, batch_ids, step, total_steps)
+                loss = sum(terms.values()) / cfg.grad_accum
+                (scaler.scale(loss) if scaler else loss).backward()
+                for k, v in terms.items():  # .item() syncs the GPU; done once per micro-batch only
+                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                n_sums += 1
+                seen += len(rows)
+                micro += 1
+                if micro % cfg.grad_accum and micro != len(rows_list):
+                    continue
+                if scaler:
+                    scaler.unscale_(optimizer)
+                if cfg.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.max_grad_norm)
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                bar.update(1)
+                if step % log_every == 0 or step == total_steps:
+                    means = {k: v / n_sums for k, v in sums.items()}
+                    bar.set_postfix(loss=f"{sum(means.values()):.4f}")
+                    if live is not None:
+                        for k, v in means.items():
+                            live.log_metric(f"train/loss/{k}", v)
+                        live.log_metric("train/loss/total", sum(means.values()))
+                        live.log_metric("train/lr", scheduler.get_last_lr()[0])
+                        live.next_step()
+                    sums, n_sums = {}, 0
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                    save_checkpoint()
+                if step >= total_steps:
+                    break
+            if sampler.position == 0 or step >= total_steps:  # epoch boundary (or the end)
+                if dev is not None and dev.labels is not None:
+                    dev_acc, dev_f1, _ = evaluate_accuracy(model, dev, cfg.eval_batch_size, device)
+                    tqdm.write(f"{desc}: step {step}/{total_steps} dev accuracy {dev_acc:.4f} macro-F1 {dev_f1:.4f}")
+                    if live is not None:
+                        live.log_metric("dev/accuracy", dev_acc, plot=True)
+                        live.log_metric("dev/macro_f1", dev_f1, plot=True)
+                        live.next_step()
+                save_checkpoint()
+    finally:
+        bar.close()
+        objective.close()
+        if live is not None:
+            live.end()
+    seconds = time.perf_counter() - t0
+    return FitResult(step, step / steps_per_epoch, dev_acc, dev_f1, seconds, seen / max(seconds, 1e-9))
+
+
+def iter_once(sampler: EpochSampler) -> Iterator[np.ndarray]:
+    return iter(sampler)
+
+
+def save_model(model: nn.Module, tokenizer, projections: nn.ModuleDict, output: Path) -> None:
+    """Save the final model (`save_pretrained` + tokenizer): written into a sibling folder, then swap it in: a crash never leaves half a model."""
+    tmp = output.with_name(f"{output.name}.{uuid.uuid4().hex}.partial")
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if len(projections):
+            torch.save(projections.state_dict(), tmp / "projections.pt")
+        if (output / "checkpoint").exists():
+            shutil.move(str(output / "checkpoint"), tmp / "checkpoint")
+        old = output.with_name(f"{output.name}.{uuid.uuid4().hex}.old")
+        if output.exists():
+            os.replace(output, old)
+        os.replace(tmp, output)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

