@@ -1,0 +1,393 @@
+"""Read a finished cache: memory-mapped Arrow shards, lookup by id, batch gather, prefetch."""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+import queue
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+from cache_format._errors import CacheCorruptError, CacheMismatchError, CacheMissError
+from cache_format._manifest import FieldSpec, Manifest, canonical_settings, load_manifest
+
+_HASH_CHUNK = 8 << 20
+
+
+def arrow_type(spec: FieldSpec) -> pa.DataType:
+    """The Arrow column type of a field: fixed fields are fixed-size lists, ragged ones large lists."""
+    prim = pa.from_numpy_dtype(spec.storage_dtype)
+    if spec.ragged:
+        return pa.large_list(prim)  # int64 offsets: no 2**31-values-per-shard limit
+    if spec.shape == ():
+        return prim
+    return pa.list_(prim, spec.size())
+
+
+def arrow_schema(fields: Sequence[FieldSpec]) -> pa.Schema:
+    cols = [pa.field("id", pa.large_string(), nullable=False), pa.field("length", pa.int32(), nullable=False)]
+    cols += [pa.field(f.name, arrow_type(f), nullable=False) for f in fields]
+    return pa.schema(cols)
+
+
+def file_hash(path: Path, algo: str = "sha256") -> str:
+    h = hashlib.new(algo)
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return f"{algo}:{h.hexdigest()}"
+
+
+def open_shard(path: Path) -> pa.RecordBatch:
+    """Memory-map one shard file (read-only, zero-copy); the file descriptor is closed right away."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        finally:
+            os.close(fd)  # the mapping keeps the pages; thousands of shards do not use thousands of fds
+        reader = ipc.open_file(pa.BufferReader(pa.py_buffer(mm)))
+        if reader.num_record_batches != 1:
+            raise ValueError(f"{reader.num_record_batches} record batches, expected 1")
+        return reader.get_batch(0)
+    except (OSError, ValueError, pa.ArrowException) as e:
+        raise CacheCorruptError(
+            f"shard {path} cannot be read ({e}): run `kd cache verify` on the folder, then rerun precompute "
+            "into a new folder"
+        ) from e
+
+
+def shard_ids(path: Path) -> list[str]:
+    return open_shard(path).column("id").to_pylist()
+
+
+class _Shard:
+    """Zero-copy numpy views of one shard's columns."""
+
+    def __init__(self, batch: pa.RecordBatch, fields: Mapping[str, FieldSpec]) -> None:
+        self.n = batch.num_rows
+        self.ids_column = batch.column("id")
+        self.lengths = batch.column("length").to_numpy(zero_copy_only=True)
+        self.values: dict[str, np.ndarray] = {}
+        self.offsets: dict[str, np.ndarray] = {}
+        for name, spec in fields.items():
+            col = batch.column(name)
+            if spec.ragged:
+                self.values[name] = col.values.to_numpy(zero_copy_only=True)
+                self.offsets[name] = col.offsets.to_numpy(zero_copy_only=True)
+            elif spec.shape == ():
+                self.values[name] = col.to_numpy(zero_copy_only=True)
+            else:
+                self.values[name] = col.flatten().to_numpy(zero_copy_only=True).reshape((self.n, *spec.shape))
+
+
+def _check_expected(manifest: Manifest, teacher: str | None, data: str | None, settings: Mapping | None) -> None:
+    problems = []
+    if teacher is not None and teacher != manifest.teacher_fingerprint:
+        problems.append(f"teacher fingerprint expected {teacher}, found {manifest.teacher_fingerprint}")
+    if data is not None and data != manifest.data_fingerprint:
+        problems.append(f"data fingerprint expected {data}, found {manifest.data_fingerprint}")
+    if settings is not None:
+        found = manifest.settings
+        for key, value in canonical_settings(settings).items():
+            if key not in found:
+                problems.append(f"setting {key!r} expected {value!r}, absent from the cache")
+            elif found[key] != value:
+                problems.append(f"setting {key!r} expected {value!r}, found {found[key]!r}")
+    if problems:
+        raise CacheMismatchError(
+            "cache was made by another teacher, data or settings: " + "; ".join(problems)
+            + ": rerun precompute for this configuration (its default folder differs) or point to the right cache"
+        )
+
+
+class CacheReader:
+    """Random access to a finished cache; safe to open in many processes at once (read-only mmap, no locks).
+
+    Arrays from `get` are read-only views into the shard files; `gather` returns fresh, writable arrays.
+    bfloat16 fields come back from numpy methods as uint16 bit patterns; `gather_torch` views them as bf16.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        expect_teacher: str | None = None,
+        expect_data: str | None = None,
+        expect_settings: Mapping | None = None,
+        verify_hashes: bool = False,
+    ) -> None:
+        self.path = Path(path)
+        self._options = {
+            "expect_teacher": expect_teacher,
+            "expect_data": expect_data,
+            "expect_settings": expect_settings,
+            "verify_hashes": verify_hashes,
+        }
+        self.manifest: Manifest = load_manifest(self.path)
+        _check_expected(self.manifest, expect_teacher, expect_data, expect_settings)
+        self.fields: dict[str, FieldSpec] = {f.name: f for f in self.manifest.fields}
+        schema = arrow_schema(self.manifest.fields)
+        self._shards: list[_Shard] = []
+        for info in self.manifest.shards:
+            file = self.path / info.file
+            size = file.stat().st_size if file.is_file() else None
+            if size != info.bytes:
+                raise CacheCorruptError(
+                    f"shard {file} has {size if size is not None else 'no file'} bytes, the manifest says "
+                    f"{info.bytes}: the cache is damaged; run `kd cache verify`, then rerun precompute into a new folder"
+                )
+            if verify_hashes and file_hash(file, self.manifest.hash_algo) != info.hash:
+                raise CacheCorruptError(
+                    f"shard {file} content hash differs from the manifest: the file is damaged; rerun precompute "
+                    "into a new folder (or restore the shard from a backup)"
+                )
+            batch = open_shard(file)
+            if not batch.schema.remove_metadata().equals(schema) or batch.num_rows != info.count:
+                raise CacheCorruptError(
+                    f"shard {file} does not match the manifest (columns or row count): rerun precompute into a "
+                    "new folder"
+                )
+            self._shards.append(_Shard(batch, self.fields))
+        counts = np.array([s.n for s in self._shards], dtype=np.int64)
+        self.ids: list[str] = [i for s in self._shards for i in s.ids_column.to_pylist()]
+        self._index: dict[str, int] = dict(zip(self.ids, range(len(self.ids))))
+        if len(self._index) != len(self.ids) or len(self.ids) != self.manifest.count:
+            raise CacheCorruptError(
+                f"{self.path}: ids are not unique or their count differs from the manifest ({self.manifest.count}): "
+                "rerun precompute into a new folder"
+            )
+        self._shard_of = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]]) if len(counts) else np.zeros(0, np.int64)
+        self._row_of = np.arange(len(self.ids), dtype=np.int64) - starts[self._shard_of]
+        self._lengths = (
+            np.concatenate([s.lengths for s in self._shards]) if self._shards else np.zeros(0, np.int32)
+        )
+
+    # --- plumbing ---------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __contains__(self, example_id: object) -> bool:
+        return example_id in self._index
+
+    def __repr__(self) -> str:
+        return f"CacheReader({str(self.path)!r}, {len(self)} examples, fields={list(self.fields)})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled (e.g. into DataLoader workers) as its path and options; the child maps the shards itself.
+        return (_reopen, (str(self.path), self._options))
+
+    def __enter__(self) -> CacheReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Drop the shard mappings (they are unmapped once no array views them)."""
+        self._shards = []
+
+    def _rows(self, ids: Sequence[str]) -> np.ndarray:
+        index = self._index
+        try:
+            return np.fromiter((index[i] for i in ids), dtype=np.int64, count=len(ids))
+        except (KeyError, TypeError):
+            missing = [i for i in ids if i not in index]
+            raise CacheMissError(
+                f"{len(missing)} of {len(ids)} ids not in the cache ({len(self)} examples at {self.path}), "
+                f"first: {missing[:5]!r}: rerun precompute on this data to add them"
+            ) from None
+
+    def _field_names(self, fields: Sequence[str] | None) -> list[str]:
+        if fields is None:
+            return list(self.fields)
+        unknown = [f for f in fields if f not in self.fields]
+        if unknown:
+            raise CacheMissError(f"fields {unknown} are not in the cache; it has {list(self.fields)}")
+        return list(fields)
+
+    # --- access -----------------------------------------------------------------------------
+
+    def get(self, example_id: str) -> dict[str, np.ndarray]:
+        """All fields of one example as zero-copy, read-only views with their real shapes (plus `length`)."""
+        row = int(self._rows([example_id])[0])
+        shard = self._shards[self._shard_of[row]]
+        r = int(self._row_of[row])
+        length = int(shard.lengths[r])
+        out: dict[str, np.ndarray] = {"length": shard.lengths[r : r + 1].reshape(())}
+        for name, spec in self.fields.items():
+            if spec.ragged:
+                lo, hi = shard.offsets[name][r : r + 2]
+                value = shard.values[name][lo:hi].reshape(spec.resolve(length))
+            else:
+                value = shard.values[name][r]
+            out[name] = _logical_view(value, spec)
+        return out
+
+    def gather(
+        self, ids: Sequence[str], fields: Sequence[str] | None = None, pad_to: int | None = None
+    ) -> dict[str, np.ndarray]:
+        """One batch: fixed fields stacked `[B, ...]`, ragged fields zero-padded along every "T" axis.
+
+        Padding goes to the batch's longest example, or to `pad_to` (longer examples are truncated).
+        `length` [B] is always included and holds each example's full (untruncated) length.
+        """
+        names = self._field_names(fields)
+        rows = self._rows(ids)
+        shard_of = self._shard_of[rows]
+        row_of = self._row_of[rows]
+        lengths = self._lengths[rows]
+        t_pad = int(pad_to) if pad_to is not None else int(lengths.max(initial=0))
+        # Group rows by shard once; usually a few shards per batch, each handled with vectorised indexing.
+        groups = [(s, np.flatnonzero(shard_of == s)) for s in np.unique(shard_of)]
+        out: dict[str, np.ndarray] = {"length": lengths.copy()}
+        for name in names:
+            spec = self.fields[name]
+            if spec.ragged:
+                arr = self._gather_ragged(name, spec, groups, row_of, lengths, t_pad)
+            else:
+                arr = self._gather_fixed(name, spec, groups, row_of, len(rows))
+            out[name] = _logical_view(arr, spec)
+        return out
+
+    def _gather_fixed(self, name: str, spec: FieldSpec, groups: list, row_of: np.ndarray, b: int) -> np.ndarray:
+        if len(groups) == 1:
+            s, _ = groups[0]
+            return np.take(self._shards[s].values[name], row_of, axis=0)
+        out = np.empty((b, *spec.shape), dtype=spec.storage_dtype)
+        for s, sel in groups:
+            out[sel] = np.take(self._shards[s].values[name], row_of[sel], axis=0)
+        return out
+
+    def _gather_ragged(
+        self, name: str, spec: FieldSpec, groups: list, row_of: np.ndarray, lengths: np.ndarray, t_pad: int
+    ) -> np.ndarray:
+        b = len(row_of)
+        out = np.zeros((b, *spec.resolve(t_pad)), dtype=spec.storage_dtype)
+        starts = np.empty(b, dtype=np.int64)
+        for s, sel in groups:
+            starts[sel] = self._shards[s].offsets[name][row_of[sel]]
+        shards = self._shards
+        which = np.empty(b, dtype=np.int64)
+        for s, sel in groups:
+            which[sel] = s
+        keep = np.minimum(lengths, t_pad)
+        # One contiguous memcpy per example: measured faster than building token-index arrays and
+        # doing two fancy-index passes (take + masked scatter) for rows of more than a few hundred bytes.
+        if spec.shape.count("T") == 1 and spec.shape[0] == "T":
+            row_size = spec.size(1)
+            stops = starts + keep.astype(np.int64) * row_size
+            for i in range(b):
+                flat = shards[which[i]].values[name][starts[i] : stops[i]]
+                out[i, : keep[i]] = flat.reshape((keep[i], *spec.shape[1:]))
+            return out
+        for i in range(b):
+            length = int(lengths[i])
+            n = spec.size(length)
+            value = shards[which[i]].values[name][starts[i] : starts[i] + n].reshape(spec.resolve(length))
+            cut = tuple(slice(0, int(keep[i])) if d == "T" else slice(None) for d in spec.shape)
+            out[i][cut] = value[cut]
+        return out
+
+    def gather_torch(
+        self,
+        ids: Sequence[str],
+        fields: Sequence[str] | None = None,
+        pad_to: int | None = None,
+        pin_memory: bool = False,
+    ) -> dict[str, Any]:
+        """`gather` as torch tensors sharing the gathered memory; bf16 fields viewed as torch.bfloat16.
+
+        `pin_memory` pins the tensors for faster host-to-GPU copies when CUDA is available (ignored otherwise).
+        """
+        return self._to_torch(self.gather(ids, fields, pad_to), pin_memory)
+
+    def _to_torch(self, arrays: Mapping[str, np.ndarray], pin_memory: bool) -> dict[str, Any]:
+        import torch
+
+        pin = pin_memory and torch.cuda.is_available()
+        out = {}
+        for name, arr in arrays.items():
+            spec = self.fields.get(name)
+            if spec is not None and spec.dtype == "bfloat16":
+                t = torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
+            else:
+                t = torch.from_numpy(arr)
+            out[name] = t.pin_memory() if pin else t
+        return out
+
+    def prefetch(
+        self,
+        batches: Iterable[Sequence[str]],
+        *,
+        fields: Sequence[str] | None = None,
+        pad_to: int | None = None,
+        depth: int = 2,
+        torch: bool = True,
+    ) -> Iterator[dict[str, Any]]:
+        """Yield gathered batches while a background thread prepares the next `depth` ones.
+
+        Errors in the thread are raised in the consumer; breaking out of the loop stops the thread.
+        """
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        q: queue.Queue = queue.Queue(maxsize=depth)
+        stop = threading.Event()
+        done = object()
+
+        def _put(item: Any) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.05)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def _work() -> None:
+            try:
+                for ids in batches:
+                    arrays = self.gather(ids, fields, pad_to)
+                    # numpy's copies release the GIL, so this overlaps with the consumer's step.
+                    item = self._to_torch(arrays, False) if torch else arrays
+                    if not _put(item):
+                        return
+                _put(done)
+            except BaseException as e:  # handed to the consumer, raised there
+                _put(_Failure(e))
+
+        thread = threading.Thread(target=_work, name="cache-prefetch", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = q.get()
+                if item is done:
+                    return
+                if isinstance(item, _Failure):
+                    raise item.error
+                yield item
+        finally:
+            stop.set()
+            thread.join()
+
+
+class _Failure:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+def _logical_view(arr: np.ndarray, spec: FieldSpec) -> np.ndarray:
+    return arr.view(np.bool_) if spec.dtype == "bool" else arr
+
+
+def _reopen(path: str, options: dict[str, Any]) -> CacheReader:
+    return CacheReader(path, **options)

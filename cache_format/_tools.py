@@ -1,0 +1,186 @@
+"""Inspection tools behind `kd cache info | verify | ls`."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cache_format._errors import CacheError, CacheNotFoundError
+from cache_format._manifest import (
+    FLOAT_DTYPES,
+    MANIFEST_NAME,
+    PENDING_NAME,
+    Manifest,
+    load_manifest,
+    read_json,
+    sidecar_name,
+)
+from cache_format._reader import arrow_schema, file_hash, open_shard
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+
+
+def cache_info(path: str | os.PathLike) -> dict[str, Any]:
+    """Summary of a finished cache: fingerprints, settings, count, fields, bytes on disk and per example."""
+    folder = Path(path)
+    manifest = load_manifest(folder)
+    field_bytes = {f.name: 0 for f in manifest.fields}
+    for info in manifest.shards:
+        batch = open_shard(folder / info.file)
+        for f in manifest.fields:
+            field_bytes[f.name] += batch.column(f.name).nbytes
+    n = max(manifest.count, 1)
+    return {
+        "path": str(folder),
+        "format_version": manifest.format_version,
+        "teacher_fingerprint": manifest.teacher_fingerprint,
+        "data_fingerprint": manifest.data_fingerprint,
+        "settings": dict(manifest.settings),
+        "count": manifest.count,
+        "shards": len(manifest.shards),
+        "bytes_on_disk": _folder_bytes(folder),
+        "fields": [
+            {**f.to_dict(), "bytes": field_bytes[f.name], "bytes_per_example": field_bytes[f.name] / n}
+            for f in manifest.fields
+        ],
+        "created": manifest.created,
+        "library_version": manifest.library_version,
+    }
+
+
+@dataclass
+class VerifyReport:
+    """Outcome of `verify_cache`: `ok` is False when `problems` (one line each) is not empty."""
+
+    path: str
+    count: int = 0
+    shards: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify_cache(path: str | os.PathLike) -> VerifyReport:
+    """Check every shard (size, hash, columns, counts), ids unique, float values finite, no stray files."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CacheNotFoundError(f"no cache folder at {folder}: check the path")
+    report = VerifyReport(str(folder))
+    try:
+        manifest = load_manifest(folder)
+    except CacheError as e:
+        report.problems.append(str(e))
+        return report
+    report.count, report.shards = manifest.count, len(manifest.shards)
+    listed = {s.file for s in manifest.shards} | {sidecar_name(s.file) for s in manifest.shards}
+    for name in sorted(os.listdir(folder)):
+        if name not in listed and name not in (MANIFEST_NAME, PENDING_NAME):
+            report.problems.append(f"{name}: file not listed in the manifest (leftover or foreign file)")
+    seen: set[str] = set()
+    total = 0
+    schema = arrow_schema(manifest.fields)
+    for info in manifest.shards:
+        total += _verify_shard(folder, manifest, info, schema, seen, report.problems)
+    if total != manifest.count:
+        report.problems.append(f"manifest count {manifest.count} but the shards hold {total} examples")
+    return report
+
+
+def _verify_shard(folder: Path, manifest: Manifest, info: Any, schema: Any, seen: set, problems: list) -> int:
+    file = folder / info.file
+    if not file.is_file():
+        problems.append(f"{info.file}: missing")
+        return 0
+    size = file.stat().st_size
+    if size != info.bytes:
+        problems.append(f"{info.file}: {size} bytes, manifest says {info.bytes}")
+        return 0
+    if file_hash(file, manifest.hash_algo) != info.hash:
+        problems.append(f"{info.file}: content hash differs from the manifest (corrupt)")
+        return 0
+    try:
+        batch = open_shard(file)
+    except CacheError as e:
+        problems.append(f"{info.file}: unreadable ({e})")
+        return 0
+    if not batch.schema.remove_metadata().equals(schema):
+        problems.append(f"{info.file}: columns differ from the manifest's fields")
+        return batch.num_rows
+    if batch.num_rows != info.count:
+        problems.append(f"{info.file}: {batch.num_rows} rows, manifest says {info.count}")
+    ids = batch.column("id").to_pylist()
+    dups = [i for i in ids if i in seen]
+    if dups or len(set(ids)) != len(ids):
+        problems.append(f"{info.file}: duplicate ids, e.g. {(dups or ids)[:3]!r}")
+    seen.update(ids)
+    lengths = batch.column("length").to_numpy()
+    if (lengths < 0).any():
+        problems.append(f"{info.file}: negative lengths")
+    for spec in manifest.fields:
+        col = batch.column(spec.name)
+        if spec.ragged:
+            counts = np.diff(col.offsets.to_numpy())
+            expect = spec.size(1) * lengths.astype(np.int64) ** spec.shape.count("T")
+            if not np.array_equal(counts, expect):
+                problems.append(f"{info.file}: field {spec.name!r} value counts disagree with lengths")
+            values = col.values.to_numpy()
+        else:
+            values = col.flatten().to_numpy() if spec.shape else col.to_numpy()
+        if spec.dtype in FLOAT_DTYPES:
+            bad = ((values & 0x7F80) == 0x7F80) if spec.dtype == "bfloat16" else ~np.isfinite(values)
+            if bad.any():
+                problems.append(f"{info.file}: field {spec.name!r} has {int(bad.sum())} NaN/inf values")
+    return batch.num_rows
+
+
+def list_caches(root: str | os.PathLike) -> list[dict[str, Any]]:
+    """Finished and unfinished caches under `root` (not descending into caches), sorted by path."""
+    root = Path(root)
+    if not root.is_dir():
+        raise CacheNotFoundError(f"no folder at {root}: check the cache root")
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        folder = Path(dirpath)
+        if MANIFEST_NAME in filenames:
+            found.append(_describe_finished(folder))
+            dirnames.clear()
+        elif PENDING_NAME in filenames:
+            found.append(_describe_unfinished(folder, filenames))
+            dirnames.clear()
+        else:
+            dirnames.sort()
+    return sorted(found, key=lambda d: d["path"])
+
+
+def _describe_finished(folder: Path) -> dict[str, Any]:
+    try:
+        m = load_manifest(folder)
+    except CacheError as e:
+        return {"path": str(folder), "status": "unreadable", "teacher": None, "data": None, "count": None,
+                "bytes": _folder_bytes(folder), "error": str(e)}
+    return {"path": str(folder), "status": "finished", "teacher": m.teacher_fingerprint,
+            "data": m.data_fingerprint, "count": m.count, "bytes": _folder_bytes(folder)}
+
+
+def _describe_unfinished(folder: Path, filenames: list[str]) -> dict[str, Any]:
+    try:
+        pending = read_json(folder / PENDING_NAME)
+    except CacheError:
+        pending = {}
+    count = 0
+    for name in filenames:
+        if name.startswith("shard-") and name.endswith(".json"):
+            try:
+                count += int(read_json(folder / name)["count"])
+            except (CacheError, KeyError, TypeError, ValueError):
+                continue
+    return {"path": str(folder), "status": "unfinished", "teacher": pending.get("teacher_fingerprint"),
+            "data": pending.get("data_fingerprint"), "count": count, "bytes": _folder_bytes(folder)}

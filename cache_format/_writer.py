@@ -1,0 +1,597 @@
+"""Write a cache: streaming append, atomic shards with sidecars, resume, multi-writer finalize."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+from cache_format._errors import (
+    CacheCorruptError,
+    CacheExistsError,
+    CacheIncompleteError,
+    CacheMismatchError,
+    CacheValueError,
+)
+from cache_format._manifest import (
+    FLOAT_DTYPES,
+    FORMAT_VERSION,
+    HASH_ALGO,
+    MANIFEST_NAME,
+    MAX_ID_BYTES,
+    MAX_LENGTH,
+    PENDING_NAME,
+    SHARD_RE,
+    FieldSpec,
+    Manifest,
+    ShardInfo,
+    atomic_file,
+    canonical_settings,
+    check_fields,
+    check_writer_id,
+    create_json_exclusive,
+    fields_from_list,
+    load_manifest,
+    read_json,
+    shard_name,
+    sidecar_name,
+    write_json_atomic,
+)
+from cache_format._reader import arrow_schema, shard_ids
+
+DEFAULT_SHARD_BYTES = 256 << 20
+MAX_SHARD_BYTES = 16 << 30  # the writer holds about one shard in memory (twice while encoding it)
+
+
+def _library_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("kd-pipeline")
+    except Exception:  # not installed as a distribution (e.g. running from a checkout)
+        return "0+unknown"
+
+
+def _identity(fields: Sequence[FieldSpec], teacher: str, data: str, settings: Mapping) -> dict[str, Any]:
+    return {
+        "format_version": FORMAT_VERSION,
+        "teacher_fingerprint": teacher,
+        "data_fingerprint": data,
+        "settings": settings,
+        "fields": [f.to_dict() for f in fields],
+    }
+
+
+def _identity_diff(expected: Mapping[str, Any], found: Mapping[str, Any]) -> list[str]:
+    diffs = []
+    for key in ("format_version", "teacher_fingerprint", "data_fingerprint", "fields"):
+        if expected.get(key) != found.get(key):
+            diffs.append(f"{key} {found.get(key)!r} there vs {expected.get(key)!r} now")
+    exp_s, found_s = expected.get("settings", {}), found.get("settings", {})
+    for key in sorted(set(exp_s) | set(found_s)):
+        if exp_s.get(key) != found_s.get(key):
+            diffs.append(f"setting {key!r} {found_s.get(key)!r} there vs {exp_s.get(key)!r} now")
+    return diffs
+
+
+class _HashingFile:
+    """File-like sink that hashes and counts bytes as Arrow writes them (no second read of the shard)."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self.hash = hashlib.new(HASH_ALGO)
+        self.size = 0
+        self.closed = False
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)
+        self.hash.update(view)
+        self.size += view.nbytes
+        return self._f.write(view)
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def tell(self) -> int:
+        return self.size
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self.closed = True  # the real file is closed by atomic_file
+
+
+@dataclass
+class _Chunk:
+    """Validated rows of one append call, flattened per field, waiting in the buffer."""
+
+    ids: list[str]
+    lengths: np.ndarray  # int32 [n]
+    values: dict[str, np.ndarray]  # 1-D storage-dtype values, token-major
+    counts: dict[str, np.ndarray]  # int64 [n] values per row
+    row_bytes: np.ndarray  # int64 [n]
+
+    def split(self, k: int) -> tuple[_Chunk, _Chunk]:
+        cuts = {name: int(c[:k].sum()) for name, c in self.counts.items()}
+        head = _Chunk(
+            self.ids[:k], self.lengths[:k], {n: v[: cuts[n]] for n, v in self.values.items()},
+            {n: c[:k] for n, c in self.counts.items()}, self.row_bytes[:k],
+        )
+        tail = _Chunk(
+            self.ids[k:], self.lengths[k:], {n: v[cuts[n] :] for n, v in self.values.items()},
+            {n: c[k:] for n, c in self.counts.items()}, self.row_bytes[k:],
+        )
+        return head, tail
+
+
+class CacheWriter:
+    """Streams examples into a cache folder; resumable, never overwrites another configuration's cache.
+
+    After opening, `complete` says whether the cache is already finished (then appends of its ids are
+    no-ops) and `done_ids` holds the ids already committed by any writer, for the producer to skip.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        fields: Sequence[FieldSpec],
+        *,
+        teacher_fingerprint: str,
+        data_fingerprint: str,
+        settings: Mapping,
+        writer_id: str = "0",
+        shard_bytes: int = DEFAULT_SHARD_BYTES,
+    ) -> None:
+        self.path = Path(path)
+        self.fields = check_fields(fields)
+        self.writer_id = check_writer_id(writer_id)
+        if not isinstance(shard_bytes, int) or not 1 <= shard_bytes <= MAX_SHARD_BYTES:
+            raise CacheValueError(
+                f"shard_bytes={shard_bytes!r} must be an int in [1, {MAX_SHARD_BYTES}] because the writer holds "
+                "about one shard in memory"
+            )
+        self.shard_bytes = shard_bytes
+        self._specs = {f.name: f for f in self.fields}
+        self._identity = _identity(self.fields, str(teacher_fingerprint), str(data_fingerprint),
+                                   canonical_settings(settings))
+        self._schema = arrow_schema(self.fields)
+        self._buffer: list[_Chunk] = []
+        self._buffered_bytes = 0
+        self._closed = False
+        self.complete = False
+        self.done_ids: set[str] = set()
+        self._open_folder()
+        self._seen = set(self.done_ids)
+
+    # --- opening / resume -------------------------------------------------------------------
+
+    def _open_folder(self) -> None:
+        if self.path.exists() and not self.path.is_dir():
+            raise CacheExistsError(f"{self.path} exists and is not a folder: use another cache path")
+        self.path.mkdir(parents=True, exist_ok=True)
+        if (self.path / MANIFEST_NAME).exists():
+            manifest = load_manifest(self.path)
+            found = _identity(manifest.fields, manifest.teacher_fingerprint, manifest.data_fingerprint,
+                              dict(manifest.settings))
+            diffs = _identity_diff(self._identity, found)
+            if diffs:
+                raise CacheExistsError(
+                    f"{self.path} holds a finished cache of another configuration ({'; '.join(diffs)}): "
+                    "use another path (the default folder name differs per configuration) or delete it"
+                )
+            self.complete = True
+            self.done_ids = {i for s in manifest.shards for i in shard_ids(self.path / s.file)}
+            return
+        pending = self.path / PENDING_NAME
+        if not pending.exists():
+            strangers = [p.name for p in self.path.iterdir() if not _is_cache_file(p.name)]
+            if strangers:
+                raise CacheExistsError(
+                    f"{self.path} is not empty and is not a cache (found {strangers[:3]}): use another path"
+                )
+        if not create_json_exclusive(pending, self._identity):
+            diffs = _identity_diff(self._identity, read_json(pending))
+            if diffs:
+                raise CacheMismatchError(
+                    f"{self.path} holds an unfinished cache of another configuration ({'; '.join(diffs)}): "
+                    "use another path or delete it"
+                )
+        self._clean_own_leftovers()
+        self._next_seq = 0
+        for name in os.listdir(self.path):
+            m = SHARD_RE.match(name)
+            if m and m["writer"] == self.writer_id:
+                self._next_seq = max(self._next_seq, int(m["seq"]) + 1)
+        for info in _committed_shards(self.path):
+            self.done_ids.update(shard_ids(self.path / info.file))
+
+    def _clean_own_leftovers(self) -> None:
+        # A crash (even SIGKILL) leaves at most partial files and a shard without its sidecar;
+        # neither was committed, so this writer deletes its own. Other writers may still be running.
+        prefix = f"shard-{self.writer_id}-"
+        for name in os.listdir(self.path):
+            if not name.startswith(prefix):
+                continue
+            if name.endswith(".partial"):
+                _unlink(self.path / name)
+            elif SHARD_RE.match(name) and not (self.path / sidecar_name(name)).exists():
+                _unlink(self.path / name)
+
+    # --- appending --------------------------------------------------------------------------
+
+    def append(
+        self,
+        ids: Sequence[str],
+        lengths: Any,
+        arrays: Mapping[str, Any],
+    ) -> None:
+        """Add a batch. Ragged fields: padded `[B, Tmax, ...]` or a list of per-example arrays; fixed: `[B, ...]`.
+
+        Values may be numpy arrays or torch tensors; they are cast to the field's dtype. Invalid input
+        (duplicate id, NaN/inf, wrong shape or dtype, missing or unknown field) raises CacheValueError.
+        A bfloat16 field takes torch bf16 tensors, float arrays (rounded to nearest even) or uint16 bit patterns.
+        """
+        if self._closed:
+            raise CacheValueError(f"writer for {self.path} is closed: open a new CacheWriter to add examples")
+        ids = list(ids)
+        if self.complete:
+            extra = [i for i in ids if i not in self.done_ids]
+            if extra:
+                raise CacheExistsError(
+                    f"{self.path} is a finished cache without ids {extra[:3]!r}: its data fingerprint should "
+                    "differ; compute the data fingerprint from the data or use another path"
+                )
+            return
+        if not ids:
+            return
+        lengths = self._check_ids_lengths(ids, lengths)
+        missing = [n for n in self._specs if n not in arrays]
+        unknown = [n for n in arrays if n not in self._specs]
+        if missing or unknown:
+            raise CacheValueError(
+                f"batch starting with id {ids[0] if ids else None!r}: missing fields {missing}, unknown fields "
+                f"{unknown}; the cache declares {list(self._specs)}"
+            )
+        values, counts = {}, {}
+        row_bytes = np.full(len(ids), 4 + 8, dtype=np.int64)  # length + id offset
+        row_bytes += np.array([len(i) for i in ids], dtype=np.int64)
+        for name, spec in self._specs.items():
+            values[name], counts[name] = _prepare(spec, arrays[name], ids, lengths)
+            row_bytes += counts[name] * spec.storage_dtype.itemsize
+        chunk = _Chunk(ids, lengths, values, counts, row_bytes)
+        self._seen.update(ids)
+        self._buffer.append(chunk)
+        self._buffered_bytes += int(row_bytes.sum())
+        while self._buffered_bytes >= self.shard_bytes:
+            self._commit(self._take(self.shard_bytes))
+
+    def _check_ids_lengths(self, ids: list[str], lengths: Any) -> np.ndarray:
+        for i in ids:
+            if not isinstance(i, str) or not i or len(i.encode("utf-8")) > MAX_ID_BYTES:
+                raise CacheValueError(
+                    f"example id {i!r} is invalid: ids are non-empty str of at most {MAX_ID_BYTES} UTF-8 bytes"
+                )
+        if len(set(ids)) != len(ids):
+            seen: set[str] = set()
+            dup = next(i for i in ids if i in seen or seen.add(i))
+            raise CacheValueError(f"example id {dup!r} appears twice in one batch: ids must be unique")
+        again = next((i for i in ids if i in self._seen), None)
+        if again is not None:
+            raise CacheValueError(
+                f"example id {again!r} is already in the cache (committed or buffered): skip ids in "
+                "writer.done_ids and make ids unique"
+            )
+        arr = _to_numpy(lengths)[0]
+        if arr.shape != (len(ids),) or arr.dtype.kind not in "iu":
+            raise CacheValueError(
+                f"lengths must be an integer array of shape ({len(ids)},) for batch starting with id "
+                f"{ids[0] if ids else None!r}, got dtype {arr.dtype} shape {arr.shape}"
+            )
+        bad = np.flatnonzero((arr < 0) | (arr > MAX_LENGTH))
+        if len(bad):
+            raise CacheValueError(
+                f"example {ids[bad[0]]!r}: length {arr[bad[0]]} must be in [0, {MAX_LENGTH}] (int32 storage)"
+            )
+        return arr.astype(np.int32)
+
+    def _take(self, budget: int) -> list[_Chunk]:
+        """Pop up to `budget` bytes of rows (at least one row) from the buffer."""
+        taken, used = [], 0
+        while self._buffer:
+            chunk = self._buffer[0]
+            size = int(chunk.row_bytes.sum())
+            if used + size <= budget:
+                taken.append(self._buffer.pop(0))
+                used += size
+                continue
+            k = int(np.searchsorted(np.cumsum(chunk.row_bytes), budget - used, side="right"))
+            k = k if taken else max(k, 1)  # a shard holds at least one row, however small the budget
+            if k >= len(chunk.ids):
+                taken.append(self._buffer.pop(0))
+                used += size
+            elif k > 0:
+                head, self._buffer[0] = chunk.split(k)
+                taken.append(head)
+                used += int(head.row_bytes.sum())
+            break
+        self._buffered_bytes -= used
+        return taken
+
+    def _commit(self, chunks: list[_Chunk]) -> None:
+        """Write the rows of `chunks` as one shard + sidecar, each atomically."""
+        ids = [i for c in chunks for i in c.ids]
+        columns = [pa.array(ids, type=pa.large_string()), pa.array(np.concatenate([c.lengths for c in chunks]))]
+        for name, spec in self._specs.items():
+            values = pa.array(np.concatenate([c.values[name] for c in chunks]))
+            if spec.ragged:
+                counts = np.concatenate([c.counts[name] for c in chunks])
+                offsets = np.zeros(len(counts) + 1, dtype=np.int64)
+                np.cumsum(counts, out=offsets[1:])
+                columns.append(pa.LargeListArray.from_arrays(pa.array(offsets), values))
+            elif spec.shape == ():
+                columns.append(values)
+            else:
+                columns.append(pa.FixedSizeListArray.from_arrays(values, spec.size()))
+        batch = pa.RecordBatch.from_arrays(columns, schema=self._schema)
+        file = shard_name(self.writer_id, self._next_seq)
+        with atomic_file(self.path / file) as f:
+            sink = _HashingFile(f)
+            with ipc.new_file(pa.PythonFile(sink, mode="w"), self._schema) as w:
+                w.write_batch(batch)
+        info = ShardInfo(
+            file=file, writer=self.writer_id, seq=self._next_seq, count=len(ids), bytes=sink.size,
+            hash=f"{HASH_ALGO}:{sink.hash.hexdigest()}", first_id=ids[0], last_id=ids[-1],
+            ids_hash=hashlib.sha256("\n".join(ids).encode("utf-8")).hexdigest(),
+        )
+        write_json_atomic(self.path / sidecar_name(file), {"format_version": FORMAT_VERSION, **info.to_dict()})
+        self.done_ids.update(ids)
+        self._next_seq += 1
+
+    # --- closing ----------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Commit every buffered row (as one shard, or several if the buffer exceeds shard_bytes)."""
+        while self._buffer:
+            self._commit(self._take(self.shard_bytes))
+
+    def close(self, finalize: bool = True) -> Manifest | None:
+        """Flush; with `finalize`, merge all writers' shards into manifest.json and return the manifest.
+
+        Use `finalize=False` when several writers share the folder, then call `finalize_cache` once.
+        """
+        if self._closed:
+            return None
+        self._closed = True
+        if self.complete:
+            return load_manifest(self.path)
+        self.flush()
+        return finalize_cache(self.path) if finalize else None
+
+    def abort(self) -> None:
+        """Drop buffered rows without committing them; committed shards stay for resume."""
+        self._buffer.clear()
+        self._buffered_bytes = 0
+        self._closed = True
+
+    def __enter__(self) -> CacheWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+# --- value preparation -------------------------------------------------------------------------
+
+def _to_numpy(value: Any) -> tuple[np.ndarray, bool]:
+    """(array, is_bf16_bits): torch tensors are converted here, at the edge; bf16 becomes its uint16 bits."""
+    if isinstance(value, np.ndarray):
+        return value, False
+    mod = type(value).__module__
+    if mod.startswith("torch"):
+        import torch
+
+        t = value.detach().cpu()
+        if t.dtype == torch.bfloat16:
+            return t.contiguous().view(torch.int16).numpy().view(np.uint16), True
+        return t.numpy(), False
+    return np.asarray(value), False
+
+
+def _bf16_bits(x: np.ndarray) -> np.ndarray:
+    """Round float32 to bfloat16 (nearest even) and return the uint16 bit pattern."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))
+    return (rounded >> np.uint32(16)).astype(np.uint16)
+
+
+def _cast(spec: FieldSpec, arr: np.ndarray, bf16_bits: bool, where: str) -> np.ndarray:
+    """Cast to the storage dtype, refusing lossy kind changes and out-of-range integers."""
+    kind = arr.dtype.kind
+    if spec.dtype == "bfloat16":
+        if bf16_bits or arr.dtype == np.uint16:
+            return arr.astype(np.uint16, copy=False)
+        if kind in "fiub":
+            return _bf16_bits(arr)
+    elif spec.dtype in FLOAT_DTYPES:
+        if kind in "fiub" and not bf16_bits:
+            with np.errstate(over="ignore"):  # overflow to inf is reported by the finiteness check
+                return arr.astype(spec.storage_dtype, copy=False)
+    elif spec.dtype == "bool":
+        if kind == "b":
+            return arr.view(np.uint8)
+    elif kind in "iub" and not bf16_bits:
+        info = np.iinfo(spec.storage_dtype)
+        if arr.size and kind != "b" and (arr.min() < info.min or arr.max() > info.max):
+            raise CacheValueError(f"{where}: values outside the range of {spec.dtype} [{info.min}, {info.max}]")
+        return arr.astype(spec.storage_dtype, copy=False)
+    source = "bfloat16" if bf16_bits else str(arr.dtype)
+    raise CacheValueError(f"{where}: dtype {source} cannot be stored as {spec.dtype}; cast it before appending")
+
+
+def _nonfinite(spec: FieldSpec, flat: np.ndarray) -> np.ndarray:
+    if spec.dtype == "bfloat16":
+        return (flat & np.uint16(0x7F80)) == np.uint16(0x7F80)  # exponent all ones: inf or NaN
+    return ~np.isfinite(flat)
+
+
+def _prepare(spec: FieldSpec, value: Any, ids: list[str], lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Validate one field of a batch; return its flat storage values and the count of values per row."""
+    b = len(ids)
+    where = f"field {spec.name!r} (batch starting with id {ids[0]!r})"
+    n_t = spec.shape.count("T")
+    per_t = spec.size(1)  # product of the fixed dims
+    counts = per_t * lengths.astype(np.int64) ** n_t
+    if isinstance(value, (list, tuple)):
+        if len(value) != b:
+            raise CacheValueError(f"{where}: got {len(value)} arrays for {b} ids")
+        parts = []
+        for i, item in enumerate(value):
+            arr, bits = _to_numpy(item)
+            expect = spec.resolve(int(lengths[i]))
+            if arr.shape != expect:
+                raise CacheValueError(
+                    f"field {spec.name!r}, example {ids[i]!r}: shape {arr.shape} but the field is {spec.shape} "
+                    f"= {expect} at length {int(lengths[i])}"
+                )
+            parts.append(_cast(spec, arr, bits, f"field {spec.name!r}, example {ids[i]!r}").reshape(-1))
+        flat = np.concatenate(parts) if parts else np.zeros(0, spec.storage_dtype)
+    else:
+        arr, bits = _to_numpy(value)
+        flat = _flatten_batch(spec, arr, ids, lengths, where)
+        flat = _cast(spec, flat, bits, where)
+    if spec.dtype in FLOAT_DTYPES:
+        bad = np.flatnonzero(_nonfinite(spec, flat))
+        if len(bad):
+            row = int(np.searchsorted(np.cumsum(counts), bad[0], side="right"))
+            raise CacheValueError(
+                f"field {spec.name!r}, example {ids[row]!r}: value is NaN or inf (or overflows {spec.dtype}); "
+                "fix the teacher output or store the field in float32"
+            )
+    return np.ascontiguousarray(flat), counts
+
+
+def _flatten_batch(spec: FieldSpec, arr: np.ndarray, ids: list[str], lengths: np.ndarray, where: str) -> np.ndarray:
+    b = len(ids)
+    if arr.ndim != len(spec.shape) + 1 or arr.shape[0] != b:
+        raise CacheValueError(f"{where}: shape {arr.shape} but expected [{b}, *{spec.shape}]")
+    for axis, dim in enumerate(spec.shape, start=1):
+        if dim != "T" and arr.shape[axis] != dim:
+            raise CacheValueError(f"{where}: shape {arr.shape} but the field is {spec.shape} (axis {axis})")
+        if dim == "T" and b and arr.shape[axis] < int(lengths.max()):
+            i = int(np.argmax(lengths))
+            raise CacheValueError(
+                f"field {spec.name!r}, example {ids[i]!r}: length {int(lengths[i])} exceeds the padded size "
+                f"{arr.shape[axis]}"
+            )
+    if not spec.ragged:
+        return arr.reshape(-1)
+    if spec.shape[0] == "T" and spec.shape.count("T") == 1:
+        mask = np.arange(arr.shape[1])[None, :] < lengths[:, None]
+        return arr[mask].reshape(-1)  # token-major rows of every example, vectorised
+    parts = []
+    for i in range(b):
+        cut = (i, *(slice(0, int(lengths[i])) if d == "T" else slice(None) for d in spec.shape))
+        parts.append(arr[cut].reshape(-1))
+    return np.concatenate(parts)
+
+
+# --- folder scanning / finalize ------------------------------------------------------------------
+
+def _is_cache_file(name: str) -> bool:
+    return (
+        name in (MANIFEST_NAME, PENDING_NAME)
+        or name.startswith("shard-")
+        or name.endswith(".partial")
+    )
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _committed_shards(folder: Path) -> list[ShardInfo]:
+    """Shards whose sidecar exists (the sidecar is written after the shard: it is the shard's commit)."""
+    infos = []
+    for name in sorted(os.listdir(folder)):
+        if name.startswith("shard-") and name.endswith(".json"):
+            data = read_json(folder / name)
+            try:
+                info = ShardInfo.from_dict(data)
+            except (KeyError, TypeError, ValueError) as e:
+                raise CacheCorruptError(f"sidecar {folder / name} is malformed ({e!r}): delete it and its shard, "
+                                        "then rerun precompute to redo them") from e
+            infos.append(info)
+    return sorted(infos, key=lambda s: (s.writer, s.seq))
+
+
+def finalize_cache(path: str | os.PathLike, expected_count: int | None = None) -> Manifest:
+    """Merge every writer's committed shards into manifest.json (written last: the commit marker).
+
+    Call once, after all writers have closed with `finalize=False`. Uncommitted leftovers (partial files,
+    shards without sidecar) are deleted. Ids must be unique across writers. Idempotent on a finished cache.
+    """
+    folder = Path(path)
+    if (folder / MANIFEST_NAME).exists():
+        return load_manifest(folder)
+    if not (folder / PENDING_NAME).exists():
+        raise CacheIncompleteError(
+            f"{folder} has no {PENDING_NAME}: no writer has opened it; run precompute to create the cache"
+        )
+    identity = read_json(folder / PENDING_NAME)
+    for name in os.listdir(folder):
+        if name.endswith(".partial") or (SHARD_RE.match(name) and not (folder / sidecar_name(name)).exists()):
+            _unlink(folder / name)
+    shards = _committed_shards(folder)
+    owner: dict[str, str] = {}
+    for info in shards:
+        file = folder / info.file
+        size = file.stat().st_size if file.exists() else None
+        if size != info.bytes:
+            raise CacheCorruptError(
+                f"shard {file} has {size} bytes but its sidecar says {info.bytes}: delete the shard and its .json, "
+                "then rerun precompute to redo it"
+            )
+        for i in shard_ids(file):
+            if i in owner:
+                raise CacheValueError(
+                    f"example id {i!r} is in both {owner[i]} and {info.file}: writers must write disjoint ids; "
+                    f"delete one of the shards (and its .json) and rerun precompute"
+                )
+            owner[i] = info.file
+    count = len(owner)
+    if expected_count is not None and count != expected_count:
+        err = CacheIncompleteError if count < expected_count else CacheValueError
+        raise err(
+            f"{folder} has {count} committed examples, expected {expected_count}: rerun precompute to resume "
+            "the missing ones (or check the data)"
+        )
+    manifest = Manifest(
+        format_version=FORMAT_VERSION,
+        teacher_fingerprint=identity["teacher_fingerprint"],
+        data_fingerprint=identity["data_fingerprint"],
+        settings=identity["settings"],
+        fields=fields_from_list(identity["fields"]),
+        shards=tuple(shards),
+        count=count,
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        library_version=_library_version(),
+    )
+    write_json_atomic(folder / MANIFEST_NAME, manifest.to_dict())
+    return manifest

@@ -1,0 +1,95 @@
+"""`kd cache info | verify | ls`: inspect teacher caches from the command line."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+
+import click
+
+from cache_format import cache_info, list_caches, verify_cache
+from cache_format._errors import KDError
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _kd_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Print project errors as one line (`error: ...`) with exit status 1 instead of a traceback."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kw: Any) -> Any:
+        try:
+            return fn(*args, **kw)
+        except KDError as e:
+            raise click.ClickException(str(e)) from e
+
+    return wrapper
+
+
+@click.group("cache")
+def cache() -> None:
+    """Inspect teacher-output caches."""
+
+
+@cache.command("info")
+@click.argument("path", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@_kd_errors
+def info_cmd(path: str, as_json: bool) -> None:
+    """Teacher, data, example count, fields and sizes of the cache at PATH."""
+    info = cache_info(path)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"cache      {info['path']}")
+    click.echo(f"format     v{info['format_version']} (written by kd-pipeline {info['library_version']}, "
+               f"{info['created']})")
+    click.echo(f"teacher    {info['teacher_fingerprint']}")
+    click.echo(f"data       {info['data_fingerprint']}")
+    click.echo(f"examples   {info['count']} in {info['shards']} shards, {_human(info['bytes_on_disk'])} on disk")
+    click.echo(f"settings   {json.dumps(info['settings'], sort_keys=True)}")
+    click.echo("fields")
+    for f in info["fields"]:
+        shape = "(" + ", ".join(str(d) for d in f["shape"]) + ("," if len(f["shape"]) == 1 else "") + ")"
+        click.echo(f"  {f['name']:<20} {f['dtype']:<9} {shape:<16} {f['codec']:<6} "
+                   f"{_human(f['bytes_per_example'])}/example")
+
+
+@cache.command("verify")
+@click.argument("path", type=click.Path(file_okay=False))
+@_kd_errors
+def verify_cmd(path: str) -> None:
+    """Check every shard hash, the manifest against the shards, unique ids and finite values."""
+    report = verify_cache(path)
+    if report.ok:
+        click.echo(f"OK {report.path}: {report.count} examples in {report.shards} shards, all hashes match")
+        return
+    click.echo(f"FAILED {report.path}: {len(report.problems)} problem(s)", err=True)
+    for problem in report.problems:
+        click.echo(f"  {problem}", err=True)
+    raise SystemExit(1)
+
+
+@cache.command("ls")
+@click.argument("root", type=click.Path(file_okay=False), default=".")
+@_kd_errors
+def ls_cmd(root: str) -> None:
+    """List the caches under ROOT (default: the current folder)."""
+    caches = list_caches(root)
+    if not caches:
+        click.echo(f"no caches under {root}")
+        return
+    for c in caches:
+        teacher = (c["teacher"] or "?")[:16]
+        data = (c["data"] or "?")[:16]
+        count = "?" if c["count"] is None else c["count"]
+        click.echo(f"{c['status']:<10} {_human(c['bytes']):>10} {count!s:>9} ex  teacher {teacher:<16} "
+                   f"data {data:<16} {c['path']}")

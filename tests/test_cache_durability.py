@@ -1,0 +1,175 @@
+"""Crash safety, resume, corruption detection, multi-writer finalize and concurrent readers."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cache_format import CacheCorruptError, CacheReader, CacheWriter, FieldSpec, finalize_cache, verify_cache
+
+REPO = Path(__file__).resolve().parents[1]
+N = 120
+
+# The producer: deterministic values per example index, so any process can check them.
+PRODUCER = textwrap.dedent(
+    """
+    import sys, time
+    import numpy as np
+    from cache_format import CacheWriter, FieldSpec
+    path, delay, writer_id, start, stop = sys.argv[1], float(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+    fields = [FieldSpec("logits", "float32", ("T", 4)), FieldSpec("label", "int64", ())]
+    w = CacheWriter(path, fields, teacher_fingerprint="t", data_fingerprint="d", settings={}, writer_id=writer_id,
+                    shard_bytes=400)
+    for s in range(start, stop, 4):
+        idx = [i for i in range(s, min(s + 4, stop)) if f"ex{i:04d}" not in w.done_ids]
+        if not idx:
+            continue
+        lengths = np.array([i % 7 + 1 for i in idx])
+        logits = np.zeros((len(idx), 7, 4), np.float32)
+        for k, i in enumerate(idx):
+            logits[k, : lengths[k]] = i * 1000 + np.arange(lengths[k] * 4).reshape(-1, 4)
+        w.append([f"ex{i:04d}" for i in idx], lengths, {"logits": logits, "label": np.array(idx)})
+        time.sleep(delay)
+    w.close(finalize=sys.argv[6] == "1")
+    """
+)
+
+
+def _run_producer(path, delay=0.0, writer_id="0", start=0, stop=N, finalize=True):
+    cmd = [sys.executable, "-c", PRODUCER, str(path), str(delay), writer_id, str(start), str(stop),
+           "1" if finalize else "0"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
+
+
+def _check_values(reader: CacheReader, ids) -> None:
+    out = reader.gather(ids)
+    for k, eid in enumerate(ids):
+        i = int(eid[2:])
+        n = i % 7 + 1
+        assert out["length"][k] == n and out["label"][k] == i
+        np.testing.assert_array_equal(out["logits"][k, :n].reshape(-1), i * 1000 + np.arange(n * 4))
+
+
+def test_sigkill_mid_write_then_resume(tmp_path):
+    path = tmp_path / "c"
+    proc = _run_producer(path, delay=0.05)
+    deadline = time.time() + 30
+    while len(list(path.glob("shard-*.json"))) < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (path / "manifest.json").exists()
+    committed = len(list(path.glob("shard-*.json")))
+    assert 3 <= committed
+    # A fresh process resumes: it skips committed ids, cleans leftovers and finalizes.
+    resumed = _run_producer(path)
+    assert resumed.wait(60) == 0, resumed.stderr.read().decode()
+    report = verify_cache(path)
+    assert report.ok, report.problems
+    reader = CacheReader(path, verify_hashes=True)
+    assert sorted(reader.ids) == [f"ex{i:04d}" for i in range(N)]  # none missing, none twice
+    _check_values(reader, reader.ids)
+
+
+def test_resume_removes_uncommitted_leftovers(tmp_path):
+    path = tmp_path / "c"
+    fields = [FieldSpec("x", "int32", ())]
+    kw = dict(teacher_fingerprint="t", data_fingerprint="d", settings={}, shard_bytes=1)
+    w = CacheWriter(path, fields, **kw)
+    w.append(["a", "b"], np.zeros(2, int), {"x": np.array([1, 2])})
+    w.close(finalize=False)
+    # What a kill leaves: a partial file, and a renamed shard whose sidecar was never written.
+    (path / "shard-0-000001.json").unlink()
+    (path / "shard-0-000007.arrow.abc.partial").write_bytes(b"junk")
+    w2 = CacheWriter(path, fields, **kw)
+    assert w2.done_ids == {"a"}
+    assert not (path / "shard-0-000001.arrow").exists() and not list(path.glob("*.partial"))
+    w2.append(["b"], np.zeros(1, int), {"x": np.array([2])})
+    w2.close()
+    assert verify_cache(path).ok and CacheReader(path).gather(["a", "b"])["x"].tolist() == [1, 2]
+
+
+def test_exception_in_context_manager_commits_nothing_half_done(tmp_path):
+    path = tmp_path / "c"
+    with pytest.raises(RuntimeError):
+        with CacheWriter(path, [FieldSpec("x", "int32", ())], teacher_fingerprint="t", data_fingerprint="d",
+                         settings={}) as w:
+            w.append(["a"], np.zeros(1, int), {"x": np.array([1])})
+            raise RuntimeError("producer failed")
+    assert not (path / "manifest.json").exists() and not list(path.glob("shard-*"))
+
+
+def test_two_writers_and_finalize(tmp_path):
+    path = tmp_path / "c"
+    procs = [_run_producer(path, writer_id=str(r), start=r * N // 2, stop=(r + 1) * N // 2, finalize=False)
+             for r in range(2)]
+    for p in procs:
+        assert p.wait(60) == 0, p.stderr.read().decode()
+    assert not (path / "manifest.json").exists()
+    manifest = finalize_cache(path, expected_count=N)
+    assert {s.writer for s in manifest.shards} == {"0", "1"} and manifest.count == N
+    assert verify_cache(path).ok
+    reader = CacheReader(path)
+    assert sorted(reader.ids) == [f"ex{i:04d}" for i in range(N)]
+    _check_values(reader, reader.ids[::-1])
+
+
+def test_flipped_byte_caught_by_verify_and_reader(tmp_path):
+    path = tmp_path / "c"
+    assert _run_producer(path, stop=40).wait(60) == 0
+    shard = sorted(path.glob("shard-*.arrow"))[1]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    report = verify_cache(path)
+    assert not report.ok and any(shard.name in p and "hash" in p for p in report.problems)
+    with pytest.raises(CacheCorruptError, match=shard.name):
+        CacheReader(path, verify_hashes=True)
+
+
+def test_verify_reports_stray_and_missing_files(tmp_path):
+    path = tmp_path / "c"
+    assert _run_producer(path, stop=40).wait(60) == 0
+    (path / "stray.bin").write_bytes(b"x")
+    sorted(path.glob("shard-*.arrow"))[0].unlink()
+    problems = verify_cache(path).problems
+    assert any("stray.bin: file not listed" in p for p in problems)
+    assert any("missing" in p for p in problems) and any("manifest count" in p for p in problems)
+
+
+def _reader_worker(path: str, seed: int) -> int:
+    reader = CacheReader(path)
+    rng = np.random.default_rng(seed)
+    for _ in range(30):
+        ids = [reader.ids[i] for i in rng.choice(len(reader), size=8, replace=False)]
+        _check_values(reader, ids)
+    return len(reader)
+
+
+def test_concurrent_readers_in_processes(tmp_path):
+    path = tmp_path / "c"
+    assert _run_producer(path).wait(60) == 0
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(3) as pool:
+        counts = pool.starmap(_reader_worker, [(str(path), s) for s in range(3)])
+    assert counts == [N, N, N]
+
+
+def test_reader_pickles_by_path(tmp_path):
+    import pickle
+
+    path = tmp_path / "c"
+    assert _run_producer(path, stop=20).wait(60) == 0
+    clone = pickle.loads(pickle.dumps(CacheReader(path)))
+    assert clone.ids == CacheReader(path).ids
