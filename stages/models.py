@@ -1,0 +1,303 @@
+"""Model building shared by every stage: load teachers and tokenizers, build students, fingerprint weights."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    BertTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+
+from cache_format._errors import KDError
+
+__all__ = [
+    "ModelError",
+    "load_tokenizer",
+    "load_classifier",
+    "student_from_teacher",
+    "student_from_config",
+    "num_layers",
+    "hidden_size",
+    "num_parameters",
+    "model_fingerprint",
+    "make_tiny_classifier",
+]
+
+logger = logging.getLogger(__name__)
+
+# Config keys that change with where/how a model was loaded, not with what it computes.
+_VOLATILE_CONFIG_KEYS = frozenset({
+    "_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype", "_attn_implementation",
+    "_attn_implementation_autoset", "attn_implementation", "output_attentions", "output_hidden_states",
+    "return_dict", "use_cache",
+})
+# Where encoder blocks live in the base model of common architectures (BERT/RoBERTa/ELECTRA, DistilBERT, Llama).
+_LAYER_LIST_PATHS = ("encoder.layer", "transformer.layer", "layers", "h")
+
+
+class ModelError(KDError, ValueError):
+    """A model or tokenizer cannot be loaded or built as asked (missing path, bad layer index, bad sizes)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _check_source(name_or_path: str, what: str) -> None:
+    """Raise for a missing local folder; hub names ("bert-base-uncased", "org/name") pass through."""
+    path = Path(name_or_path).expanduser()
+    looks_local = (
+        path.is_absolute() or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1
+        or (os.sep != "/" and os.sep in name_or_path)
+        or ("/" in name_or_path and path.parent.is_dir())  # "models/teacher" next to an existing models/
+    )
+    if looks_local and not path.exists():
+        raise ModelError(f"{what} folder {name_or_path} does not exist; fix the path or train/save the model first")
+
+
+def _load_error(name_or_path: str, what: str, error: Exception) -> ModelError:
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return ModelError(
+        f"cannot load {what} {name_or_path!r}: not a local folder nor a loadable hub name ({first_line}); "
+        "give a folder saved with save_pretrained, or a hub name that is cached locally or reachable"
+    )
+
+
+def load_tokenizer(name_or_path: str) -> Any:
+    """Load a fast (Rust-backed) tokenizer from a folder or hub name."""
+    _check_source(name_or_path, "tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        raise _load_error(name_or_path, "tokenizer", e) from e
+    if not tokenizer.is_fast:
+        raise ModelError(
+            f"the tokenizer of {name_or_path!r} has no fast (tokenizers) version; save one with tokenizer.json"
+        )
+    return tokenizer
+
+
+def load_classifier(name_or_path: str, num_labels: int, *, eager_attention: bool = False) -> PreTrainedModel:
+    """Load a sequence classifier with `num_labels` outputs from a folder or hub name.
+
+    A base model (no head) gets a new head. A checkpoint whose head has another number of labels is loaded with
+    `num_labels` and `ignore_mismatched_sizes=True`, so that head is re-initialised (and a warning logged);
+    a matching head is kept as is. `eager_attention=True` is needed to get attention maps (transformers 5
+    returns them only with attn_implementation="eager").
+    """
+    _check_source(name_or_path, "model")
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        raise _load_error(name_or_path, "model", e) from e
+    options: dict[str, Any] = {}
+    if eager_attention:
+        options["attn_implementation"] = "eager"
+    has_head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+    if config.num_labels != num_labels:
+        options["num_labels"] = num_labels
+        if has_head:
+            logger.warning(
+                "%s has a %d-label head; num_labels=%d re-initialises it (fine-tune before use)",
+                name_or_path, config.num_labels, num_labels,
+            )
+            options["ignore_mismatched_sizes"] = True
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(name_or_path, **options)
+    except (OSError, ValueError) as e:
+        raise _load_error(name_or_path, "model", e) from e
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building students
+
+
+def _layer_list(model: PreTrainedModel) -> tuple[str, torch.nn.ModuleList]:
+    """The ModuleList of transformer blocks and its state_dict prefix."""
+    base = model.base_model
+    for path in _LAYER_LIST_PATHS:
+        module: Any = base
+        for part in path.split("."):
+            module = getattr(module, part, None)
+        if isinstance(module, torch.nn.ModuleList):
+            prefix = next(name for name, m in model.named_modules() if m is module)
+            return prefix, module
+    raise ModelError(
+        f"{type(model).__name__} is not supported for layer selection (no encoder layer list found); "
+        "build the student with student_from_config or a pretrained student instead"
+    )
+
+
+def student_from_teacher(teacher: PreTrainedModel, keep_layers: Sequence[int]) -> PreTrainedModel:
+    """A smaller model of the teacher's class keeping `keep_layers` (0-based blocks), TextBrewer's "T3" init.
+
+    Embeddings, the kept blocks (in the given order), pooler and classifier are copied from the teacher.
+    """
+    prefix, layers = _layer_list(teacher)
+    if not keep_layers:
+        raise ModelError("keep_layers is empty; list the teacher layers to keep, e.g. [0, 5]")
+    for index in keep_layers:
+        if not isinstance(index, int) or not 0 <= index < len(layers):
+            raise ModelError(
+                f"keep_layers index {index!r} is out of range; the teacher has {len(layers)} layers "
+                f"(valid 0..{len(layers) - 1})"
+            )
+    config = copy.deepcopy(teacher.config)
+    config.num_hidden_layers = len(keep_layers)
+    if isinstance(getattr(config, "layer_types", None), list):  # per-layer settings must follow the kept layers
+        config.layer_types = [config.layer_types[i] for i in keep_layers]
+    student = type(teacher)(config)
+
+    # Everything outside the block list is copied as is; student block j is a copy of teacher block keep_layers[j].
+    state = {k: v for k, v in teacher.state_dict().items() if not k.startswith(prefix + ".")}
+    for new, old in enumerate(keep_layers):
+        for key, tensor in layers[old].state_dict().items():
+            state[f"{prefix}.{new}.{key}"] = tensor
+    student.load_state_dict(state, strict=True)
+    param = next(teacher.parameters())
+    return student.to(device=param.device, dtype=param.dtype)
+
+
+def student_from_config(
+    base: str | PretrainedConfig,
+    num_labels: int,
+    *,
+    num_layers: int | None = None,
+    hidden_size: int | None = None,
+    intermediate_size: int | None = None,
+    num_heads: int | None = None,
+) -> PreTrainedModel:
+    """A randomly initialised classifier from a config (object, folder or hub name) with optional smaller sizes."""
+    if isinstance(base, str):
+        _check_source(base, "config")
+        try:
+            config = AutoConfig.from_pretrained(base)
+        except (OSError, ValueError) as e:
+            raise _load_error(base, "config", e) from e
+    else:
+        config = copy.deepcopy(base)
+    sizes = {"num_hidden_layers": num_layers, "hidden_size": hidden_size,
+             "intermediate_size": intermediate_size, "num_attention_heads": num_heads}
+    for key, value in sizes.items():
+        if value is not None:
+            if value < 1:
+                raise ModelError(f"student {key} must be >= 1 (got {value})")
+            setattr(config, key, value)
+    if config.hidden_size % config.num_attention_heads:
+        raise ModelError(
+            f"student hidden_size={config.hidden_size} is not divisible by num_heads={config.num_attention_heads}; "
+            "pick a hidden size that is a multiple of the head count"
+        )
+    if hasattr(config, "head_dim") and (hidden_size is not None or num_heads is not None):
+        config.head_dim = config.hidden_size // config.num_attention_heads
+    config.num_labels = num_labels
+    return AutoModelForSequenceClassification.from_config(config)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inspecting
+
+
+def num_layers(model: PreTrainedModel) -> int:
+    """Number of transformer blocks."""
+    return int(model.config.num_hidden_layers)
+
+
+def hidden_size(model: PreTrainedModel) -> int:
+    """Width of the hidden states."""
+    return int(model.config.hidden_size)
+
+
+def num_parameters(model: torch.nn.Module) -> int:
+    """Number of distinct parameters (tied weights counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_fingerprint(model: PreTrainedModel, tokenizer: Any) -> str:
+    """32-hex-digit hash of what the model computes: class, config, every weight, and the tokenizer.
+
+    Independent of where the model was loaded from and of its attention implementation.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    config = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    h.update(f"class:{type(model).__name__};config:".encode())
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f";tensor:{name}:{t.dtype}:{tuple(t.shape)}:".encode())
+        h.update(t.view(torch.uint8).numpy() if t.numel() else b"")  # buffer view: no copy
+    h.update(b";tokenizer:")
+    h.update(_tokenizer_description(tokenizer).encode())
+    return h.hexdigest()
+
+
+def _tokenizer_description(tokenizer: Any) -> str:
+    # The backend JSON holds the vocab, normaliser (lower-casing, accents), pre-tokeniser and special-token
+    # template. Its truncation/padding are set by each call (and even saved by save_pretrained), not by the
+    # tokenizer itself, so they are left out; init_kwargs is skipped for the same reason.
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    backend.pop("truncation", None)
+    backend.pop("padding", None)
+    settings = {
+        "class": type(tokenizer).__name__,
+        "special_tokens": {k: str(v) for k, v in tokenizer.special_tokens_map.items()},
+        "padding_side": tokenizer.padding_side,
+        "truncation_side": tokenizer.truncation_side,
+    }
+    return json.dumps({"backend": backend, "settings": settings}, sort_keys=True, default=str)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tiny offline models for tests and benchmarks
+
+
+def make_tiny_classifier(
+    out_dir: str | os.PathLike,
+    *,
+    num_labels: int = 2,
+    layers: int = 2,
+    hidden: int = 32,
+    heads: int = 2,
+    intermediate: int = 64,
+    vocab_texts: Sequence[str] = (),
+    seed: int = 0,
+) -> Path:
+    """Save a tiny random BertForSequenceClassification and its fast tokenizer to `out_dir` (no downloads).
+
+    The WordPiece vocabulary is the special tokens, every lowercase word of `vocab_texts`, and single
+    letters/digits/punctuation (plus their `##` continuations), so any text tokenises without [UNK] floods.
+    """
+    out_dir = Path(out_dir)
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789")
+    words = sorted({w for text in vocab_texts for w in re.findall(r"[a-z0-9]+", text.lower())} - set(chars))
+    tokens = specials + chars + [f"##{c}" for c in chars] + list(".,!?'\"-:;()") + words
+    tokenizer = BertTokenizer(vocab={t: i for i, t in enumerate(tokens)}, do_lower_case=True, model_max_length=512)
+    if hidden % heads:
+        raise ModelError(f"hidden={hidden} is not divisible by heads={heads}; pick a multiple of heads")
+    config = BertConfig(
+        vocab_size=len(tokens), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        intermediate_size=intermediate, max_position_embeddings=512, num_labels=num_labels,
+    )
+    with torch.random.fork_rng(devices=[]):  # seed the init without disturbing the caller's RNG
+        torch.manual_seed(seed)
+        model = BertForSequenceClassification(config)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
