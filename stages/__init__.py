@@ -5,18 +5,15 @@
     cfg = load_config("params.yaml", ["distill.epochs=1"])
     precompute(cfg)
     distill(cfg)
+
+Each stage lives in the module of its name (`stages/distill.py`, ...); the names below are the
+functions, which the `from ... import` binds over the module attributes of the same name.
 """
 
-from __future__ import annotations
-
-import importlib
-from typing import Any
+from stages.distill import distill
+from stages.evaluate import evaluate
+from stages.precompute import precompute
+from stages.prepare import prepare
+from stages.train_teacher import train_teacher
 
 __all__ = ["prepare", "train_teacher", "precompute", "distill", "evaluate"]
-
-
-def __getattr__(name: str) -> Any:
-    # Imported on first use: `import stages.data` should not pull in every stage (and torch-heavy deps).
-    if name in __all__:
-        return getattr(importlib.import_module(f"stages.{name}"), name)
-    raise AttributeError(f"module 'stages' has no attribute {name!r}")

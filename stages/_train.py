@@ -14,7 +14,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol, Sequence
+from typing import Protocol, Sequence
 
 import numpy as np
 import torch
@@ -214,8 +214,9 @@ def fit(
             rows_list, id_batches = _remaining_batches(sampler, ids)
             objective.start_epoch(id_batches)
             micro = 0
+            stream = iter(sampler)  # advanced in lockstep with the batches; its state goes in checkpoints
             for rows, batch_ids in zip(rows_list, id_batches):
-                next(iter_once(sampler))  # advance the real sampler in lockstep (its state is saved)
+                next(stream)
                 batch, _ = collate(train, rows)
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 with autocast:
@@ -256,6 +257,8 @@ def fit(
                     save_checkpoint()
                 if step >= total_steps:
                     break
+            else:
+                next(stream, None)  # exhausting the generator moves the sampler to the next epoch
             if sampler.position == 0 or step >= total_steps:  # epoch boundary (or the end)
                 if dev is not None and dev.labels is not None:
                     dev_acc, dev_f1, _ = evaluate_accuracy(model, dev, cfg.eval_batch_size, device)
@@ -272,10 +275,6 @@ def fit(
             live.end()
     seconds = time.perf_counter() - t0
     return FitResult(step, step / steps_per_epoch, dev_acc, dev_f1, seconds, seen / max(seconds, 1e-9))
-
-
-def iter_once(sampler: EpochSampler) -> Iterator[np.ndarray]:
-    return iter(sampler)
 
 
 def save_model(model: nn.Module, tokenizer, projections: nn.ModuleDict, output: Path) -> None:

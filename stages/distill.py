@@ -15,7 +15,8 @@ from cache_format._errors import CacheMissError, KDError
 from pipeline.config import Config, DistillConfig
 from stages._train import FitResult, atomic_write_text, fit, pick_device, save_model, set_seed
 from stages.data import encode
-from stages.losses import Match, MatchError, Projection, hard_ce_loss, kd_loss, match_loss, preset_matches
+from stages.losses import (Match, MatchError, build_projections, check_matches, feature_map, hard_ce_loss, kd_loss, match_loss,
+                           needed_teacher_layers, preset_matches)
 from stages.models import (hidden_size, load_classifier, load_tokenizer, num_layers, student_from_config,
                            student_from_teacher)
 from stages.schedules import combine_teachers, cwsm_temperature, flsw_temperature, probability_shift, weight_at
@@ -49,6 +50,7 @@ def build_student(cfg: Config) -> tuple[nn.Module, object]:
 
 
 def _matches(d: DistillConfig, teacher_layers: int, student_layers: int) -> list[Match]:
+    """The configured matches plus the preset's, adapted to the real layer counts."""
     out = [Match(m.kind, tuple(m.teacher_layer) if isinstance(m.teacher_layer, list) else m.teacher_layer,
                  tuple(m.student_layer) if isinstance(m.student_layer, list) else m.student_layer,
                  m.weight, m.projection) for m in d.matches]
@@ -57,22 +59,17 @@ def _matches(d: DistillConfig, teacher_layers: int, student_layers: int) -> list
     return out
 
 
-def _layers(match: Match, which: str) -> list[int]:
-    x = getattr(match, f"{which}_layer")
-    return list(x) if isinstance(x, tuple) else [x]
-
-
 class DistillObjective:
     """KD on logits + hard labels + intermediate matches, with their schedules."""
 
-    def __init__(self, cfg: DistillConfig, source, matches: Sequence[Match], projections: nn.ModuleDict,
+    def __init__(self, cfg: DistillConfig, source, matches: Sequence[Match], projections: nn.ModuleList,
                  student_lengths: dict[str, int]):
         self.cfg = cfg
         self.source = source
         self.matches = list(matches)
         self.modules = projections
-        self.need_hidden = any(not m.kind.startswith("attention") for m in self.matches)
-        self.need_attn = any(m.kind.startswith("attention") for m in self.matches)
+        self.need_hidden = any(m.feature == "hidden" for m in self.matches)
+        self.need_attn = any(m.feature == "attention" for m in self.matches)
         self.token_level = any(m.kind != "pkd" for m in self.matches)
         self.student_lengths = student_lengths
 
@@ -92,7 +89,7 @@ class DistillObjective:
         if teachers and kd.weight > 0:
             t_logits = [t["logits"].float() for t in teachers]
             t = t_logits[0] if len(t_logits) == 1 else combine_teachers(
-                t_logits, kd.teacher_weights, kd.teacher_combine)
+                t_logits, kd.teacher_weights, kd.teacher_combine, temperature=kd.temperature)
             if kd.probability_shift and "labels" in batch:
                 t = probability_shift(t, batch["labels"])
             if kd.temperature_schedule == "flsw":
@@ -116,15 +113,12 @@ class DistillObjective:
                         f"counts differ (e.g. example {ids[int((t0['length'].cpu() != want).nonzero()[0])]}); "
                         "use the teacher's tokenizer for the student, the same max_length, or only logits/pkd"
                     )
-            student = {f"hidden.{i}": h for i, h in enumerate(out.hidden_states or ())}
-            student.update({f"attention.{i}": a for i, a in enumerate(out.attentions or ())})
+            student = feature_map(out.hidden_states or (), out.attentions or ())
             teacher = {k: v.float() for k, v in t0.items() if k.startswith(("hidden.", "attention."))}
             mw = weight_at(d.match_weight_schedule, 1.0, step, total_steps)
-            for j, m in enumerate(self.matches):
-                proj = self.modules[str(j)] if str(j) in self.modules else None
-                loss = match_loss(m, student, teacher, mask=batch["attention_mask"], projection=proj)
-                terms[f"{m.kind}.t{'-'.join(map(str, _layers(m, 'teacher')))}"
-                      f".s{'-'.join(map(str, _layers(m, 'student')))}"] = mw * m.weight * loss
+            for m, proj in zip(self.matches, self.modules):
+                # mw: the schedule shared by all matches; m.weight: this match's own weight.
+                terms[m.label] = mw * m.weight * match_loss(m, student, teacher, mask=batch["attention_mask"], projection=proj)
         return terms
 
     def close(self) -> None:
@@ -132,7 +126,7 @@ class DistillObjective:
             self.source.close()
 
 
-def _open_caches(cfg: Config, train_examples, student_layers: int) -> tuple[list[cf.CacheReader], int | None]:
+def _open_caches(cfg: Config, train_examples) -> list[cf.CacheReader]:
     """Readers for the teacher caches, checked against the training data (every id present)."""
     d = cfg.distill
     from stages.data import data_fingerprint
@@ -160,8 +154,7 @@ def _open_caches(cfg: Config, train_examples, student_layers: int) -> tuple[list
                 f"{len(missing)} training example(s) are not in cache {r.path}, e.g. {missing[:3]}; "
                 "rerun `kd precompute` on the same data.train file"
             )
-    teacher_layers = readers[0].manifest.settings.get("num_layers") if readers else None
-    return readers, teacher_layers
+    return readers
 
 
 def distill(cfg: Config) -> DistillResult:
@@ -177,57 +170,45 @@ def distill(cfg: Config) -> DistillResult:
     s_layers = num_layers(student)
 
     source, readers, matches = None, [], []
-    t_width: dict[int, int] = {}
+    t_width: int | None = None
     if d.teacher_signal == "cached":
-        readers, t_layers = _open_caches(cfg, train_ex, s_layers)
-        matches = _matches(d, t_layers or 0, s_layers) if (d.matches or d.match_preset) else []
-        for m in matches:
-            for i in _layers(m, "teacher"):
-                key = f"{'attention' if m.kind.startswith('attention') else 'hidden'}.{i}"
-                if key not in readers[0].fields:
-                    raise MatchError(f"teacher layer {key} is not in cache {readers[0].path} (it holds "
-                                     f"{sorted(readers[0].fields)}); add it to precompute and rerun it, or use "
-                                     "distill.teacher_signal: online")
-                if key.startswith("hidden."):
-                    t_width[i] = readers[0].fields[key].shape[-1]
-        fields = sorted({"logits"} | {
-            f"{'attention' if m.kind.startswith('attention') else 'hidden'}.{i}" for m in matches
-            for i in _layers(m, "teacher")})
-        fields = [f for f in fields if f in readers[0].fields]
-        source = CachedTeachers(readers, fields, device, prefetch=d.prefetch)
+        readers = _open_caches(cfg, train_ex)
+        t_layers = readers[0].manifest.settings.get("num_layers", 0)
+        matches = _matches(d, t_layers, s_layers)
+        check_matches(matches, t_layers, s_layers)
+        hidden, attn = needed_teacher_layers(matches)
+        fields = ["logits"] + [f"hidden.{i}" for i in sorted(hidden)] + [f"attention.{i}" for i in sorted(attn)]
+        for key in fields[1:]:
+            if key not in readers[0].fields:
+                raise MatchError(f"teacher output {key} is not in cache {readers[0].path} (it holds "
+                                 f"{', '.join(sorted(readers[0].fields))}); add the layer to precompute and rerun "
+                                 "it, or use distill.teacher_signal: online")
+        t_width = next((readers[0].fields[f].shape[-1] for f in fields if f.startswith("hidden.")), None)
+        source = CachedTeachers(readers, [f for f in fields if f in readers[0].fields], device, prefetch=d.prefetch)
     elif d.teacher_signal == "online":
         names = d.teachers or cfg.precompute.teachers
+        first = load_classifier(resolve_model(names[0]), cfg.data.num_labels)
+        matches = _matches(d, num_layers(first), s_layers)
+        check_matches(matches, num_layers(first), s_layers)
+        hidden, attn = needed_teacher_layers(matches)
         models, encs = [], []
-        need_attn = any(m.kind.startswith("attention") for m in d.matches) or bool(d.match_preset and "att" in d.match_preset)
         for t in names:
             src = resolve_model(t)
-            models.append(load_classifier(src, cfg.data.num_labels, eager_attention=need_attn))
+            models.append(load_classifier(src, cfg.data.num_labels, eager_attention=bool(attn)))
             encs.append(encode(load_tokenizer(src), train_ex, d.max_length))
-        matches = _matches(d, num_layers(models[0]), s_layers) if (d.matches or d.match_preset) else []
-        hidden = sorted({i for m in matches if not m.kind.startswith("attention") for i in _layers(m, "teacher")})
-        attn = sorted({i for m in matches if m.kind.startswith("attention") for i in _layers(m, "teacher")})
-        spec = TeacherSpec(True, tuple(hidden), "first" if all(m.kind == "pkd" for m in matches) and matches
-                           else "all", tuple(attn), "float32")
-        spec.check_layers(models[0], names[0])
-        t_width = {i: hidden_size(models[0]) for i in hidden}
+        first_only = bool(matches) and all(m.kind == "pkd" for m in matches)
+        spec = TeacherSpec(True, tuple(sorted(hidden)), "first" if first_only else "all", tuple(sorted(attn)))
+        t_width = hidden_size(models[0])
         source = OnlineTeachers(models, encs, spec, device)
 
-    if any(m.kind.startswith("attention") for m in matches):
+    if any(m.feature == "attention" for m in matches):
         student.set_attn_implementation("eager")  # only eager attention returns attention maps
-    projections = nn.ModuleDict()
     s_width = hidden_size(student)
-    for j, m in enumerate(matches):
-        for i in _layers(m, "student"):
-            limit = s_layers if not m.kind.startswith("attention") else s_layers - 1
-            if not 0 <= i <= limit:
-                raise MatchError(f"student layer {i} in match {m.kind} does not exist: the student has "
-                                 f"{s_layers} layers (valid {0}-{limit}); fix distill.matches")
-        widths = {t_width.get(i) for i in _layers(m, "teacher")} - {None}
-        if m.projection:
-            projections[str(j)] = Projection(s_width, widths.pop() if widths else s_width, m.projection)
-        elif m.kind in ("hidden_mse", "hidden_cosine", "pkd") and widths and widths != {s_width}:
-            raise MatchError(f"match {m.kind} compares student width {s_width} with teacher width {widths.pop()}; "
+    for m in matches:
+        if m.feature == "hidden" and not m.projection and t_width is not None and t_width != s_width:
+            raise MatchError(f"match {m.label} compares student width {s_width} with teacher width {t_width}; "
                              "set projection: linear (or relu/tanh) on that match")
+    projections = build_projections(matches, s_width, t_width or s_width)
 
     objective = DistillObjective(d, source, matches, projections, dict(zip(train.ids, train.lengths.tolist())))
     output = Path(d.output)

@@ -1,0 +1,183 @@
+"""End-to-end tests of the stages on tiny random models: the Python API and the `kd` CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoModelForSequenceClassification
+
+import cache_format as cf
+from cache_format._errors import CacheMissError, KDError
+from pipeline.cli import cli
+from pipeline.config import config_from_dict
+from stages import distill, evaluate, precompute, train_teacher
+from stages.distill import DistillObjective
+
+
+def _params(tmp: Path, data: Path, teacher: Path, **sections) -> dict:
+    p = {
+        "data": {"train": str(data / "train.csv"), "dev": str(data / "dev.csv"), "test": str(data / "test.csv")},
+        "train_teacher": {"model": str(teacher), "output": str(tmp / "teacher"), "epochs": 1, "batch_size": 16,
+                          "max_length": 32, "lr": 1e-3, "metrics": str(tmp / "m_teacher.json")},
+        "precompute": {"teachers": [str(teacher)], "cache_root": str(tmp / "caches"), "batch_size": 16,
+                       "max_length": 32, "dtype": "float32"},
+        "distill": {"student": {"from_teacher": str(teacher), "keep_layers": [0, 3]}, "epochs": 1,
+                    "batch_size": 16, "max_length": 32, "lr": 1e-3, "output": str(tmp / "student"),
+                    "log_dir": str(tmp / "live"), "metrics": str(tmp / "m_distill.json")},
+        "evaluate": {"models": {"teacher": str(teacher), "student": str(tmp / "student")}, "max_length": 32,
+                     "throughput_batches": 2, "output": str(tmp / "m_eval.json")},
+    }
+    for section, values in sections.items():
+        p.setdefault(section, {}).update(values)
+    return p
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return AutoModelForSequenceClassification.from_pretrained(path).state_dict()
+
+
+def test_precompute_then_distill_then_evaluate(tmp_path, tiny_data_dir, tiny_teacher_dir):
+    cfg = config_from_dict(_params(tmp_path, tiny_data_dir, tiny_teacher_dir))
+    [res] = precompute(cfg)
+    assert res.status == "written" and res.written == 200
+    reader = cf.CacheReader(res.path)
+    assert len(reader) == 200 and set(reader.fields) >= {"logits", "input_ids"}
+    # Same teacher, data and settings: nothing to do, same folder.
+    [again] = precompute(cfg)
+    assert again.status == "up to date" and again.path == res.path
+
+    out = distill(cfg)
+    assert out.caches == [str(res.path)]
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "student")
+    assert model.config.num_hidden_layers == 2
+    metrics = json.loads((tmp_path / "m_distill.json").read_text())
+    assert 0.0 <= metrics["dev_accuracy"] <= 1.0 and metrics["steps"] == 13
+    assert (tmp_path / "live" / "metrics.json").exists()
+
+    results = evaluate(cfg)
+    assert set(results) == {"teacher", "student"}
+    assert results["student"]["parameters"] < results["teacher"]["parameters"]
+    assert results["student"]["examples_per_second"] > 0
+
+
+def test_changed_setting_gets_its_own_cache(tmp_path, tiny_data_dir, tiny_teacher_dir):
+    base = _params(tmp_path, tiny_data_dir, tiny_teacher_dir)
+    [a] = precompute(config_from_dict(base))
+    [b] = precompute(config_from_dict(_params(tmp_path, tiny_data_dir, tiny_teacher_dir,
+                                              precompute={"hidden_layers": [2]})))
+    assert a.path != b.path and b.status == "written"
+    assert "hidden.2" in cf.CacheReader(b.path).fields
+
+
+def test_cached_and_online_distillation_give_the_same_student(tmp_path, tiny_data_dir, tiny_teacher_dir):
+    matches = [{"kind": "hidden_mse", "teacher_layer": 4, "student_layer": 2, "projection": "linear"}]
+    common = {"matches": matches, "epochs": 0.5, "kd": {"hard_weight": 0.5}}
+    cfg = _params(tmp_path, tiny_data_dir, tiny_teacher_dir, precompute={"hidden_layers": [4]})
+    precompute(config_from_dict(cfg))
+    cached = _params(tmp_path, tiny_data_dir, tiny_teacher_dir, precompute={"hidden_layers": [4]},
+                     distill={**common, "output": str(tmp_path / "s_cached")})
+    online = _params(tmp_path, tiny_data_dir, tiny_teacher_dir, precompute={"hidden_layers": [4]},
+                     distill={**common, "teacher_signal": "online", "output": str(tmp_path / "s_online")})
+    distill(config_from_dict(cached))
+    distill(config_from_dict(online))
+    a, b = _weights(tmp_path / "s_cached"), _weights(tmp_path / "s_online")
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert diff < 1e-5, diff
+    # And training did something: the student moved away from its initialisation from the teacher.
+    teacher = _weights(tiny_teacher_dir)
+    assert not torch.equal(a["bert.embeddings.word_embeddings.weight"], teacher["bert.embeddings.word_embeddings.weight"])
+
+
+def test_resume_mid_epoch_matches_an_uninterrupted_run(tmp_path, tiny_data_dir, tiny_teacher_dir, monkeypatch):
+    precompute(config_from_dict(_params(tmp_path, tiny_data_dir, tiny_teacher_dir)))
+    orig = DistillObjective.losses
+    log: list[list[str]] = []
+    crash_at = {"call": None}
+
+    def spy(self, model, batch, ids, step, total):
+        if crash_at["call"] is not None and len(log) + 1 == crash_at["call"]:
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C before this batch
+        log.append(list(ids))
+        return orig(self, model, batch, ids, step, total)
+
+    monkeypatch.setattr(DistillObjective, "losses", spy)
+
+    def run(name: str, resume: bool = False) -> list[list[str]]:
+        log.clear()
+        p = _params(tmp_path, tiny_data_dir, tiny_teacher_dir,
+                    distill={"epochs": 2, "checkpoint_every": 3, "output": str(tmp_path / name), "resume": resume})
+        distill(config_from_dict(p))
+        return list(log)
+
+    full = run("full")
+    assert len(full) == 26  # 2 epochs x 13 batches of 16 (the last one 8)
+
+    crash_at["call"] = 20  # mid second epoch; the last checkpoint is at step 18
+    with pytest.raises(KeyboardInterrupt):
+        run("part")
+    before = list(log)
+    crash_at["call"] = None
+    after = run("part", resume=True)
+
+    assert before == full[:19]
+    assert after == full[18:]  # batch 19 is redone: it was not in the step-18 checkpoint
+    ids_after_resume = [i for b in before[:18] + after for i in b]
+    assert sorted(ids_after_resume) == sorted(i for b in full for i in b)  # none missing, none twice
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "part")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+
+
+def test_missing_example_is_an_error_naming_it(tmp_path, tiny_data_dir, tiny_teacher_dir):
+    small = tmp_path / "small.csv"
+    lines = (tiny_data_dir / "train.csv").read_text().splitlines()
+    small.write_text("\n".join(lines[:-5]) + "\n")
+    cfg = _params(tmp_path, tiny_data_dir, tiny_teacher_dir)
+    cfg["data"]["train"] = str(small)
+    [res] = precompute(config_from_dict(cfg))
+    full = _params(tmp_path, tiny_data_dir, tiny_teacher_dir, distill={"caches": [str(res.path)]})
+    with pytest.raises(KDError):  # another data set: refused by fingerprint before any id lookup
+        distill(config_from_dict(full))
+
+
+def test_multi_teacher_and_attention_matches(tmp_path, tiny_data_dir, tiny_teacher_dir, tiny_model_dir):
+    cfg = _params(tmp_path, tiny_data_dir, tiny_teacher_dir,
+                  precompute={"teachers": [str(tiny_teacher_dir), str(tiny_model_dir)], "attention_layers": [1]},
+                  distill={"matches": [{"kind": "attention_mse", "teacher_layer": 1, "student_layer": 0}],
+                           "kd": {"teacher_combine": "probs", "teacher_weights": [0.7, 0.3],
+                                  "temperature_schedule": "flsw"}})
+    results = precompute(config_from_dict(cfg))
+    assert len({r.path for r in results}) == 2
+    cfg["distill"]["caches"] = [str(r.path) for r in results]
+    out = distill(config_from_dict(cfg))
+    assert len(out.caches) == 2
+
+
+def test_train_teacher_saves_a_loadable_model(tmp_path, tiny_data_dir, tiny_model_dir):
+    cfg = config_from_dict(_params(tmp_path, tiny_data_dir, tiny_model_dir))
+    res = train_teacher(cfg)
+    assert res.fit.dev_accuracy is not None
+    AutoModelForSequenceClassification.from_pretrained(tmp_path / "teacher")
+    assert json.loads((tmp_path / "m_teacher.json").read_text())["steps"] == 13
+
+
+def test_cli_reports_user_errors_in_one_line(tmp_path, tiny_data_dir, tiny_teacher_dir):
+    runner = CliRunner()
+    r = runner.invoke(cli, ["distill", "--params", str(tmp_path / "nope.yaml")])
+    assert r.exit_code != 0 and "does not exist" in r.output and "Traceback" not in r.output
+    r = runner.invoke(cli, ["precompute", "--set", "precompute.batch_size=x", "--set", "distill.bogus=1"])
+    assert r.exit_code != 0
+    assert "precompute.batch_size: expected int" in r.output and "distill.bogus: unknown key" in r.output
+
+    params = tmp_path / "params.yaml"
+    import yaml
+
+    p = _params(tmp_path, tiny_data_dir, tiny_teacher_dir)
+    p["data"]["label_field"] = "sentiment"
+    params.write_text(yaml.safe_dump(p))
+    r = runner.invoke(cli, ["precompute", "--params", str(params)])
+    assert r.exit_code != 0 and "sentiment" in r.output and "Traceback" not in r.output
