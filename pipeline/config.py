@@ -96,6 +96,7 @@ class TrainingConfig:
     seed: int = 42
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     eval_batch_size: int = 128
+    group_by_length: bool = True
     checkpoint_every: int = 0
     resume: bool = False
 

@@ -6,6 +6,7 @@ loss terms for a batch. The loop owns optimisation, evaluation, logging and exac
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import random
@@ -135,10 +136,7 @@ def _decay_groups(params: Sequence[tuple[str, nn.Parameter]], weight_decay: floa
 
 def _remaining_batches(sampler: EpochSampler, ids: np.ndarray) -> tuple[list[np.ndarray], list[list[str]]]:
     """The rest of the current epoch without advancing `sampler` (a copy walks it)."""
-    peek = EpochSampler(sampler.n, sampler.batch_size, shuffle=sampler.shuffle, seed=sampler.seed,
-                        drop_last=sampler.drop_last)
-    peek.load_state_dict(sampler.state_dict())
-    rows = list(peek)
+    rows = list(copy.copy(sampler))
     return rows, [ids[r].tolist() for r in rows]
 
 
@@ -166,7 +164,8 @@ def fit(
     objective.modules.to(device).train()
     named = list(model.named_parameters()) + [("proj." + n, p) for n, p in objective.modules.named_parameters()]
     optimizer = torch.optim.AdamW(_decay_groups(named, cfg.weight_decay), lr=cfg.lr)
-    sampler = EpochSampler(len(train), cfg.batch_size, shuffle=True, seed=cfg.seed)
+    sampler = EpochSampler(len(train), cfg.batch_size, shuffle=True, seed=cfg.seed,
+                           lengths=train.lengths if cfg.group_by_length else None)
     steps_per_epoch = math.ceil(sampler.batches_per_epoch / cfg.grad_accum)
     total_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)

@@ -11,7 +11,7 @@ import torch
 
 from pipeline.config import Config
 from stages._train import atomic_write_text, evaluate_accuracy, pick_device
-from stages.data import collate, encode
+from stages.data import DataError, collate, encode
 from stages.models import load_classifier, load_tokenizer, num_parameters
 from stages.teacher import load_split, resolve_model
 
@@ -48,7 +48,7 @@ def evaluate(cfg: Config) -> dict[str, dict]:
     device = pick_device()
     examples = load_split(cfg, e.split)
     if examples.labels is None:
-        raise ValueError(f"data.{e.split} has no labels (data.label_field is unset); evaluation needs them")
+        raise DataError(f"data.{e.split} has no labels (data.label_field is unset); evaluation needs them")
     results: dict[str, dict] = {}
     for name, path in e.models.items():
         src = resolve_model(path)

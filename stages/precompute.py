@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -72,7 +73,7 @@ def _precompute_one(cfg: Config, teacher: str, device: torch.device) -> Precompu
     examples = load_split(cfg, p.split)
     target = cache_target(cfg, teacher, model, tokenizer, examples)
     t0 = time.perf_counter()
-    writer = cf.CacheWriter(target.path, cache_fields(spec, model), teacher_fingerprint=target.teacher_fingerprint,
+    writer = cf.CacheWriter(target.path, cache_fields(spec, model, examples.labels is not None), teacher_fingerprint=target.teacher_fingerprint,
                             data_fingerprint=target.data_fingerprint, settings=target.settings)
     if writer.complete:
         return PrecomputeResult(teacher, target.path, len(examples), 0, 0.0, "up to date")
@@ -89,7 +90,7 @@ def _precompute_one(cfg: Config, teacher: str, device: torch.device) -> Precompu
     bg = _BackgroundWriter(writer)
     try:
         with tqdm(total=len(examples), initial=len(examples) - len(todo), desc=f"precompute {Path(teacher).name}",
-                  unit="ex", dynamic_ncols=True) as bar, torch.inference_mode(), autocast:
+                  unit="ex", dynamic_ncols=True, disable=os.environ.get("KD_PROGRESS", "1") == "0") as bar, torch.inference_mode(), autocast:
             for start in range(0, len(todo), p.batch_size):
                 rows = todo[start : start + p.batch_size]
                 batch, ids = collate(enc, rows)
@@ -97,7 +98,10 @@ def _precompute_one(cfg: Config, teacher: str, device: torch.device) -> Precompu
                 outs = teacher_outputs(model, batch, spec)
                 lengths = batch["attention_mask"].sum(1).to(torch.int32)
                 # One device-to-host copy per tensor; the writer converts and checks on its thread.
-                bg.put(list(ids), lengths.cpu().numpy(), {k: v.cpu() for k, v in outs.items()})
+                arrays = {k: v.cpu() for k, v in outs.items()}
+                if "labels" in batch:
+                    arrays["label"] = batch["labels"].cpu()
+                bg.put(list(ids), lengths.cpu().numpy(), arrays)
                 bar.update(len(rows))
         bg.join()
         writer.close()

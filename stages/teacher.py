@@ -104,10 +104,10 @@ def teacher_outputs(model: torch.nn.Module, batch: dict[str, torch.Tensor], spec
     return res
 
 
-def cache_fields(spec: TeacherSpec, model: torch.nn.Module) -> list[cf.FieldSpec]:
+def cache_fields(spec: TeacherSpec, model: torch.nn.Module, labelled: bool) -> list[cf.FieldSpec]:
     """The cache's field list for a teacher and spec (shapes use "T" for the token axis)."""
     cfg = model.config
-    fields = []
+    fields = [cf.FieldSpec("label", "int64", ())] if labelled else []
     if spec.logits:
         fields.append(cf.FieldSpec("logits", spec.dtype, (cfg.num_labels,)))
     for i in spec.hidden_layers:
