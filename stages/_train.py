@@ -201,7 +201,7 @@ def fit(
 
         live = Live(dir=str(log_dir), resume=cfg.resume and step > 0, save_dvc_exp=False, dvcyaml=None)
     log_every = max(1, total_steps // 200)  # ~200 points per curve: enough to plot, cheap to write
-    sums: dict[str, float] = {}
+    sums: dict[str, torch.Tensor] = {}
     n_sums = 0
     dev_acc = dev_f1 = None
     seen = 0
@@ -222,8 +222,8 @@ def fit(
                     terms = objective.losses(model, batch, batch_ids, step, total_steps)
                 loss = sum(terms.values()) / cfg.grad_accum
                 (scaler.scale(loss) if scaler else loss).backward()
-                for k, v in terms.items():  # .item() syncs the GPU; done once per micro-batch only
-                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                for k, v in terms.items():  # kept on the device: reading a value would sync the GPU every step
+                    sums[k] = sums.get(k, 0.0) + v.detach()
                 n_sums += 1
                 seen += len(rows)
                 micro += 1
@@ -243,7 +243,7 @@ def fit(
                 step += 1
                 bar.update(1)
                 if step % log_every == 0 or step == total_steps:
-                    means = {k: v / n_sums for k, v in sums.items()}
+                    means = {k: float(v) / n_sums for k, v in sums.items()}  # the one sync per log interval
                     bar.set_postfix(loss=f"{sum(means.values()):.4f}")
                     if live is not None:
                         for k, v in means.items():
@@ -276,16 +276,19 @@ def fit(
     return FitResult(step, step / steps_per_epoch, dev_acc, dev_f1, seconds, seen / max(seconds, 1e-9))
 
 
-def save_model(model: nn.Module, tokenizer, projections: nn.ModuleDict, output: Path) -> None:
-    """Save the final model (`save_pretrained` + tokenizer): written into a sibling folder, then swap it in: a crash never leaves half a model."""
+def save_model(model: nn.Module, tokenizer, projections: nn.Module, output: Path) -> None:
+    """Save the final model with `save_pretrained` (+ tokenizer, + projections if any).
+
+    Written into a sibling folder, then swapped in, so a crash never leaves half a model. The
+    swap also drops `output/checkpoint`: a finished run has nothing to resume, and optimizer
+    state would triple the size of every DVC experiment's output.
+    """
     tmp = output.with_name(f"{output.name}.{uuid.uuid4().hex}.partial")
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if len(projections):
             torch.save(projections.state_dict(), tmp / "projections.pt")
-        if (output / "checkpoint").exists():
-            shutil.move(str(output / "checkpoint"), tmp / "checkpoint")
         old = output.with_name(f"{output.name}.{uuid.uuid4().hex}.old")
         if output.exists():
             os.replace(output, old)
