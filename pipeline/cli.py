@@ -57,13 +57,17 @@ def prepare(params: str, overrides: tuple[str, ...]) -> None:
         click.echo(f"{name}: {path}")
 
 
+_resume = click.option("--resume", is_flag=True, help="Continue from the last checkpoint (same as --set <stage>.resume=true).")
+
+
 @cli.command("train-teacher")
 @_common
-def train_teacher(params: str, overrides: tuple[str, ...]) -> None:
+@_resume
+def train_teacher(params: str, overrides: tuple[str, ...], resume: bool) -> None:
     """Fine-tune the teacher on labelled data and save it with save_pretrained."""
     from stages.train_teacher import train_teacher as run
 
-    res = _run("train_teacher", params, overrides, run)
+    res = _run("train_teacher", params, overrides + (("train_teacher.resume=true",) if resume else ()), run)
     click.echo(f"teacher saved to {res.output}; dev accuracy {res.fit.dev_accuracy}")
 
 
@@ -80,11 +84,12 @@ def precompute(params: str, overrides: tuple[str, ...]) -> None:
 
 @cli.command()
 @_common
-def distill(params: str, overrides: tuple[str, ...]) -> None:
+@_resume
+def distill(params: str, overrides: tuple[str, ...], resume: bool) -> None:
     """Train a student from cached (or live) teacher outputs."""
     from stages.distill import distill as run
 
-    res = _run("distill", params, overrides, run)
+    res = _run("distill", params, overrides + (("distill.resume=true",) if resume else ()), run)
     click.echo(f"student saved to {res.output}; dev accuracy {res.fit.dev_accuracy}")
 
 

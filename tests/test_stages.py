@@ -181,3 +181,24 @@ def test_cli_reports_user_errors_in_one_line(tmp_path, tiny_data_dir, tiny_teach
     params.write_text(yaml.safe_dump(p))
     r = runner.invoke(cli, ["precompute", "--params", str(params)])
     assert r.exit_code != 0 and "sentiment" in r.output and "Traceback" not in r.output
+
+
+def test_student_with_another_tokenizer_distills_logits_from_the_cache(tmp_path, tiny_data_dir, tiny_teacher_dir,
+                                                                        tiny_texts):
+    from stages.models import make_tiny_classifier
+
+    # Another vocabulary: the same text becomes other token ids and other lengths.
+    other = make_tiny_classifier(tmp_path / "other", layers=1, hidden=32, heads=2, intermediate=64,
+                                 vocab_texts=["the film was quite"], seed=3)
+    cfg = _params(tmp_path, tiny_data_dir, tiny_teacher_dir,
+                  distill={"student": {"from_teacher": None, "pretrained": str(other)}})
+    precompute(config_from_dict(cfg))
+    res = distill(config_from_dict(cfg))
+    assert res.fit.steps == 13
+    # Token-level matches need the same tokenisation: refused with a message that says so.
+    cfg["distill"]["matches"] = [{"kind": "hidden_mse", "teacher_layer": 2, "student_layer": 1,
+                                  "projection": "linear"}]
+    cfg["precompute"]["hidden_layers"] = [2]
+    precompute(config_from_dict(cfg))
+    with pytest.raises(KDError, match="tokenise alike"):
+        distill(config_from_dict(cfg))
