@@ -191,6 +191,12 @@ class Manifest:
                 f"{where} has format_version {version!r}; this kd-pipeline reads {list(SUPPORTED_VERSIONS)}: "
                 "upgrade kd-pipeline or rerun precompute into a new folder"
             )
+        unknown = sorted({f.get("codec") for f in d.get("fields", []) if isinstance(f, Mapping)} - {*CODECS, None})
+        if unknown:
+            raise CacheVersionError(
+                f"{where} uses field codecs {unknown} that this kd-pipeline cannot read (it knows {list(CODECS)}): "
+                "upgrade kd-pipeline"
+            )
         try:
             return cls(
                 format_version=int(version),

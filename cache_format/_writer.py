@@ -335,7 +335,8 @@ class CacheWriter:
         ids = [i for c in chunks for i in c.ids]
         columns = [pa.array(ids, type=pa.large_string()), pa.array(np.concatenate([c.lengths for c in chunks]))]
         for name, spec in self._specs.items():
-            values = pa.array(np.concatenate([c.values[name] for c in chunks]))
+            parts = [c.values[name] for c in chunks]
+            values = pa.array(parts[0] if len(parts) == 1 else np.concatenate(parts))
             if spec.ragged:
                 counts = np.concatenate([c.counts[name] for c in chunks])
                 offsets = np.zeros(len(counts) + 1, dtype=np.int64)
@@ -444,10 +445,26 @@ def _cast(spec: FieldSpec, arr: np.ndarray, bf16_bits: bool, where: str) -> np.n
     raise CacheValueError(f"{where}: dtype {source} cannot be stored as {spec.dtype}; cast it before appending")
 
 
+# Exponent bits of each 16-bit float format: all ones means inf or NaN. Shifting out the sign and
+# taking the max is ~4x faster than np.isfinite on float16 (which converts every value), and covers
+# bf16 stored as uint16.
+_EXPONENT_MASKS = {"float16": 0x7C00, "bfloat16": 0x7F80}
+
+
 def _nonfinite(spec: FieldSpec, flat: np.ndarray) -> np.ndarray:
-    if spec.dtype == "bfloat16":
-        return (flat & np.uint16(0x7F80)) == np.uint16(0x7F80)  # exponent all ones: inf or NaN
-    return ~np.isfinite(flat)
+    """Boolean mask of the NaN/inf values (the slow path, used only to name the bad example)."""
+    if spec.dtype == "float32":
+        return ~np.isfinite(flat)
+    mask = np.uint16(_EXPONENT_MASKS[spec.dtype])
+    return (flat.view(np.uint16) & mask) == mask
+
+
+def _any_nonfinite(spec: FieldSpec, flat: np.ndarray) -> bool:
+    if flat.size == 0:
+        return False
+    if spec.dtype == "float32":
+        return not np.isfinite(flat).all()
+    return int(np.left_shift(flat.view(np.uint16), 1).max()) >= _EXPONENT_MASKS[spec.dtype] << 1
 
 
 def _prepare(spec: FieldSpec, value: Any, ids: list[str], lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -473,17 +490,18 @@ def _prepare(spec: FieldSpec, value: Any, ids: list[str], lengths: np.ndarray) -
         flat = np.concatenate(parts) if parts else np.zeros(0, spec.storage_dtype)
     else:
         arr, bits = _to_numpy(value)
-        flat = _flatten_batch(spec, arr, ids, lengths, where)
-        flat = _cast(spec, flat, bits, where)
-    if spec.dtype in FLOAT_DTYPES:
-        bad = np.flatnonzero(_nonfinite(spec, flat))
-        if len(bad):
-            row = int(np.searchsorted(np.cumsum(counts), bad[0], side="right"))
-            raise CacheValueError(
-                f"field {spec.name!r}, example {ids[row]!r}: value is NaN or inf (or overflows {spec.dtype}); "
-                "fix the teacher output or store the field in float32"
-            )
-    return np.ascontiguousarray(flat), counts
+        flat = _cast(spec, _flatten_batch(spec, arr, ids, lengths, where), bits, where)
+        if np.may_share_memory(flat, arr):
+            flat = flat.copy()  # the producer may reuse its buffer before the shard is written
+    flat = np.ascontiguousarray(flat)
+    if spec.dtype in FLOAT_DTYPES and _any_nonfinite(spec, flat):
+        first = int(np.flatnonzero(_nonfinite(spec, flat))[0])
+        row = int(np.searchsorted(np.cumsum(counts), first, side="right"))
+        raise CacheValueError(
+            f"field {spec.name!r}, example {ids[row]!r}: value is NaN or inf (or overflows {spec.dtype}); "
+            "fix the teacher output or store the field in float32"
+        )
+    return flat, counts
 
 
 def _flatten_batch(spec: FieldSpec, arr: np.ndarray, ids: list[str], lengths: np.ndarray, where: str) -> np.ndarray:
@@ -502,6 +520,8 @@ def _flatten_batch(spec: FieldSpec, arr: np.ndarray, ids: list[str], lengths: np
     if not spec.ragged:
         return arr.reshape(-1)
     if spec.shape[0] == "T" and spec.shape.count("T") == 1:
+        if arr.shape[1] == 0 or (lengths == arr.shape[1]).all():
+            return arr.reshape(-1)  # nothing to strip: no copy
         mask = np.arange(arr.shape[1])[None, :] < lengths[:, None]
         return arr[mask].reshape(-1)  # token-major rows of every example, vectorised
     parts = []

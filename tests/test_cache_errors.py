@@ -220,3 +220,11 @@ def test_writer_argument_validation(tmp_path):
         _writer(tmp_path / "c", settings={"x": object()})
     with pytest.raises(CacheValueError, match="unique"):
         _writer(tmp_path / "c", fields=[FieldSpec("a", "int8", ()), FieldSpec("a", "int8", ())])
+
+
+def test_unknown_codec_is_a_version_error(cache):
+    data = json.loads((cache / "manifest.json").read_text())
+    data["fields"][0]["codec"] = "zarr-v9"
+    (cache / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(CacheVersionError, match=r"codecs \['zarr-v9'\].*upgrade kd-pipeline"):
+        CacheReader(cache)

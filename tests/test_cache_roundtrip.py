@@ -173,3 +173,29 @@ def test_resume_skips_committed_ids(tmp_path):
     w2.append(["c"], np.array([0]), {"x": np.zeros((1, 0), np.float32)})
     manifest = w2.close()
     assert manifest.count == 3 and CacheReader(path).ids == ["a", "b", "c"]
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lengths=st.lists(st.integers(0, 5), min_size=1, max_size=10), pad_to=st.integers(0, 8),
+       shard_bytes=st.sampled_from([1, 100, 1 << 20]), seed=st.integers(0, 2**16))
+def test_gather_pad_to_across_shards(tmp_path_factory, lengths, pad_to, shard_bytes, seed):
+    """Ragged gather near shard ends, across shards, padded past and truncated below the lengths."""
+    path = tmp_path_factory.mktemp("c") / "cache"
+    rng = np.random.default_rng(seed)
+    fields = [FieldSpec("h", "float32", ("T", 2)), FieldSpec("a", "int16", (2, "T", "T"))]
+    examples = [(f"id-{j}", n, {f.name: _random_value(rng, f.dtype, f.resolve(n)) for f in fields})
+                for j, n in enumerate(lengths)]
+    _write(path, fields, examples, 3, shard_bytes, padded=True)
+    reader = CacheReader(path)
+    order = list(rng.permutation(len(examples)))
+    out = reader.gather([f"id-{j}" for j in order], pad_to=pad_to)
+    for i, j in enumerate(order):
+        _, n, values = examples[j]
+        k = min(n, pad_to)
+        assert out["length"][i] == n
+        want_h = np.zeros((pad_to, 2), np.float32)
+        want_h[:k] = values["h"][:k]
+        np.testing.assert_array_equal(out["h"][i], want_h)
+        want_a = np.zeros((2, pad_to, pad_to), np.int16)
+        want_a[:, :k, :k] = values["a"][:, :k, :k]
+        np.testing.assert_array_equal(out["a"][i], want_a)
