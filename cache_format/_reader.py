@@ -284,11 +284,14 @@ class CacheReader:
                 tokens = self._shards[s].values[name].reshape(-1, row_size)
                 out = _take_windows(tokens, self._shards[s].offsets[name][row_of] // row_size, keep, t_pad)
             else:
+                # Rows from several shards: one memcpy per example straight into the output beats a
+                # windowed take per shard plus a scatter (measured 2.1x -> 1.3x of a memmap at 393 KB rows).
                 out = np.empty((b, t_pad * row_size), dtype=spec.storage_dtype)
-                for s, sel in groups:
-                    tokens = self._shards[s].values[name].reshape(-1, row_size)
-                    starts = self._shards[s].offsets[name][row_of[sel]] // row_size
-                    out[sel] = _take_windows(tokens, starts, keep[sel], t_pad)
+                for i in range(b):
+                    shard = self._shards[shard_of[i]]
+                    start = int(shard.offsets[name][row_of[i]])
+                    n = int(keep[i]) * row_size
+                    out[i, :n] = shard.values[name][start : start + n]
             out = out.reshape((b, t_pad, *spec.shape[1:]))
             pad = np.arange(t_pad)[None, :] >= keep[:, None]
             if pad.any():
