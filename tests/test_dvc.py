@@ -1,0 +1,204 @@
+"""The pipeline end to end through DVC, on tiny random models, in a fresh git repository.
+
+One repository is built (and reproduced once) per module; the tests then run in file order
+against it: a no-op second repro, sharing through a local-folder remote, two experiments that
+must reuse the one teacher cache, and a precompute change that must not reuse it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+PROJECT = Path(__file__).resolve().parents[1]
+CODE_DIRS = ("pipeline", "stages", "cache_format")
+STAGES = ("prepare", "train_teacher", "precompute", "distill", "baseline", "evaluate")
+
+
+class Repo:
+    """A git + DVC repository on disk and the environment its commands run in."""
+
+    def __init__(self, root: Path, env: dict[str, str]):
+        self.root = root
+        self.env = env
+        self.first_repro = ""  # output of the fixture's `dvc repro`
+
+    def run(self, *cmd: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        """Run a command in the repository; on failure the assertion shows its whole output."""
+        proc = subprocess.run(cmd, cwd=self.root, env=self.env, capture_output=True, text=True, timeout=timeout)
+        assert proc.returncode == 0, _describe(proc)
+        return proc
+
+    def dvc(self, *args: str, timeout: float = 300) -> str:
+        """Stdout + stderr of a successful `dvc` command."""
+        proc = self.run("dvc", *args, timeout=timeout)
+        return proc.stdout + proc.stderr
+
+
+def _describe(proc: subprocess.CompletedProcess) -> str:
+    return f"{' '.join(proc.args)} exited {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+
+
+def _env(root: Path, home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    # Bytecode is written as for any user: `__pycache__` inside the code folders must not count as a change.
+    for key in ("KD_CACHE_ROOT", "PYTHONDONTWRITEBYTECODE"):
+        env.pop(key, None)
+    env.update({
+        # `kd` and `dvc` live next to this interpreter; the repo's own code folders shadow the
+        # editable install, so what DVC hashes as a dependency is what runs.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        "PYTHONPATH": str(root),
+        "DVC_NO_ANALYTICS": "1",
+        "DVC_SITE_CACHE_DIR": str(home / "dvc_site"),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_HOME": str(home / "hf_home"),
+        "KD_PROGRESS": "0",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "2",
+        "GIT_TERMINAL_PROMPT": "0",
+    })
+    return env
+
+
+def _params(source: Path, teacher: Path) -> dict:
+    """The project's params.yaml, shrunk to tiny data and a tiny teacher."""
+    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    small = {"max_length": 32, "batch_size": 16}
+    params["prepare"].update(source=str(source), filter={})
+    params["train_teacher"].update(model=str(teacher), epochs=1, lr=1e-3, **small)
+    params["precompute"].update(**small)
+    params["distill"].update(epochs=1, lr=1e-3, **small)
+    params["distill"]["student"]["keep_layers"] = [0, 3]  # the tiny teacher has 4 layers
+    params["evaluate"].update(throughput_batches=2, **small)
+    return params
+
+
+def _init_git(repo: Repo) -> None:
+    repo.run("git", "init", "-q", "-b", "main")
+    repo.run("git", "config", "user.name", "kd test")
+    repo.run("git", "config", "user.email", "kd-test@example.invalid")
+    repo.run("git", "config", "commit.gpgsign", "false")
+
+
+def _exp_show(repo: Repo) -> list[dict]:
+    """Baseline and experiment rows of `dvc exp show --json`, each with name, deps, outs, params, metrics."""
+    rows = []
+    for commit in json.loads(repo.dvc("exp", "show", "--json", "--no-pager") or "[]"):
+        rows.append(commit)
+        for exp in commit.get("experiments") or []:
+            rows.extend(exp.get("revs") or [])
+    return [{"name": r.get("name") or r.get("rev"), **(r.get("data") or {})} for r in rows]
+
+
+def _out_hash(row: dict, path: str) -> str:
+    entry = (row.get("outs") or {}).get(path) or (row.get("deps") or {}).get(path)
+    assert entry and entry.get("hash"), f"no hash for {path} in exp show row {row}"
+    return entry["hash"]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory, tiny_texts, tiny_teacher_dir: Path) -> Repo:
+    """A committed repository with the project's dvc.yaml, code and DVC config, on tiny inputs."""
+    home = tmp_path_factory.mktemp("dvc_home")
+    root = tmp_path_factory.mktemp("dvc_repo")
+    repo = Repo(root, _env(root, home))
+    _init_git(repo)
+    (root / ".dvc").mkdir()
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore", ".dvc/config", ".dvc/.gitignore"):
+        shutil.copy(PROJECT / name, root / name)
+    for name in CODE_DIRS:
+        shutil.copytree(PROJECT / name, root / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+
+    source = home / "reviews.csv"
+    with open(source, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "text", "label"])
+        writer.writerows((f"r{i:04d}", text, label) for i, (text, label) in enumerate(tiny_texts[:240]))
+    (root / "params.yaml").write_text(yaml.safe_dump(_params(source, tiny_teacher_dir), sort_keys=False))
+
+    repo.run("git", "add", ".")
+    repo.run("git", "commit", "-q", "-m", "pipeline on tiny inputs")
+    repo.first_repro = repo.dvc("repro", timeout=600)
+    repo.run("git", "add", ".")
+    repo.run("git", "commit", "-q", "-m", "dvc repro")
+    return repo
+
+
+def test_repro_runs_every_stage(repo: Repo):
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in repo.first_repro, repo.first_repro
+    root = repo.root
+    for folder in ("models/teacher", "models/student", "models/baseline"):
+        assert (root / folder / "config.json").is_file(), folder
+    caches = [p for p in (root / "caches").iterdir() if p.is_dir()]
+    assert len(caches) == 1, caches
+    # cache.type hardlink,symlink: the teacher cache is linked from .dvc/cache, never copied.
+    for f in (p for p in caches[0].iterdir() if p.is_file()):
+        assert f.is_symlink() or f.stat().st_nlink > 1, f"{f} is a copy, not a link into .dvc/cache"
+    results = json.loads((root / "metrics" / "evaluate.json").read_text())
+    assert {"teacher", "student", "baseline"} <= set(results)
+    assert results["student"]["parameters"] < results["teacher"]["parameters"]
+    assert results["student"]["parameters"] == results["baseline"]["parameters"]
+    # Metrics and plots are `cache: false`: git must track them, or clones and experiments lose them.
+    tracked = repo.run("git", "ls-files", "metrics", "dvclive").stdout.split()
+    assert "metrics/evaluate.json" in tracked and "metrics/distill.json" in tracked, tracked
+
+
+def test_second_repro_runs_nothing(repo: Repo):
+    out = repo.dvc("repro", timeout=120)
+    assert "Running stage" not in out, out
+    status = repo.dvc("status")
+    assert "up to date" in status, status
+
+
+def test_outputs_shared_through_a_remote_reproduce_nothing(repo: Repo, tmp_path: Path):
+    remote = tmp_path / "remote"
+    repo.dvc("remote", "add", "-d", "local", str(remote))
+    repo.run("git", "commit", "-q", "-am", "local remote")
+    repo.dvc("push")
+
+    clone = Repo(tmp_path / "clone", _env(tmp_path / "clone", tmp_path))
+    repo.run("git", "clone", "-q", str(repo.root), str(clone.root))
+    assert not (clone.root / "models").exists()
+    clone.dvc("pull")
+    assert (clone.root / "models" / "student" / "config.json").is_file()
+    status = clone.dvc("status")
+    assert "up to date" in status, status
+    out = clone.dvc("repro", timeout=120)
+    assert "Running stage" not in out, out
+
+
+def test_experiments_on_distill_settings_reuse_the_teacher_cache(repo: Repo):
+    for temperature in ("2.0", "8.0"):
+        name = f"t{temperature[0]}"
+        out = repo.dvc("exp", "run", "-n", name, "-S", f"distill.kd.temperature={temperature}", timeout=300)
+        assert "Running stage 'distill'" in out, out
+        assert "Running stage 'precompute'" not in out and "Running stage 'train_teacher'" not in out, out
+
+    rows = {r["name"]: r for r in _exp_show(repo)}
+    assert {"t2", "t8"} <= set(rows), sorted(rows)
+    t2, t8 = rows["t2"], rows["t8"]
+    assert _out_hash(t2, "caches") == _out_hash(t8, "caches") == _out_hash(rows["main"], "caches")
+    assert _out_hash(t2, "models/student") != _out_hash(t8, "models/student")
+    for row in (t2, t8):
+        metrics = row.get("metrics") or {}
+        assert "metrics/distill.json" in metrics and "metrics/evaluate.json" in metrics, row
+    assert t2["params"]["params.yaml"]["data"]["distill"]["kd"]["temperature"] == 2.0
+
+
+def test_precompute_setting_reruns_precompute(repo: Repo):
+    out = repo.dvc("exp", "run", "-n", "fp32", "-S", "precompute.dtype=float32", timeout=300)
+    assert "Running stage 'precompute'" in out and "Running stage 'distill'" in out, out
+    assert "Running stage 'train_teacher'" not in out, out
+    rows = {r["name"]: r for r in _exp_show(repo)}
+    assert _out_hash(rows["fp32"], "caches") != _out_hash(rows["main"], "caches")
