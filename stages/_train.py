@@ -163,7 +163,7 @@ def fit(
     model.to(device).train()
     objective.modules.to(device).train()
     named = list(model.named_parameters()) + [("proj." + n, p) for n, p in objective.modules.named_parameters()]
-    optimizer = torch.optim.AdamW(_decay_groups(named, cfg.weight_decay), lr=cfg.lr)
+    optimizer = torch.optim.AdamW(_decay_groups(named, cfg.weight_decay), lr=cfg.lr, fused=True)  # ~30% faster step
     sampler = EpochSampler(len(train), cfg.batch_size, shuffle=True, seed=cfg.seed,
                            lengths=train.lengths if cfg.group_by_length else None)
     steps_per_epoch = math.ceil(sampler.batches_per_epoch / cfg.grad_accum)
