@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 # distill (+ labels-only baseline) -> evaluate, then the results side by side.
 demo: setup
 	PATH=$(abspath $(BIN)):$$PATH dvc repro
-	PATH=$(abspath $(BIN)):$$PATH dvc metrics show
+	$(BIN)/kd report
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -102,6 +102,25 @@ def evaluate(params: str, overrides: tuple[str, ...]) -> None:
     click.echo(json.dumps(_run("evaluate", params, overrides, run), indent=2))
 
 
+@cli.command()
+@_common
+def report(params: str, overrides: tuple[str, ...]) -> None:
+    """Print the last `kd evaluate` results as a table (reads evaluate.output; runs nothing)."""
+    try:
+        cfg = load_config(params, overrides)
+    except KDError as e:
+        raise click.ClickException(str(e)) from None
+    path = cfg.evaluate.output
+    try:
+        results = json.loads(open(path).read())
+    except FileNotFoundError:
+        raise click.ClickException(f"{path} does not exist; run `kd evaluate` (or `dvc repro`) first") from None
+    click.echo("| model | accuracy | macro-F1 | parameters | examples/s |\n|---|---:|---:|---:|---:|")
+    for name, r in results.items():
+        click.echo(f"| {name} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | {r['parameters'] / 1e6:.1f}M "
+                   f"| {r['examples_per_second']:.0f} |")
+
+
 def _add_cache_group() -> None:
     from pipeline.cache_cli import cache
 

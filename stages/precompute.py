@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
@@ -11,11 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 import cache_format as cf
 from pipeline.config import Config
-from stages._train import pick_device
+from stages._train import pick_device, progress_bar
 from stages.data import collate, encode
 from stages.models import load_classifier, load_tokenizer
 from stages.teacher import TeacherSpec, cache_fields, cache_target, load_split, resolve_model, teacher_outputs
@@ -89,8 +87,8 @@ def _precompute_one(cfg: Config, teacher: str, device: torch.device) -> Precompu
                 if device.type == "cuda" else torch.autocast("cpu", enabled=False))
     bg = _BackgroundWriter(writer)
     try:
-        with tqdm(total=len(examples), initial=len(examples) - len(todo), desc=f"precompute {Path(teacher).name}",
-                  unit="ex", dynamic_ncols=True, disable=os.environ.get("KD_PROGRESS", "1") == "0") as bar, torch.inference_mode(), autocast:
+        with progress_bar(total=len(examples), initial=len(examples) - len(todo),
+                          desc=f"precompute {Path(teacher).name}", unit="ex") as bar, torch.inference_mode(), autocast:
             for start in range(0, len(todo), p.batch_size):
                 rows = todo[start : start + p.batch_size]
                 batch, ids = collate(enc, rows)

@@ -64,6 +64,14 @@ def test_precompute_then_distill_then_evaluate(tmp_path, tiny_data_dir, tiny_tea
     assert results["student"]["parameters"] < results["teacher"]["parameters"]
     assert results["student"]["examples_per_second"] > 0
 
+    import yaml
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(_params(tmp_path, tiny_data_dir, tiny_teacher_dir)))
+    r = CliRunner().invoke(cli, ["report", "--params", str(params)])
+    assert r.exit_code == 0, r.output
+    assert f"| student | {results['student']['accuracy']:.4f} |" in r.output
+
 
 def test_changed_setting_gets_its_own_cache(tmp_path, tiny_data_dir, tiny_teacher_dir):
     base = _params(tmp_path, tiny_data_dir, tiny_teacher_dir)
