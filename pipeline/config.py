@@ -38,6 +38,7 @@ __all__ = [
 
 BUNDLED_TEACHER = "bundled:all-MiniLM-L6-v2"
 BUNDLED_DATA = "bundled:rotten_tomatoes"
+BUNDLED_TRANSFER = "bundled:imdb_sentences"
 
 
 class ConfigError(KDError, ValueError):
@@ -56,6 +57,7 @@ class DataConfig:
     label_field: str | None = "label"
     id_field: str | None = "id"
     num_labels: int = 2
+    transfer: str | None = None
 
     def _check(self) -> list[str]:
         return ["data.num_labels: must be >= 2 (got %d)" % self.num_labels] if self.num_labels < 2 else []
@@ -71,6 +73,8 @@ class PrepareConfig:
     max_examples: int | None = None
     seed: int = 13
     out_dir: str = "data"
+    transfer_source: str | None = None
+    transfer_examples: int = 10000
 
     def _check(self) -> list[str]:
         errs = []

@@ -166,6 +166,28 @@ def load_examples(
     return Examples(ids=ids, texts=texts, text_pairs=pairs, labels=labels)
 
 
+IGNORE_LABEL = -100  # the label of an unlabelled example: losses on gold labels skip it
+
+
+def with_transfer(train: Examples, transfer: Examples) -> Examples:
+    """`train` followed by unlabelled `transfer` examples (label IGNORE_LABEL), for distillation.
+
+    The teacher labels the transfer examples (precompute caches them like any other); the hard-label
+    loss ignores them. Ids must not collide: the transfer ids get a `transfer-` prefix.
+    """
+    if (train.text_pairs is None) != (transfer.text_pairs is None):
+        raise DataError("data.transfer must have a text pair column exactly when data.train has one")
+    ids = ["transfer-" + i for i in transfer.ids]
+    clash = set(ids) & set(train.ids)
+    if clash:
+        raise DataError(f"data.transfer ids {sorted(clash)[:3]} also occur in data.train; make them unique")
+    labels = None
+    if train.labels is not None:
+        labels = np.concatenate([train.labels, np.full(len(transfer), IGNORE_LABEL, dtype=np.int64)])
+    pairs = None if train.text_pairs is None else train.text_pairs + transfer.text_pairs
+    return Examples(ids=train.ids + ids, texts=train.texts + transfer.texts, text_pairs=pairs, labels=labels)
+
+
 def _text_column(table: pa.Table, name: str) -> list[str | None]:
     column = table.column(name)
     if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
@@ -550,6 +572,35 @@ def _portable(path: Path) -> str:
     if "site-packages" in parts:
         return "package:" + "/".join(parts[parts.index("site-packages") + 1 :])
     return str(path)
+
+
+def transfer_sentences(path_in: str | os.PathLike, out: str | os.PathLike, *, text_field: str, n: int, seed: int,
+                       filter: Mapping[str, str] | None = None, exclude: Sequence[str] = (),
+                       min_words: int = 5, max_words: int = 40) -> Path:
+    """Write `n` seeded, distinct sentences cut from the texts of `path_in` as an unlabelled CSV (id,text).
+
+    Used to build a transfer set for distillation (e.g. IMDB review sentences for a Rotten Tomatoes
+    student): in-domain text the teacher labels, with no gold labels needed. Texts in `exclude` are left out.
+    """
+    table = read_table(Path(path_in), string_columns=[text_field])
+    for name, value in (filter or {}).items():
+        table = table.filter(pc.equal(pc.cast(table.column(name), pa.string()), str(value)))
+    skip = set(exclude)
+    sentences: dict[str, None] = {}
+    for text in table.column(text_field).to_pylist():
+        for sent in re.split(r"(?<=[.!?])\s+", re.sub(r"<br\s*/?>", " ", text or "")):
+            sent = sent.strip()
+            if min_words <= len(sent.split()) <= max_words and sent not in skip:
+                sentences[sent] = None
+    pool = list(sentences)
+    if len(pool) < n:
+        raise DataError(f"only {len(pool)} usable sentences in {path_in}; lower prepare.transfer_examples")
+    picked = [pool[i] for i in sorted(np.random.default_rng(seed).choice(len(pool), size=n, replace=False))]
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = pa.table({"id": content_ids(picked), text_field: picked})
+    _atomic_write(out, lambda tmp: pa_csv.write_csv(result, tmp))
+    return out
 
 
 def _check_fractions(fractions: Mapping[str, float]) -> None:

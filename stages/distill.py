@@ -163,7 +163,8 @@ def distill(cfg: Config) -> DistillResult:
     set_seed(d.seed)  # the student's random parts (new heads, projections) depend on it
     device = pick_device()
     student, tokenizer = build_student(cfg)
-    train_ex = load_split(cfg, "train")
+    # The unlabelled transfer set carries only teacher signal: a labels-only run leaves it out.
+    train_ex = load_split(cfg, "train", transfer=d.teacher_signal != "none")
     dev_ex = load_split(cfg, "dev") if cfg.data.dev else None
     train = encode(tokenizer, train_ex, d.max_length)
     dev = encode(tokenizer, dev_ex, d.max_length) if dev_ex is not None else None

@@ -68,7 +68,7 @@ def _precompute_one(cfg: Config, teacher: str, device: torch.device) -> Precompu
     tokenizer = load_tokenizer(path_or_name)
     model = load_classifier(path_or_name, cfg.data.num_labels, eager_attention=bool(spec.attention_layers))
     spec.check_layers(model, teacher)
-    examples = load_split(cfg, p.split)
+    examples = load_split(cfg, p.split, transfer=p.split == "train")
     target = cache_target(cfg, teacher, model, tokenizer, examples)
     t0 = time.perf_counter()
     writer = cf.CacheWriter(target.path, cache_fields(spec, model, examples.labels is not None), teacher_fingerprint=target.teacher_fingerprint,

@@ -18,7 +18,7 @@ import torch
 import cache_format as cf
 from cache_format._errors import KDError
 from pipeline.config import BUNDLED_TEACHER, Config, PrecomputeConfig
-from stages.data import Encoded, Examples, collate, data_fingerprint, load_examples
+from stages.data import Encoded, Examples, collate, data_fingerprint, load_examples, with_transfer
 from stages.models import ModelError, load_classifier, load_tokenizer, model_fingerprint, num_layers
 
 __all__ = [
@@ -136,14 +136,18 @@ def cache_settings(spec: TeacherSpec, max_length: int, split: str, teacher_layer
     }
 
 
-def load_split(cfg: Config, split: str) -> Examples:
-    """The examples of `data.<split>` with the configured columns."""
+def load_split(cfg: Config, split: str, *, transfer: bool = False) -> Examples:
+    """The examples of `data.<split>`; with `transfer`, followed by the unlabelled `data.transfer` set."""
     path = getattr(cfg.data, split)
     if path is None:
         raise KDError(f"data.{split} is not set; give the path of the {split} file in params.yaml")
     d = cfg.data
-    return load_examples(path, text_field=d.text_field, text_pair_field=d.text_pair_field,
-                         label_field=d.label_field, id_field=d.id_field, num_labels=d.num_labels)
+    examples = load_examples(path, text_field=d.text_field, text_pair_field=d.text_pair_field,
+                             label_field=d.label_field, id_field=d.id_field, num_labels=d.num_labels)
+    if transfer and d.transfer:
+        extra = load_examples(d.transfer, text_field=d.text_field, text_pair_field=d.text_pair_field)
+        examples = with_transfer(examples, extra)
+    return examples
 
 
 @dataclass(frozen=True)
