@@ -20,6 +20,9 @@ import yaml
 
 PROJECT = Path(__file__).resolve().parents[1]
 CODE_DIRS = ("pipeline", "stages", "cache_format")
+# The module fixture runs the whole pipeline (~2 min on 2 idle cores); allow for a loaded machine.
+pytestmark = pytest.mark.timeout(1800)
+
 STAGES = ("prepare", "train_teacher", "precompute", "distill", "baseline", "evaluate")
 
 
