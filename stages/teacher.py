@@ -7,6 +7,7 @@ what makes cached and online distillation give the same student.
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,11 +192,26 @@ def _time_axes(name: str) -> tuple[int, ...]:
     return (1,)
 
 
+def _return_large_frees_to_the_os() -> None:
+    """Make glibc serve allocations over 1 MiB with mmap, so freeing them returns the memory.
+
+    Batches are allocated on the prefetch thread and freed on the training thread; with glibc's
+    default adaptive threshold that fragments the heap and resident memory grows with the number
+    of steps (bench/memory.py: +543 MiB over a run, vs +63 MiB with this setting).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD; setting it also turns off the adaptive threshold
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to tune
+        pass
+
+
 class CachedTeachers:
     """Streams cached teacher outputs for batches of ids, prefetched on a background thread."""
 
     def __init__(self, readers: Sequence[cf.CacheReader], fields: Sequence[str], device: torch.device,
                  prefetch: int = 4):
+        _return_large_frees_to_the_os()
         self.readers = list(readers)
         self.fields = list(fields)
         self.device = device
