@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -14,7 +14,7 @@ import cache_format as cf
 from cache_format._errors import CacheMissError, KDError
 from pipeline.config import Config, DistillConfig
 from stages._train import FitResult, atomic_write_text, fit, pick_device, save_model, set_seed
-from stages.data import encode
+from stages.data import data_fingerprint, encode
 from stages.losses import (Match, MatchError, build_projections, check_matches, feature_map, hard_ce_loss, kd_loss, match_loss,
                            needed_teacher_layers, preset_matches)
 from stages.models import (hidden_size, load_classifier, load_tokenizer, num_layers, student_from_config,
@@ -129,8 +129,6 @@ class DistillObjective:
 def _open_caches(cfg: Config, train_examples) -> list[cf.CacheReader]:
     """Readers for the teacher caches, checked against the training data (every id present)."""
     d = cfg.distill
-    from stages.data import data_fingerprint
-
     dfp = data_fingerprint(train_examples)
     readers = []
     if d.caches:
