@@ -8,6 +8,7 @@ each naming the dotted key and the valid values, in the style of torchtune's con
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -331,6 +332,9 @@ def _type_name(tp: Any) -> str:
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
+_YAML12_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _convert(tp: Any, value: Any, key: str, errors: list[str]) -> Any:
     """Check `value` against type hint `tp`; return the converted value or record an error."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -367,6 +371,9 @@ def _convert(tp: Any, value: Any, key: str, errors: list[str]) -> Any:
             return tp() if _all_defaulted(tp) else None
         return _build(tp, value, key + ".", errors)
     if tp is float:
+        # PyYAML follows YAML 1.1, which reads 5e-4 (no dot) as a string; users and `dvc exp run -S` write it.
+        if isinstance(value, str) and _YAML12_FLOAT.fullmatch(value.strip()):
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             errors.append(bad)
             return 0.0
