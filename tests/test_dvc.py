@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cache_format import CacheReader
+
 PROJECT = Path(__file__).resolve().parents[1]
 CODE_DIRS = ("pipeline", "stages", "cache_format")
 # The module fixture runs the whole pipeline (~2 min on 2 idle cores); allow for a loaded machine.
@@ -73,15 +75,15 @@ def _env(root: Path, home: Path) -> dict[str, str]:
     return env
 
 
-def _params(source: Path, teacher: Path) -> dict:
-    """The project's params.yaml, shrunk to tiny data and a tiny teacher."""
+def _params(source: Path, transfer: Path, teacher: Path) -> dict:
+    """The project's params.yaml, shrunk to tiny data, a tiny transfer set and a tiny teacher and student."""
     params = yaml.safe_load((PROJECT / "params.yaml").read_text())
     small = {"max_length": 32, "batch_size": 16}
-    params["prepare"].update(source=str(source), filter={})
+    params["prepare"].update(source=str(source), filter={}, transfer_source=str(transfer), transfer_examples=40)
     params["train_teacher"].update(model=str(teacher), epochs=1, lr=1e-3, **small)
     params["precompute"].update(**small)
     params["distill"].update(epochs=1, lr=1e-3, **small)
-    params["distill"]["student"]["keep_layers"] = [0, 3]  # the tiny teacher has 4 layers
+    params["distill"]["student"].update(num_layers=1, hidden_size=32, intermediate_size=64, num_heads=2)
     params["evaluate"].update(throughput_batches=2, **small)
     return params
 
@@ -127,7 +129,10 @@ def repo(tmp_path_factory: pytest.TempPathFactory, tiny_texts, tiny_teacher_dir:
         writer = csv.writer(f)
         writer.writerow(["id", "text", "label"])
         writer.writerows((f"r{i:04d}", text, label) for i, (text, label) in enumerate(tiny_texts[:240]))
-    (root / "params.yaml").write_text(yaml.safe_dump(_params(source, tiny_teacher_dir), sort_keys=False))
+    transfer = home / "unlabelled.csv"  # prepare cuts it into sentences for the teacher to label
+    with open(transfer, "w", newline="") as f:
+        csv.writer(f).writerows([["text"]] + [[text + "."] for text, _ in tiny_texts[240:]])
+    (root / "params.yaml").write_text(yaml.safe_dump(_params(source, transfer, tiny_teacher_dir), sort_keys=False))
 
     repo.run("git", "add", ".")
     repo.run("git", "commit", "-q", "-m", "pipeline on tiny inputs")
@@ -145,6 +150,9 @@ def test_repro_runs_every_stage(repo: Repo):
         assert (root / folder / "config.json").is_file(), folder
     caches = [p for p in (root / "caches").iterdir() if p.is_dir()]
     assert len(caches) == 1, caches
+    # The teacher labelled the transfer set too: the cache holds train + transfer examples.
+    train_rows = len((root / "data" / "train.csv").read_text().strip().splitlines()) - 1
+    assert len(CacheReader(caches[0])) == train_rows + 40
     # cache.type hardlink,symlink: the teacher cache is linked from .dvc/cache, never copied.
     for f in (p for p in caches[0].iterdir() if p.is_file()):
         assert f.is_symlink() or f.stat().st_nlink > 1, f"{f} is a copy, not a link into .dvc/cache"
