@@ -511,16 +511,7 @@ def split_examples(
     """
     path_in, out_dir = Path(path_in), Path(out_dir)
     _check_fractions(fractions)
-    table = read_table(path_in, string_columns=[text_field])
-    for name in [text_field, label_field, *(filter or {})]:
-        if name not in table.column_names:
-            raise DataError(
-                f"column {name!r} not found in {path_in}; available columns: {', '.join(table.column_names)}"
-            )
-    for name, value in (filter or {}).items():
-        table = table.filter(pc.equal(pc.cast(table.column(name), pa.string()), str(value)))
-    if table.num_rows == 0:
-        raise DataError(f"no rows of {path_in} match filter {dict(filter or {})}; fix the filter values")
+    table = _read_filtered(path_in, [text_field, label_field], text_field=text_field, filter=filter)
     if "id" not in table.column_names:
         ids = content_ids(table.column(text_field).to_pylist())
         table = table.add_column(0, "id", pa.array(ids, pa.string()))
@@ -582,9 +573,7 @@ def transfer_sentences(path_in: str | os.PathLike, out: str | os.PathLike, *, te
     Used to build a transfer set for distillation (e.g. IMDB review sentences for a Rotten Tomatoes
     student): in-domain text the teacher labels, with no gold labels needed. Texts in `exclude` are left out.
     """
-    table = read_table(Path(path_in), string_columns=[text_field])
-    for name, value in (filter or {}).items():
-        table = table.filter(pc.equal(pc.cast(table.column(name), pa.string()), str(value)))
+    table = _read_filtered(Path(path_in), [text_field], text_field=text_field, filter=filter)
     skip = set(exclude)
     sentences: dict[str, None] = {}
     for text in table.column(text_field).to_pylist():
@@ -601,6 +590,22 @@ def transfer_sentences(path_in: str | os.PathLike, out: str | os.PathLike, *, te
     result = pa.table({"id": content_ids(picked), text_field: picked})
     _atomic_write(out, lambda tmp: pa_csv.write_csv(result, tmp))
     return out
+
+
+def _read_filtered(path_in: Path, columns: Sequence[str], *, text_field: str,
+                   filter: Mapping[str, str] | None) -> pa.Table:
+    """The rows of `path_in` where every `filter` column equals its value (as text); named columns must exist."""
+    table = read_table(path_in, string_columns=[text_field])
+    for name in [*columns, *(filter or {})]:
+        if name not in table.column_names:
+            raise DataError(
+                f"column {name!r} not found in {path_in}; available columns: {', '.join(table.column_names)}"
+            )
+    for name, value in (filter or {}).items():
+        table = table.filter(pc.equal(pc.cast(table.column(name), pa.string()), str(value)))
+    if table.num_rows == 0:
+        raise DataError(f"no rows of {path_in} match filter {dict(filter or {})}; fix the filter values")
+    return table
 
 
 def _check_fractions(fractions: Mapping[str, float]) -> None:

@@ -197,7 +197,7 @@ def _return_large_frees_to_the_os() -> None:
 
     Batches are allocated on the prefetch thread and freed on the training thread; with glibc's
     default adaptive threshold that fragments the heap and resident memory grows with the number
-    of steps (bench/memory.py: +543 MiB over a run, vs +63 MiB with this setting).
+    of steps (bench/memory.py: +543 MiB over a run, vs +71 MiB with this setting).
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
