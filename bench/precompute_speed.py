@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from _common import TEACHERS, Teacher, log, median, table, write_results, write_subset
-from pipeline.config import config_from_dict
+from stages.config import config_from_dict
 from stages import precompute
 from stages.data import collate, encode
 from stages.models import load_classifier, load_tokenizer

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow.csv as pa_csv
 
 from _common import Batches, TBSettings, log, table, textbrewer_distill, write_results
-from pipeline.config import config_from_dict
+from stages.config import config_from_dict
 from stages import distill, precompute, prepare
 from stages._train import evaluate_accuracy, set_seed
 from stages.data import encode, read_table

@@ -22,7 +22,7 @@ import numpy as np
 
 from _common import Teacher, bert_base_teacher, log, minilm_teacher, table, write_results, write_subset
 from cache_format import cache_info
-from pipeline.config import config_from_dict
+from stages.config import config_from_dict
 from stages import precompute
 
 TOKENS = 128

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from _common import TEACHERS, Teacher, log, table, write_results, write_subset
-from pipeline.config import config_from_dict
+from stages.config import config_from_dict
 from stages import distill, precompute
 
 STUDENT_LAYERS = [[0, -1], [0, 2], [1, -2], [2, -1], [0, 1]]  # negative: counted from the teacher's last layer

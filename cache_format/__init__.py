@@ -16,7 +16,16 @@ from cache_format._errors import (
     KDError,
 )
 from cache_format._fingerprint import Hasher, cache_dir_name, combine_unordered, fingerprint
-from cache_format._manifest import FORMAT_VERSION, FieldSpec, Manifest, ShardInfo
+from cache_format._manifest import (
+    FORMAT_VERSION,
+    FieldSpec,
+    Manifest,
+    ShardInfo,
+    atomic_file,
+    atomic_write_bytes,
+    atomic_write_text,
+    file_hash,
+)
 from cache_format._reader import CacheReader
 from cache_format._tools import VerifyReport, cache_info, list_caches, verify_cache
 from cache_format._writer import CacheWriter, finalize_cache
@@ -37,6 +46,10 @@ __all__ = [
     "Hasher",
     "combine_unordered",
     "cache_dir_name",
+    "atomic_file",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "file_hash",
     "KDError",
     "CacheError",
     "CacheNotFoundError",

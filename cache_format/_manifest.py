@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -278,6 +279,28 @@ def atomic_file(path: Path) -> Iterator[BinaryIO]:
             os.unlink(partial)
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write a small file atomically (partial + fsync + rename): readers see the old or the new bytes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as f:
+        f.write(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """`atomic_write_bytes` for UTF-8 text (metrics, split records, small JSON files)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def file_hash(path: str | os.PathLike, algo: str = HASH_ALGO) -> str:
+    """`<algo>:<hexdigest>` of a file's bytes, read in 8 MiB blocks (the one file hasher of the project)."""
+    h = hashlib.new(algo)
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return f"{algo}:{h.hexdigest()}"
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

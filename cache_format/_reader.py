@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import mmap
 import os
 import queue
@@ -16,9 +15,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from cache_format._errors import CacheCorruptError, CacheMismatchError, CacheMissError
-from cache_format._manifest import FieldSpec, Manifest, canonical_settings, load_manifest
-
-_HASH_CHUNK = 8 << 20
+from cache_format._manifest import FieldSpec, Manifest, canonical_settings, file_hash, load_manifest
 
 
 def arrow_type(spec: FieldSpec) -> pa.DataType:
@@ -35,14 +32,6 @@ def arrow_schema(fields: Sequence[FieldSpec]) -> pa.Schema:
     cols = [pa.field("id", pa.large_string(), nullable=False), pa.field("length", pa.int32(), nullable=False)]
     cols += [pa.field(f.name, arrow_type(f), nullable=False) for f in fields]
     return pa.schema(cols)
-
-
-def file_hash(path: Path, algo: str = "sha256") -> str:
-    h = hashlib.new(algo)
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return f"{algo}:{h.hexdigest()}"
 
 
 def open_shard(path: Path) -> pa.RecordBatch:

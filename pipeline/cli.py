@@ -6,14 +6,13 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict
 from typing import Callable
 
 import click
 import yaml
 
 from cache_format._errors import KDError
-from pipeline.config import Config, load_config
+from stages.config import Config, config_to_dict, load_config
 
 __all__ = ["main", "cli"]
 
@@ -31,7 +30,7 @@ def _run(section: str | None, params: str, overrides: tuple[str, ...], fn: Calla
     try:
         cfg = load_config(params, overrides)
         if section:
-            click.echo(f"# {section} settings\n" + yaml.safe_dump({section: asdict(getattr(cfg, section))},
+            click.echo(f"# {section} settings\n" + yaml.safe_dump({section: config_to_dict(getattr(cfg, section))},
                                                                  sort_keys=False).rstrip(), err=True)
         t0 = time.perf_counter()
         out = fn(cfg)

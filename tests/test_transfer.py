@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 import cache_format as cf
-from pipeline.config import config_from_dict
+from stages.config import config_from_dict
 from stages import distill, precompute
-from stages.data import IGNORE_LABEL, DataError, Examples, transfer_sentences, with_transfer
+from stages.data import IGNORE_LABEL, DataError, Examples, with_transfer
+from stages.prepare import transfer_sentences
 from tests.test_stages import _params
 
 

@@ -58,6 +58,7 @@ class DataConfig:
     label_field: str | None = "label"
     id_field: str | None = "id"
     num_labels: int = 2
+    label_names: list[str] | None = None
     transfer: str | None = None
 
     def _check(self) -> list[str]:
@@ -149,6 +150,8 @@ class PrecomputeConfig:
     dtype: Literal["float32", "float16", "bfloat16"] = "float16"
     store_input_ids: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    commit_examples: int = 20000
+    commit_seconds: float = 60.0
 
     def _check(self) -> list[str]:
         errs = []
@@ -241,6 +244,7 @@ class DistillConfig(TrainingConfig):
     match_preset: str | None = None
     match_weight_schedule: Literal["constant", "linear_decay", "linear_growth"] = "constant"
     prefetch: int = 4
+    check_cache_teacher: bool = True
     output: str = "models/student"
     log_dir: str = "dvclive/distill"
     metrics: str = "metrics/distill.json"
@@ -274,6 +278,7 @@ class EvaluateConfig:
     max_length: int = 64
     throughput_batches: int = 20
     output: str = "metrics/evaluate.json"
+    predictions: str = "metrics/predictions.json"
 
 
 @dataclass(frozen=True)
