@@ -15,7 +15,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Protocol, Sequence
+from typing import Callable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -224,12 +224,14 @@ def fit(
     log_dir: Path | None = None,
     device: torch.device | None = None,
     desc: str = "train",
+    on_step: Callable[[int], None] | None = None,
 ) -> FitResult:
     """Train `model` (and `objective.modules`) on `train`; checkpoint to `output/checkpoint`.
 
     With `cfg.resume`, continue exactly from the last checkpoint: same weights, optimizer,
     scheduler, RNG and position in the epoch, so the remaining batches are the ones an
-    uninterrupted run would have seen.
+    uninterrupted run would have seen. `on_step(step)` is called after every optimizer step (benchmarks
+    time steps with it).
     """
     device = device or pick_device()
     set_seed(cfg.seed)
@@ -314,6 +316,8 @@ def fit(
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 bar.update(1)
+                if on_step is not None:
+                    on_step(step)
                 if step % log_every == 0 or step == total_steps:
                     means = {k: float(v) / n_sums for k, v in sums.items()}  # the one sync per log interval
                     bar.set_postfix(loss=f"{sum(means.values()):.4f}")

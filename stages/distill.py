@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -155,8 +155,10 @@ def _open_caches(cfg: Config, train_examples) -> list[cf.CacheReader]:
     return readers
 
 
-def distill(cfg: Config) -> DistillResult:
-    """Train the student described by `cfg.distill` and save it with `save_pretrained`."""
+def distill(cfg: Config, *, on_step: Callable[[int], None] | None = None) -> DistillResult:
+    """Train the student described by `cfg.distill` and save it with `save_pretrained`.
+
+    `on_step(step)` is called after every optimizer step (the benchmarks time steps with it)."""
     d = cfg.distill
     set_seed(d.seed)  # the student's random parts (new heads, projections) depend on it
     device = pick_device()
@@ -212,7 +214,7 @@ def distill(cfg: Config) -> DistillResult:
     objective = DistillObjective(d, source, matches, projections, dict(zip(train.ids, train.lengths.tolist())))
     output = Path(d.output)
     result = fit(student, objective, train, dev, d, output=output, log_dir=Path(d.log_dir), device=device,
-                 desc=f"distill ({d.teacher_signal})")
+                 desc=f"distill ({d.teacher_signal})", on_step=on_step)
     save_model(student, tokenizer, projections, output)
     metrics = {"teacher_signal": d.teacher_signal, "dev_accuracy": result.dev_accuracy,
                "dev_macro_f1": result.dev_macro_f1, "steps": result.steps, "seconds": round(result.seconds, 2),
