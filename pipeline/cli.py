@@ -127,7 +127,13 @@ def report(params: str, overrides: tuple[str, ...], runs: tuple[str, ...], basel
                   --set evaluate.predictions=metrics/seed1/predictions.json
       kd report --run metrics/seed1 --run metrics/seed2 --run metrics/seed3
     """
-    from stages.report import ReportError, load_predictions, load_results, report_rows, summarize_runs
+    from stages.report import (
+        ReportError,
+        load_predictions,
+        load_results,
+        report_rows,
+        summarize_runs,
+    )
 
     name = baseline or "baseline"
     try:

@@ -10,10 +10,9 @@ the mean and spread of accuracy and of the difference across runs.
 from __future__ import annotations
 
 import json
-import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -21,16 +20,16 @@ from cache_format import atomic_write_text
 from cache_format._errors import KDError
 
 __all__ = [
-    "ReportError",
     "Predictions",
+    "ReportError",
     "Row",
     "Summary",
-    "save_predictions",
     "load_predictions",
     "load_results",
     "mcnemar_exact_p",
     "paired_bootstrap_ci",
     "report_rows",
+    "save_predictions",
     "summarize_runs",
 ]
 
@@ -218,8 +217,8 @@ def report_rows(results: Mapping[str, Mapping], predictions: Predictions | None,
                                   "`kd evaluate` runs, rerun it")
     rows = []
     for m, r in results.items():
-        row = dict(model=m, accuracy=float(r["accuracy"]), macro_f1=float(r["macro_f1"]),
-                   parameters=int(r["parameters"]), examples_per_second=float(r["examples_per_second"]))
+        row = {"model": m, "accuracy": float(r["accuracy"]), "macro_f1": float(r["macro_f1"]),
+               "parameters": int(r["parameters"]), "examples_per_second": float(r["examples_per_second"])}
         if baseline is not None and baseline in results:
             if predictions is None:
                 row["delta"] = round(float(r["accuracy"]) - float(results[baseline]["accuracy"]), 4)
