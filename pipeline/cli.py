@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -95,7 +96,10 @@ def distill(params: str, overrides: tuple[str, ...], resume: bool) -> None:
 @cli.command()
 @_common
 def evaluate(params: str, overrides: tuple[str, ...]) -> None:
-    """Accuracy, macro-F1, parameters and inference speed of saved models, side by side."""
+    """Accuracy, macro-F1, parameters and inference speed of saved models, side by side.
+
+    Writes evaluate.output and each model's prediction per example to evaluate.predictions (for `kd report`).
+    """
     from stages.evaluate import evaluate as run
 
     click.echo(json.dumps(_run("evaluate", params, overrides, run), indent=2))
@@ -103,21 +107,137 @@ def evaluate(params: str, overrides: tuple[str, ...]) -> None:
 
 @cli.command()
 @_common
-def report(params: str, overrides: tuple[str, ...]) -> None:
-    """Print the last `kd evaluate` results as a table (reads evaluate.output; runs nothing)."""
+@click.option("--run", "runs", multiple=True, metavar="DIR | EVAL,PRED",
+              help="A `kd evaluate` run to report: a folder holding evaluate.json and (optionally) "
+                   "predictions.json, or the two file paths joined by a comma. Repeat for several runs "
+                   "(e.g. one per seed) to add mean, std and min-max across them. Default: the files "
+                   "named by evaluate.output and evaluate.predictions in the params.")
+@click.option("--baseline", default=None, metavar="NAME",
+              help="Model every other model is compared with  [default: baseline, the labels-only student].")
+def report(params: str, overrides: tuple[str, ...], runs: tuple[str, ...], baseline: str | None) -> None:
+    """Did distillation help? The `kd evaluate` results as a table, each model against the baseline.
+
+    Per model: accuracy, macro-F1, size, speed and, on the same test examples as the baseline, the accuracy
+    difference, its paired bootstrap 95% interval and McNemar's exact p-value. Runs nothing.
+
+    \b
+    Several seeds: evaluate each into its own folder, then report them together:
+      kd evaluate --set evaluate.models.student=models/s1 --set evaluate.models.baseline=models/b1 \\
+                  --set evaluate.output=metrics/seed1/evaluate.json \\
+                  --set evaluate.predictions=metrics/seed1/predictions.json
+      kd report --run metrics/seed1 --run metrics/seed2 --run metrics/seed3
+    """
+    from stages.report import (
+        ReportError,
+        load_predictions,
+        load_results,
+        report_rows,
+        summarize_runs,
+    )
+
+    name = baseline or "baseline"
     try:
-        cfg = load_config(params, overrides)
+        if runs:
+            files = [_run_files(r) for r in runs]
+        else:
+            cfg = load_config(params, overrides)
+            files = [(cfg.evaluate.output, cfg.evaluate.predictions, False)]
+        loaded = []
+        for metrics, preds_path, required in files:
+            results = load_results(metrics)
+            if baseline is not None and baseline not in results:
+                raise ReportError(f"--baseline {baseline}: no such model in {metrics}; "
+                                  f"models there: {', '.join(results)}")
+            exists = os.path.exists(preds_path)
+            if required and not exists:
+                raise ReportError(f"--run: {preds_path} does not exist; give an existing predictions file")
+            preds = load_predictions(preds_path) if exists else None
+            loaded.append((metrics, preds_path, preds, report_rows(results, preds, name, source=preds_path)))
     except KDError as e:
         raise click.ClickException(str(e)) from None
-    path = cfg.evaluate.output
-    try:
-        results = json.loads(open(path).read())
-    except FileNotFoundError:
-        raise click.ClickException(f"{path} does not exist; run `kd evaluate` (or `dvc repro`) first") from None
-    click.echo("| model | accuracy | macro-F1 | parameters | examples/s |\n|---|---:|---:|---:|---:|")
-    for name, r in results.items():
-        click.echo(f"| {name} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | {r['parameters'] / 1e6:.1f}M "
-                   f"| {r['examples_per_second']:.0f} |")
+
+    for i, (metrics, preds_path, preds, rows) in enumerate(loaded):
+        if len(loaded) > 1:
+            click.echo(("\n" if i else "") + f"### run {i + 1}: {metrics}\n")
+        _echo_rows(rows, name, metrics, preds_path, preds)
+    if len(loaded) > 1:
+        _echo_summary(summarize_runs([rows for *_, rows in loaded]), name, len(loaded))
+        id_sets = {frozenset(p.ids) for *_, p, _ in loaded if p is not None}
+        if len(id_sets) > 1:
+            click.echo("\nnote: the runs scored different examples (their ids differ), so the spread mixes "
+                       "test-set and seed variation.")
+
+
+def _run_files(spec: str) -> tuple[str, str, bool]:
+    """(metrics path, predictions path, predictions required) of one --run value."""
+    if "," in spec:
+        metrics, _, preds = spec.partition(",")
+        return metrics.strip(), preds.strip(), True
+    if not os.path.isdir(spec):
+        raise click.ClickException(f"--run {spec}: not a folder; give a folder holding evaluate.json and "
+                                   "predictions.json, or EVAL.json,PREDICTIONS.json")
+    return os.path.join(spec, "evaluate.json"), os.path.join(spec, "predictions.json"), False
+
+
+def _signed(x: float) -> str:
+    return f"{round(x, 4) + 0.0:+.4f}"  # + 0.0 turns -0.0 (a bootstrap bound of -1e-17) into +0.0000
+
+
+def _echo_rows(rows: list, baseline: str, metrics: str, preds_path: str, preds) -> None:
+    """One run's markdown table; the comparison columns only when the baseline model is in the run."""
+    from stages.report import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED
+
+    paired = any(r.delta is not None for r in rows)
+    head = "| model | accuracy | macro-F1 | parameters | examples/s |"
+    rule = "|---|---:|---:|---:|---:|"
+    if paired:
+        head += f" Δ acc vs {baseline} | 95% CI | McNemar p |"
+        rule += "---:|---:|---:|"
+    click.echo(head + "\n" + rule)
+    for r in rows:
+        line = (f"| {r.model} | {r.accuracy:.4f} | {r.macro_f1:.4f} | {r.parameters / 1e6:.1f}M "
+                f"| {r.examples_per_second:.0f} |")
+        if r.is_baseline:
+            line += " (reference) | | |"
+        elif paired:
+            ci = f"[{_signed(r.ci[0])}, {_signed(r.ci[1])}]" if r.ci else "—"
+            p = "—" if r.p_value is None else f"{r.p_value:.4f}" if r.p_value >= 1e-4 else f"{r.p_value:.1e}"
+            line += f" {_signed(r.delta)} | {ci} | {p} |"
+        click.echo(line)
+    if not paired:
+        click.echo(f"\nnote: no model named {baseline!r} in {metrics}, so nothing to compare with; "
+                   "pass --baseline NAME to compare with another model.")
+    elif preds is None:
+        click.echo(f"\nnote: {preds_path} not found (a run from before it existed); rerun `kd evaluate` "
+                   "for the 95% CI and McNemar p.")
+    else:
+        click.echo(f"\nPaired on the same {len(preds.ids)} examples ({preds.split} split, {preds.data}): "
+                   f"Δ = model - {baseline} accuracy; 95% CI: paired bootstrap ({BOOTSTRAP_RESAMPLES:,} "
+                   f"resamples, seed {BOOTSTRAP_SEED}); McNemar p: exact two-sided test on the examples "
+                   "exactly one of the two got right.")
+
+
+def _spread_cells(s: tuple[float, float, float, float], fmt: Callable[[float], str]) -> tuple[str, str]:
+    """('mean ± std', 'min – max') of a (mean, std, min, max) tuple; std is nan for a single run."""
+    mean, std, lo, hi = s
+    sd = "—" if math.isnan(std) else f"{std:.4f}"
+    return f"{fmt(mean)} ± {sd}", f"{fmt(lo)} – {fmt(hi)}"
+
+
+def _echo_summary(summaries: list, baseline: str, n_runs: int) -> None:
+    """The across-runs table: mean ± sample std and min-max of accuracy and of the difference to baseline."""
+    click.echo(f"\n### across {n_runs} runs (mean ± sample std, min – max)\n")
+    click.echo(f"| model | runs | accuracy | accuracy range | Δ acc vs {baseline} | Δ range |\n"
+               "|---|---:|---:|---:|---:|---:|")
+    for s in summaries:
+        acc, acc_range = _spread_cells(s.accuracy, "{:.4f}".format)
+        if s.model == baseline:
+            delta, delta_range = "(reference)", ""
+        elif s.delta is None:
+            delta, delta_range = "—", "—"
+        else:
+            delta, delta_range = _spread_cells(s.delta, _signed)
+        click.echo(f"| {s.model} | {s.runs} | {acc} | {acc_range} | {delta} | {delta_range} |")
 
 
 def _add_cache_group() -> None:

@@ -1,4 +1,7 @@
-"""`kd evaluate`: accuracy, macro-F1, parameter count and inference speed of saved models, side by side."""
+"""`kd evaluate`: accuracy, macro-F1, parameter count and inference speed of saved models, side by side.
+
+Also writes every model's per-example predictions (`evaluate.predictions`) for the paired statistics of `kd report`.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from stages.config import Config
 from stages._train import evaluate_accuracy, pick_device
 from stages.data import DataError, collate, encode
 from stages.models import load_classifier, load_tokenizer, num_parameters
+from stages.report import save_predictions
 from stages.teacher import load_split, resolve_model
 
 __all__ = ["evaluate", "measure_throughput"]
@@ -44,19 +48,24 @@ def measure_throughput(model: torch.nn.Module, data, batch_size: int, batches: i
 
 
 def evaluate(cfg: Config) -> dict[str, dict]:
-    """Metrics for every model in `evaluate.models` on `evaluate.split`; written to `evaluate.output`."""
+    """Metrics for every model in `evaluate.models` on `evaluate.split`; written to `evaluate.output`.
+
+    The predicted label of every model for every example goes to `evaluate.predictions` (see
+    `stages.report.save_predictions`), written just before the metrics file.
+    """
     e = cfg.evaluate
     device = pick_device()
     examples = load_split(cfg, e.split)
     if examples.labels is None:
         raise DataError(f"data.{e.split} has no labels (data.label_field is unset); evaluation needs them")
     results: dict[str, dict] = {}
+    predictions: dict[str, np.ndarray] = {}
     for name, path in e.models.items():
         src = resolve_model(path)
         tokenizer = load_tokenizer(src)
         model = load_classifier(src, cfg.data.num_labels).to(device)
         data = encode(tokenizer, examples, e.max_length)
-        acc, f1, _ = evaluate_accuracy(model, data, e.batch_size, device)
+        acc, f1, predictions[name] = evaluate_accuracy(model, data, e.batch_size, device)
         results[name] = {
             "model": str(path),
             "accuracy": round(acc, 4),
@@ -67,5 +76,7 @@ def evaluate(cfg: Config) -> dict[str, dict]:
             "split": e.split,
             "examples": len(examples),
         }
+    save_predictions(e.predictions, split=e.split, data=str(getattr(cfg.data, e.split)), ids=examples.ids,
+                     labels=examples.labels, models=predictions)
     atomic_write_text(Path(e.output), json.dumps(results, indent=2) + "\n")
     return results
