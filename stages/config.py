@@ -90,7 +90,9 @@ class _Problems(ValueError):
 class _Section(BaseModel):
     """A frozen group of settings; unknown keys are errors and `_check` adds the value rules."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    # validate_default: a default such as `epochs = 3` becomes 3.0 like a parsed one, so
+    # config_to_dict gives the same output (and fingerprint) whether a key was given or not.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, validate_default=True)
 
     def _check(self) -> list[Problem]:
         """Values that are out of range or wrong together, as (key, problem and fix)."""
@@ -227,7 +229,7 @@ class PrecomputeConfig(_Section):
         errs = []
         if not self.teachers:
             errs.append(("teachers", "list at least one teacher model path"))
-        for name in ("batch_size", "max_length", "commit_examples"):
+        for name in ("batch_size", "max_length"):
             if getattr(self, name) < 1:
                 errs.append((name, f"must be >= 1 (got {getattr(self, name)})"))
         for name in ("hidden_layers", "attention_layers"):

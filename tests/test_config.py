@@ -106,6 +106,9 @@ def test_config_to_dict_is_plain_and_round_trips():
     assert json.loads(json.dumps(plain)) == plain and yaml.safe_load(yaml.safe_dump(plain)) == plain
     assert plain["distill"]["matches"][0]["teacher_layer"] == [2, 2]
     assert config_from_dict(plain) == cfg
+    # Defaults are typed like parsed values: the same settings give the same text (fingerprints).
+    assert json.dumps(config_to_dict(config_from_dict(plain))) == json.dumps(plain)
+    assert plain["distill"]["epochs"] == 3.0 and isinstance(plain["distill"]["epochs"], float)
     assert config_to_dict(cfg.distill.kd) == plain["distill"]["kd"]  # any section, too
 
 
