@@ -1,23 +1,25 @@
 """Typed settings for every stage, parsed from `params.yaml` (the file dvc.yaml reads).
 
-All defaults live in the dataclasses below and nowhere else. `load_config` reports every
-problem at once (unknown keys, wrong types, values out of range, impossible combinations),
-each naming the dotted key and the valid values, in the style of torchtune's config.validate.
+The pydantic models below hold every default, and those defaults are the shipped demo's values:
+an empty params file and the shipped `params.yaml` mean the same (tests/test_config_rules.py
+checks it). `load_config` reports every problem at once (unknown keys, wrong types, values out of
+range, settings that have no effect, impossible combinations), each naming the dotted key and the
+valid values or the fix. This module must stay light: no torch (the kinds come from stages/kinds.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import re
-import types
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Annotated, Any, Literal, Mapping, Sequence
 
 import yaml
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, ValidationError, ValidatorFunctionWrapHandler,
+                      WrapValidator, field_validator, model_validator)
+from pydantic_core import PydanticCustomError
 
 from cache_format._errors import KDError
+from stages.kinds import KD_KINDS, MATCH_KINDS, PRESETS, PROJECTIONS
 
 __all__ = [
     "ConfigError",
@@ -46,8 +48,69 @@ class ConfigError(KDError, ValueError):
     """One or more settings are wrong; the message lists each with its key and the fix."""
 
 
-@dataclass(frozen=True)
-class DataConfig:
+# ----------------------------------------------------------------------------- field types
+
+_YAML12_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _yaml_float(value: Any) -> Any:
+    # PyYAML follows YAML 1.1, which reads 5e-4 (no dot) as a string; users and `dvc exp run -S` write it.
+    if isinstance(value, str) and _YAML12_FLOAT.fullmatch(value.strip()):
+        return float(value)
+    return value
+
+
+def _layer_or_layers(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    # One message for the union instead of one per member ("int", "list[int]").
+    try:
+        return handler(value)
+    except ValidationError:
+        raise PydanticCustomError("layer_type", "expected a layer index or a list of them, got {got}",
+                                  {"got": repr(value)}) from None
+
+
+# Models are strict (an int setting refuses 2.0, "2" and true); floats also take YAML 1.1 strings.
+Float = Annotated[float, BeforeValidator(_yaml_float)]
+Layer = Annotated[int | list[int], WrapValidator(_layer_or_layers)]
+Schedule = Literal["constant", "linear_decay", "linear_growth"]
+Split = Literal["train", "dev", "test"]
+
+
+Problem = tuple[str, str]  # (key relative to the section, "" for the section itself; what is wrong + fix)
+
+
+class _Problems(ValueError):
+    """What `_check` found; pydantic passes it on as a value_error and `_messages` adds the section's key."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        super().__init__(problems)
+        self.problems = problems
+
+
+class _Section(BaseModel):
+    """A frozen group of settings; unknown keys are errors and `_check` adds the value rules."""
+
+    # validate_default: a default such as `epochs = 3` becomes 3.0 like a parsed one, so
+    # config_to_dict gives the same output (and fingerprint) whether a key was given or not.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, validate_default=True)
+
+    def _check(self) -> list[Problem]:
+        """Values that are out of range or wrong together, as (key, problem and fix)."""
+        return []
+
+    @model_validator(mode="after")
+    def _run_check(self) -> "_Section":
+        # Runs only when every field of this section parsed, so `_check` sees well-typed values.
+        problems = self._check()
+        if problems:
+            raise _Problems(problems)
+        return self
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+class DataConfig(_Section):
     """Where the labelled splits are and which columns to read."""
 
     train: str = "data/train.csv"
@@ -59,46 +122,59 @@ class DataConfig:
     id_field: str | None = "id"
     num_labels: int = 2
     label_names: list[str] | None = None
+    # The demo's params.yaml sets data/transfer.csv: movie-review sentences only fit the demo's task.
     transfer: str | None = None
 
-    def _check(self) -> list[str]:
-        return ["data.num_labels: must be >= 2 (got %d)" % self.num_labels] if self.num_labels < 2 else []
-
-
-@dataclass(frozen=True)
-class PrepareConfig:
-    """`kd prepare`: split a source file into train/dev/test with a recorded, seeded split."""
-
-    source: str = BUNDLED_DATA
-    filter: dict[str, str] = field(default_factory=dict)
-    fractions: dict[str, float] = field(default_factory=lambda: {"train": 0.8, "dev": 0.1, "test": 0.1})
-    max_examples: int | None = None
-    seed: int = 13
-    out_dir: str = "data"
-    transfer_source: str | None = None
-    transfer_examples: int = 10000
-
-    def _check(self) -> list[str]:
+    def _check(self) -> list[Problem]:
         errs = []
-        if set(self.fractions) - {"train", "dev", "test"} or "train" not in self.fractions:
-            errs.append("prepare.fractions: keys must be train and optionally dev, test (got %s)" % sorted(self.fractions))
-        if any(v <= 0 for v in self.fractions.values()) or abs(sum(self.fractions.values()) - 1) > 1e-6:
-            errs.append("prepare.fractions: values must be > 0 and sum to 1 (got %s)" % dict(self.fractions))
+        if self.num_labels < 2:
+            errs.append(("num_labels", f"must be >= 2 (got {self.num_labels})"))
+        if self.label_names is not None:
+            names = self.label_names
+            if len(names) != self.num_labels:
+                errs.append(("label_names", f"{len(names)} names for data.num_labels: {self.num_labels}; "
+                             "give one name per class, in label-id order, or fix num_labels"))
+            if any(not n.strip() for n in names):
+                errs.append(("label_names", f"names must be non-empty (got {names})"))
+            dups = sorted({n for n in names if names.count(n) > 1})
+            if dups:
+                errs.append(("label_names", f"{dups} listed more than once; each class needs its own name"))
         return errs
 
 
-@dataclass(frozen=True)
-class TrainingConfig:
+class PrepareConfig(_Section):
+    """`kd prepare`: split a source file into train/dev/test with a recorded, seeded split."""
+
+    source: str = BUNDLED_DATA
+    filter: dict[str, str] = {}
+    fractions: dict[str, Float] = {"train": 0.8, "dev": 0.1, "test": 0.1}
+    max_examples: int | None = None
+    seed: int = 13
+    out_dir: str = "data"
+    # The demo's params.yaml sets bundled:imdb_sentences; with another `source` they would be off-topic.
+    transfer_source: str | None = None
+    transfer_examples: int = 30000
+
+    def _check(self) -> list[Problem]:
+        errs = []
+        if set(self.fractions) - {"train", "dev", "test"} or "train" not in self.fractions:
+            errs.append(("fractions", f"keys must be train and optionally dev, test (got {sorted(self.fractions)})"))
+        if any(v <= 0 for v in self.fractions.values()) or abs(sum(self.fractions.values()) - 1) > 1e-6:
+            errs.append(("fractions", f"values must be > 0 and sum to 1 (got {dict(self.fractions)})"))
+        return errs
+
+
+class TrainingConfig(_Section):
     """Optimisation settings shared by train-teacher and distill (one training loop for both)."""
 
     max_length: int = 64
-    epochs: float = 3
+    epochs: Float = 3
     batch_size: int = 32
-    lr: float = 5e-5
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
+    lr: Float = 5e-5
+    weight_decay: Float = 0.01
+    warmup_ratio: Float = 0.1
     grad_accum: int = 1
-    max_grad_norm: float | None = 1.0
+    max_grad_norm: Float | None = 1.0
     seed: int = 42
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     eval_batch_size: int = 128
@@ -106,72 +182,77 @@ class TrainingConfig:
     checkpoint_every: int = 0
     resume: bool = False
 
-    def _check_training(self, section: str) -> list[str]:
+    def _check(self) -> list[Problem]:
         errs = []
         for name in ("max_length", "batch_size", "grad_accum", "eval_batch_size"):
             if getattr(self, name) < 1:
-                errs.append(f"{section}.{name}: must be >= 1 (got {getattr(self, name)})")
+                errs.append((name, f"must be >= 1 (got {getattr(self, name)})"))
         if self.epochs <= 0:
-            errs.append(f"{section}.epochs: must be > 0 (got {self.epochs})")
+            errs.append(("epochs", f"must be > 0 (got {self.epochs})"))
         if self.lr <= 0:
-            errs.append(f"{section}.lr: must be > 0 (got {self.lr})")
+            errs.append(("lr", f"must be > 0 (got {self.lr})"))
         if not 0 <= self.warmup_ratio < 1:
-            errs.append(f"{section}.warmup_ratio: must be in [0, 1) (got {self.warmup_ratio})")
+            errs.append(("warmup_ratio", f"must be in [0, 1) (got {self.warmup_ratio})"))
         if self.checkpoint_every < 0:
-            errs.append(f"{section}.checkpoint_every: must be >= 0 steps, 0 = end of each epoch only")
+            errs.append(("checkpoint_every", "must be >= 0 steps, 0 = end of each epoch only"))
         return errs
 
 
-@dataclass(frozen=True)
 class TrainTeacherConfig(TrainingConfig):
     """`kd train-teacher`: supervised fine-tuning of the teacher (a path or hub name + a new head)."""
 
+    epochs: Float = 2
     model: str = BUNDLED_TEACHER
     output: str = "models/teacher"
     metrics: str = "metrics/teacher_train.json"
 
-    def _check(self) -> list[str]:
-        return self._check_training("train_teacher")
 
-
-@dataclass(frozen=True)
-class PrecomputeConfig:
+class PrecomputeConfig(_Section):
     """`kd precompute`: run each teacher once over a split and cache its outputs."""
 
-    teachers: list[str] = field(default_factory=lambda: ["models/teacher"])
-    split: Literal["train", "dev", "test"] = "train"
+    teachers: list[str] = ["models/teacher"]
+    split: Split = "train"
     cache_root: str = "caches"
     batch_size: int = 64
     max_length: int = 64
     logits: bool = True
-    hidden_layers: list[int] = field(default_factory=list)
+    hidden_layers: list[int] = []
     hidden_tokens: Literal["all", "first"] = "all"
-    attention_layers: list[int] = field(default_factory=list)
+    attention_layers: list[int] = []
     dtype: Literal["float32", "float16", "bfloat16"] = "float16"
     store_input_ids: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
     commit_examples: int = 20000
-    commit_seconds: float = 60.0
+    commit_seconds: Float = 60.0
 
-    def _check(self) -> list[str]:
+    def _check(self) -> list[Problem]:
         errs = []
         if not self.teachers:
-            errs.append("precompute.teachers: list at least one teacher model path")
-        if self.batch_size < 1 or self.max_length < 1:
-            errs.append("precompute.batch_size and precompute.max_length: must be >= 1")
-        if any(i < 0 for i in self.hidden_layers + self.attention_layers):
-            errs.append("precompute.hidden_layers/attention_layers: layer indices must be >= 0")
+            errs.append(("teachers", "list at least one teacher model path"))
+        for name in ("batch_size", "max_length"):
+            if getattr(self, name) < 1:
+                errs.append((name, f"must be >= 1 (got {getattr(self, name)})"))
+        for name in ("hidden_layers", "attention_layers"):
+            if any(i < 0 for i in getattr(self, name)):
+                errs.append((name, f"layer indices must be >= 0 (got {getattr(self, name)})"))
         if not (self.logits or self.hidden_layers or self.attention_layers):
-            errs.append("precompute: nothing to cache; set logits: true or list hidden_layers/attention_layers")
+            errs.append(("", "nothing to cache; set logits: true or list hidden_layers/attention_layers"))
         return errs
 
 
-@dataclass(frozen=True)
-class StudentConfig:
-    """How the student is built: exactly one of from_teacher, pretrained, config."""
+_STUDENT_MODES = ("from_teacher", "pretrained", "config")
+_STUDENT_SIZES = ("num_layers", "hidden_size", "intermediate_size", "num_heads")
 
-    from_teacher: str | None = "models/teacher"
-    keep_layers: list[int] = field(default_factory=lambda: [0, 5])
+
+class StudentConfig(_Section):
+    """How the student is built: exactly one of from_teacher (with keep_layers), pretrained, or
+    config (random init, resized by num_layers, hidden_size, intermediate_size, num_heads).
+
+    A key that the chosen way ignores is an error, so a leftover size never silently does nothing.
+    """
+
+    from_teacher: str | None = None
+    keep_layers: list[int] | None = None
     pretrained: str | None = None
     config: str | None = None
     num_layers: int | None = None
@@ -179,101 +260,147 @@ class StudentConfig:
     intermediate_size: int | None = None
     num_heads: int | None = None
 
-    def _check(self) -> list[str]:
-        chosen = [k for k in ("from_teacher", "pretrained", "config") if getattr(self, k)]
+    def _check(self) -> list[Problem]:
+        chosen = [k for k in _STUDENT_MODES if getattr(self, k)]
         if len(chosen) != 1:
-            return [
-                "distill.student: set exactly one of from_teacher (keep_layers of a teacher), pretrained "
-                f"(a model path) or config (a config path/name, random init); got {chosen or 'none'}"
-            ]
-        if self.from_teacher and not self.keep_layers:
-            return ["distill.student.keep_layers: list the teacher layers to keep, e.g. [0, 5]"]
-        return []
-
-
-@dataclass(frozen=True)
-class KDConfig:
-    """Knowledge distillation on logits plus the hard-label term."""
-
-    loss: Literal["kl", "ce", "mse"] = "kl"
-    weight: float = 1.0
-    weight_schedule: Literal["constant", "linear_decay", "linear_growth"] = "constant"
-    temperature: float = 4.0
-    temperature_squared: bool = True
-    temperature_schedule: Literal["constant", "flsw", "cwsm"] = "constant"
-    flsw_beta: float = 1.0
-    flsw_gamma: float = 1.0
-    cwsm_beta: float = 1.0
-    probability_shift: bool = False
-    hard_weight: float = 0.0
-    hard_weight_schedule: Literal["constant", "linear_decay", "linear_growth"] = "constant"
-    teacher_combine: Literal["logits", "probs"] = "logits"
-    teacher_weights: list[float] | None = None
-
-    def _check(self) -> list[str]:
-        errs = []
-        if self.temperature <= 0:
-            errs.append(f"distill.kd.temperature: must be > 0 (got {self.temperature})")
-        if self.weight < 0 or self.hard_weight < 0:
-            errs.append("distill.kd.weight / hard_weight: must be >= 0")
+            return [("", "set exactly one of from_teacher (keep_layers of a teacher), pretrained "
+                     f"(a model path) or config (a config path/name, random init); got {chosen or 'none'}")]
+        mode, errs = chosen[0], []
+        if mode == "from_teacher" and not self.keep_layers:
+            errs.append(("keep_layers", "from_teacher needs the teacher blocks to keep, e.g. [0, 5]"))
+        if mode != "from_teacher" and self.keep_layers is not None:
+            errs.append(("keep_layers", f"only applies to from_teacher, not to {mode}; remove it"))
+        if self.keep_layers and min(self.keep_layers) < 0:
+            errs.append(("keep_layers", f"block indices must be >= 0 (got {self.keep_layers})"))
+        for key in _STUDENT_SIZES:
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if mode != "config":
+                errs.append((key, f"only applies to config: (a random-init student); {mode} keeps the "
+                             "model's own size, so remove it"))
+            elif value < 1:
+                errs.append((key, f"must be >= 1 (got {value})"))
         return errs
 
 
-@dataclass(frozen=True)
-class MatchConfig:
-    """One intermediate match between a teacher layer and a student layer."""
+class KDConfig(_Section):
+    """Knowledge distillation on logits plus the hard-label term."""
 
-    kind: Literal["hidden_mse", "hidden_cosine", "pkd", "mmd", "fsp", "attention_mse", "attention_ce"]
-    teacher_layer: int | list[int]
-    student_layer: int | list[int]
-    weight: float = 1.0
-    projection: Literal["linear", "relu", "tanh"] | None = None
+    loss: Literal[KD_KINDS] = "kl"  # type: ignore[valid-type]  # the kinds come from the registry
+    weight: Float = 1.0
+    weight_schedule: Schedule = "constant"
+    temperature: Float = 4.0
+    temperature_squared: bool = True
+    temperature_schedule: Literal["constant", "flsw", "cwsm"] = "constant"
+    flsw_beta: Float = 1.0
+    flsw_gamma: Float = 1.0
+    cwsm_beta: Float = 1.0
+    probability_shift: bool = False
+    hard_weight: Float = 1.0
+    hard_weight_schedule: Schedule = "constant"
+    teacher_combine: Literal["logits", "probs"] = "logits"
+    teacher_weights: list[Float] | None = None
+
+    def _check(self) -> list[Problem]:
+        errs = []
+        if self.temperature <= 0:
+            errs.append(("temperature", f"must be > 0 (got {self.temperature})"))
+        for name in ("weight", "hard_weight"):
+            if getattr(self, name) < 0:
+                errs.append((name, f"must be >= 0 (got {getattr(self, name)})"))
+        if self.teacher_weights is not None and any(w < 0 for w in self.teacher_weights):
+            errs.append(("teacher_weights", f"weights must be >= 0 (got {self.teacher_weights})"))
+        return errs
 
 
-@dataclass(frozen=True)
+class MatchConfig(_Section):
+    """One intermediate match between a teacher layer and a student layer (kinds: stages/kinds.py)."""
+
+    kind: Literal[tuple(MATCH_KINDS)]  # type: ignore[valid-type]
+    teacher_layer: Layer
+    student_layer: Layer
+    weight: Float = 1.0
+    projection: Literal[PROJECTIONS] | None = None  # type: ignore[valid-type]
+
+    def _check(self) -> list[Problem]:
+        kind, errs = MATCH_KINDS[self.kind], []
+        for side in ("teacher_layer", "student_layer"):
+            layer = getattr(self, side)
+            if kind.pair and not (isinstance(layer, list) and len(layer) == 2):
+                errs.append((side, f"{self.kind} takes a pair of layers [a, b], got {layer!r}"))
+            elif not kind.pair and not isinstance(layer, int):
+                errs.append((side, f"{self.kind} takes one layer index, got {layer!r}"))
+            elif min(_layers(layer)) < 0:
+                errs.append((side, f"layer indices must be >= 0, got {layer!r}"))
+        if self.weight < 0:
+            errs.append(("weight", f"must be >= 0 (got {self.weight})"))
+        if self.projection is not None and kind.feature == "attention":
+            errs.append(("projection", f"{self.kind} compares attention maps, which have no width to "
+                         "project; remove projection"))
+        return errs
+
+
+def _layers(layer: int | list[int]) -> list[int]:
+    return layer if isinstance(layer, list) else [layer]
+
+
+# The demo's student: a narrow 2-layer model in the teacher's architecture, randomly initialised.
+DEFAULT_STUDENT = StudentConfig(config="models/teacher", num_layers=2, hidden_size=192,
+                                intermediate_size=768, num_heads=3)
+
+
 class DistillConfig(TrainingConfig):
     """`kd distill`: train a student from cached (or live) teacher outputs."""
 
-    lr: float = 1e-4
+    lr: Float = 5e-4
     teacher_signal: Literal["cached", "online", "none"] = "cached"
-    caches: list[str] = field(default_factory=list)
-    teachers: list[str] = field(default_factory=list)
-    student: StudentConfig = field(default_factory=StudentConfig)
-    kd: KDConfig = field(default_factory=KDConfig)
-    matches: list[MatchConfig] = field(default_factory=list)
+    caches: list[str] = []
+    teachers: list[str] = []
+    student: StudentConfig = DEFAULT_STUDENT
+    kd: KDConfig = KDConfig()
+    matches: list[MatchConfig] = []
     match_preset: str | None = None
-    match_weight_schedule: Literal["constant", "linear_decay", "linear_growth"] = "constant"
+    match_weight_schedule: Schedule = "constant"
     prefetch: int = 4
     check_cache_teacher: bool = True
     output: str = "models/student"
     log_dir: str = "dvclive/distill"
     metrics: str = "metrics/distill.json"
 
-    def _check(self) -> list[str]:
-        errs = self._check_training("distill")
+    @field_validator("student", mode="before")
+    @classmethod
+    def _student_over_default(cls, value: Any) -> Any:
+        # Keys given without a way to build (e.g. only num_layers: 4) adjust the default student;
+        # a section that names from_teacher, pretrained or config describes the whole student, so
+        # the default's sizes do not leak into a student that would ignore them.
+        if isinstance(value, Mapping) and not any(k in value for k in _STUDENT_MODES):
+            return {**DEFAULT_STUDENT.model_dump(exclude_none=True), **value}
+        return value
+
+    def _check(self) -> list[Problem]:
+        errs = super()._check()
+        if self.match_preset:
+            unknown = [p.strip() for p in self.match_preset.split("+") if p.strip() not in PRESETS]
+            if unknown:
+                errs.append(("match_preset", f"unknown preset(s) {unknown}; valid presets (join several "
+                             f"with +): {', '.join(PRESETS)}"))
         if self.teacher_signal == "none" and (self.matches or self.match_preset):
-            errs.append("distill.matches: intermediate matches need a teacher; teacher_signal is 'none'")
+            errs.append(("matches", "intermediate matches need a teacher, but teacher_signal is 'none'; "
+                         "remove matches and match_preset or set teacher_signal: cached"))
         if self.teacher_signal == "none" and self.kd.hard_weight <= 0:
-            errs.append("distill.kd.hard_weight: must be > 0 when teacher_signal is 'none' (nothing to learn)")
-        if self.kd.teacher_weights is not None:
-            n = len(self.caches or self.teachers) or None
-            if n is not None and len(self.kd.teacher_weights) != n:
-                errs.append(
-                    f"distill.kd.teacher_weights: {len(self.kd.teacher_weights)} weights for {n} teachers; give one per teacher"
-                )
+            errs.append(("kd.hard_weight", "must be > 0 when teacher_signal is 'none' (nothing to learn)"))
         if self.prefetch < 1:
-            errs.append("distill.prefetch: must be >= 1 batch")
+            errs.append(("prefetch", f"must be >= 1 batch (got {self.prefetch})"))
         return errs
 
 
-@dataclass(frozen=True)
-class EvaluateConfig:
+class EvaluateConfig(_Section):
     """`kd evaluate`: accuracy, macro-F1, size and throughput of saved models, side by side."""
 
-    models: dict[str, str] = field(
-        default_factory=lambda: {"teacher": "models/teacher", "student": "models/student"}
-    )
-    split: Literal["train", "dev", "test"] = "test"
+    models: dict[str, str] = {"teacher": "models/teacher", "student": "models/student",
+                              "baseline": "models/baseline"}
+    split: Split = "test"
     batch_size: int = 64
     max_length: int = 64
     throughput_batches: int = 20
@@ -281,161 +408,115 @@ class EvaluateConfig:
     predictions: str = "metrics/predictions.json"
 
 
-@dataclass(frozen=True)
-class Config:
+class Config(_Section):
     """The whole params file: one section per stage."""
 
-    data: DataConfig = field(default_factory=DataConfig)
-    prepare: PrepareConfig = field(default_factory=PrepareConfig)
-    train_teacher: TrainTeacherConfig = field(default_factory=TrainTeacherConfig)
-    precompute: PrecomputeConfig = field(default_factory=PrecomputeConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    data: DataConfig = DataConfig()
+    prepare: PrepareConfig = PrepareConfig()
+    train_teacher: TrainTeacherConfig = TrainTeacherConfig()
+    precompute: PrecomputeConfig = PrecomputeConfig()
+    distill: DistillConfig = DistillConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
-    def _check(self) -> list[str]:
-        # Cross-section rules only; each section checks itself while it is built.
-        errs = []
+    def _check(self) -> list[Problem]:
+        # Cross-section rules only (keys are full paths); pydantic runs them once every section passed its own.
+        errs: list[Problem] = []
         d, p = self.distill, self.precompute
+        if d.teacher_signal != "none" and d.kd.teacher_weights is not None:
+            names = d.caches if d.teacher_signal == "cached" else d.teachers
+            n = len(names or p.teachers)
+            if len(d.kd.teacher_weights) != n:
+                errs.append(("distill.kd.teacher_weights", f"{len(d.kd.teacher_weights)} weights for {n} "
+                             "teachers; give one weight per teacher, in the same order"))
         if d.teacher_signal == "cached" and not d.caches:
-            kept_hidden = set(p.hidden_layers)
-            kept_attn = set(p.attention_layers)
+            # The caches are the ones precompute writes, so what they hold is known here.
+            cached = {"hidden": sorted(set(p.hidden_layers)), "attention": sorted(set(p.attention_layers))}
+            first_token_kinds = [k for k, v in MATCH_KINDS.items() if v.feature == "hidden" and v.tokens == "first"]
             for i, m in enumerate(d.matches):
-                layers = m.teacher_layer if isinstance(m.teacher_layer, list) else [m.teacher_layer]
-                if m.kind.startswith("attention"):
-                    missing = [x for x in layers if x not in kept_attn]
-                    what = "attention_layers"
-                else:
-                    missing = [x for x in layers if x not in kept_hidden]
-                    what = "hidden_layers"
+                kind = MATCH_KINDS[m.kind]
+                missing = [x for x in _layers(m.teacher_layer) if x not in cached[kind.feature]]
                 if missing:
-                    errs.append(
-                        f"distill.matches[{i}].teacher_layer: layer(s) {missing} are not cached; add them to "
-                        f"precompute.{what} (now {sorted(kept_attn if what.startswith('att') else kept_hidden)}) "
-                        "or use distill.teacher_signal: online"
-                    )
-                if p.hidden_tokens == "first" and m.kind in ("hidden_mse", "hidden_cosine", "mmd", "fsp"):
-                    errs.append(
-                        f"distill.matches[{i}].kind: {m.kind} needs every token but precompute.hidden_tokens is "
-                        "'first'; set it to 'all' or use kind pkd"
-                    )
+                    errs.append((f"distill.matches[{i}].teacher_layer",
+                                 f"layer(s) {missing} are not cached; add them to precompute.{kind.feature}_layers "
+                                 f"(now {cached[kind.feature]}) or use distill.teacher_signal: online"))
+                if p.hidden_tokens == "first" and kind.feature == "hidden" and kind.tokens == "all":
+                    errs.append((f"distill.matches[{i}].kind",
+                                 f"{m.kind} needs every token but precompute.hidden_tokens is 'first'; "
+                                 f"set it to 'all' or use kind {' or '.join(first_token_kinds)}"))
             if d.kd.weight > 0 and not p.logits:
-                errs.append("distill.kd.weight: > 0 needs teacher logits; set precompute.logits: true")
+                errs.append(("distill.kd.weight", "> 0 needs teacher logits; set precompute.logits: true "
+                             "or distill.kd.weight: 0"))
         return errs
 
 
 # ----------------------------------------------------------------------------- parsing
 
 
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is not None:
-        return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(tp))}]"
-    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+def _section_classes(cls: type[BaseModel], path: tuple[str, ...] = ()) -> dict[tuple[str, ...], type[BaseModel]]:
+    """Every settings class by its path of field names, e.g. ("distill", "kd") -> KDConfig."""
+    out: dict[tuple[str, ...], type[BaseModel]] = {path: cls}
+    for name, field in cls.model_fields.items():
+        for sub in _models_in(field.annotation):
+            out.update(_section_classes(sub, path + (name,)))
+    return out
 
 
-_YAML12_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+def _models_in(tp: Any) -> list[type[BaseModel]]:
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return [tp]
+    return [m for arg in getattr(tp, "__args__", ()) for m in _models_in(arg)]
 
 
-def _convert(tp: Any, value: Any, key: str, errors: list[str]) -> Any:
-    """Check `value` against type hint `tp`; return the converted value or record an error."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    bad = f"{key}: expected {_type_name(tp)}, got {value!r}"
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for a in args:
-            if a is type(None):
-                continue
-            trial: list[str] = []
-            out = _convert(a, value, key, trial)
-            if not trial:
-                return out
-        errors.append(bad)
-        return None
-    if origin is Literal:
-        if value not in args:
-            errors.append(f"{key}: {value!r} is not one of {', '.join(repr(a) for a in args)}")
-        return value
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            errors.append(bad)
-            return []
-        return [_convert(args[0], v, f"{key}[{i}]", errors) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            errors.append(bad)
-            return {}
-        return {str(k): _convert(args[1], v, f"{key}.{k}", errors) for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, Mapping):
-            errors.append(f"{key}: expected a mapping of settings, got {value!r}")
-            return tp() if _all_defaulted(tp) else None
-        return _build(tp, value, key + ".", errors)
-    if tp is float:
-        # PyYAML follows YAML 1.1, which reads 5e-4 (no dot) as a string; users and `dvc exp run -S` write it.
-        if isinstance(value, str) and _YAML12_FLOAT.fullmatch(value.strip()):
-            value = float(value)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            errors.append(bad)
-            return 0.0
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            errors.append(bad)
-            return 0
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            errors.append(bad)
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            errors.append(bad)
-        return value
-    raise TypeError(f"unsupported config type {tp!r} at {key}")  # a bug in this file, not user input
+_SECTIONS = _section_classes(Config)
+
+# Pydantic's error type -> what the setting expects, for "expected X, got Y" messages.
+_EXPECTED = {
+    "int_type": "int",
+    "float_type": "float",
+    "bool_type": "true or false",
+    "string_type": "str",
+    "list_type": "list",
+    "dict_type": "mapping",
+    "model_type": "a mapping of settings",
+}
 
 
-def _all_defaulted(cls: type) -> bool:
-    return all(
-        f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
-        for f in dataclasses.fields(cls)
-    )
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    key = ""
+    for part in loc:
+        key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
+    return key or "params"
 
 
-def _build(cls: type, data: Mapping[str, Any], prefix: str, errors: list[str]) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    n_before = len(errors)
-    for k in data:
-        if k not in names:
-            errors.append(f"{prefix}{k}: unknown key; valid keys here: {', '.join(names)}")
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name in data:
-            kwargs[f.name] = _convert(hints[f.name], data[f.name], prefix + f.name, errors)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            errors.append(f"{prefix}{f.name}: required setting is missing")
-            return None
-    obj = cls(**kwargs)
-    check = getattr(obj, "_check", None)
-    if check is not None and len(errors) == n_before:
-        errors.extend(check())
-    return obj
+def _messages(err: ValidationError) -> list[str]:
+    """One `dotted.key: problem and fix` line per pydantic error."""
+    out: list[str] = []
+    for e in err.errors():
+        loc, kind = e["loc"], e["type"]
+        key = _dotted(loc)
+        if kind == "value_error" and isinstance(e["ctx"]["error"], _Problems):  # a `_check` rule
+            for sub, problem in e["ctx"]["error"].problems:
+                out.append(f"{_dotted(loc + tuple(sub.split('.')) if sub else loc)}: {problem}")
+        elif kind == "extra_forbidden":
+            section = _SECTIONS[tuple(p for p in loc[:-1] if isinstance(p, str))]
+            out.append(f"{key}: unknown key; valid keys here: {', '.join(section.model_fields)}")
+        elif kind == "literal_error":
+            out.append(f"{key}: {e['input']!r} is not one of {e['ctx']['expected']}")
+        elif kind == "missing":
+            out.append(f"{key}: required setting is missing")
+        elif kind in _EXPECTED:
+            out.append(f"{key}: expected {_EXPECTED[kind]}, got {e['input']!r}")
+        else:
+            out.append(f"{key}: {e['msg']}")
+    return out
 
 
 def config_from_dict(data: Mapping[str, Any] | None) -> Config:
     """Build and validate a Config; raise ConfigError listing every problem."""
-    errors: list[str] = []
-    cfg = _build(Config, data or {}, "", errors)
-    if not errors:
-        errors.extend(cfg._check())
-    if errors:
-        raise ConfigError("invalid settings:\n  " + "\n  ".join(dict.fromkeys(errors)))
-    return cfg
+    try:
+        return Config.model_validate(dict(data or {}))
+    except ValidationError as e:
+        raise ConfigError("invalid settings:\n  " + "\n  ".join(dict.fromkeys(_messages(e)))) from None
 
 
 def _set_dotted(data: dict[str, Any], assignment: str) -> None:
@@ -470,6 +551,6 @@ def load_config(path: str | Path = "params.yaml", overrides: Sequence[str] = ())
     return config_from_dict(data)
 
 
-def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain-dict form of any config object (for logging the resolved config and fingerprints)."""
-    return dataclasses.asdict(cfg)
+def config_to_dict(cfg: BaseModel) -> dict[str, Any]:
+    """Plain-dict form of the config or any section (JSON/YAML-safe; for logs and fingerprints)."""
+    return cfg.model_dump()

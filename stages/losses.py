@@ -19,6 +19,11 @@ Names and semantics follow TextBrewer (airaria/TextBrewer, ``losses.py``, ``pres
   finite loss rather than NaN.
 * Presets adapt to the real layer counts instead of hard-coding 12 -> 3 (see ``preset_matches``).
 
+Match kinds live in one registry: ``stages/kinds.py`` says what each kind reads (feature, one
+layer or a pair, all tokens or the first) without torch, so the settings can check it, and
+``MATCH_LOSSES`` below attaches the loss function. ``Match``, ``match_loss``, ``check_matches``,
+``needed_teacher_layers`` and the presets read those two tables only.
+
 Layer-index conventions (shared by ``Match``, the cache keys and ``needed_teacher_layers``):
 
 * hidden layer ``i``: Hugging Face ``hidden_states[i]``; 0 is the embeddings output, ``i`` the
@@ -34,7 +39,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cache_format._errors import KDError
+from stages.kinds import KD_KINDS, MATCH_KINDS, PRESETS, PROJECTIONS, MatchKind
 
 __all__ = [
     "MatchError",
@@ -58,6 +64,7 @@ __all__ = [
     "Projection",
     "Match",
     "MATCH_KINDS",
+    "MATCH_LOSSES",
     "PROJECTIONS",
     "feature_map",
     "match_loss",
@@ -79,12 +86,6 @@ class LossInputError(KDError, ValueError):
     """Tensors given to a loss do not fit together (shapes, temperature, widths)."""
 
 
-KD_KINDS = ("kl", "ce", "mse")
-HIDDEN_KINDS = ("hidden_mse", "hidden_cosine", "pkd", "mmd", "fsp")
-ATTENTION_KINDS = ("attention_mse", "attention_ce")
-PAIR_KINDS = ("mmd", "fsp")
-MATCH_KINDS = HIDDEN_KINDS + ATTENTION_KINDS
-PROJECTIONS = ("linear", "relu", "tanh")
 
 # TextBrewer's "attention score" convention: additive masks make padded scores very negative.
 _NEG_SCORE = -1e-3
@@ -336,6 +337,20 @@ def attention_ce(student: Tensor, teacher: Tensor, mask: Tensor | None = None) -
     return -total / (m.sum() * prod.shape[1]).clamp_min(1.0)
 
 
+# The torch half of the registry in stages/kinds.py: the loss function of each match kind.
+# Single-layer kinds are called as fn(student, teacher, mask), pair kinds (MatchKind.pair) as
+# fn(student_a, student_b, teacher_a, teacher_b, mask).
+MATCH_LOSSES: dict[str, Callable[..., Tensor]] = {
+    "hidden_mse": hidden_mse,
+    "hidden_cosine": hidden_cosine,
+    "pkd": pkd_loss,
+    "mmd": mmd_loss,
+    "fsp": fsp_loss,
+    "attention_mse": attention_mse,
+    "attention_ce": attention_ce,
+}
+
+
 # --------------------------------------------------------------------------- projections
 
 
@@ -393,7 +408,7 @@ class Match:
         if self.kind not in MATCH_KINDS:
             raise MatchError(f"unknown match kind {self.kind!r}; valid kinds: {', '.join(MATCH_KINDS)}")
         for side, layer in (("teacher_layer", self.teacher_layer), ("student_layer", self.student_layer)):
-            if self.kind in PAIR_KINDS:
+            if self.spec.pair:
                 ok = isinstance(layer, tuple) and len(layer) == 2 and all(_is_index(x) for x in layer)
                 need = "a pair of layer indices (a, b)"
             else:
@@ -409,15 +424,25 @@ class Match:
                     f"match {self.kind!r}: unknown projection {self.projection!r}; "
                     f"valid: {', '.join(PROJECTIONS)} or none"
                 )
-            if self.kind in ATTENTION_KINDS:
+            if self.feature == "attention":
                 raise MatchError(
                     f"match {self.kind!r}: attention maps have no width to project; remove projection"
                 )
 
     @property
+    def spec(self) -> MatchKind:
+        """The kind's registry entry (``stages.kinds.MATCH_KINDS``)."""
+        return MATCH_KINDS[self.kind]
+
+    @property
     def feature(self) -> str:
         """``"hidden"`` or ``"attention"``: which model output the match reads."""
-        return "attention" if self.kind in ATTENTION_KINDS else "hidden"
+        return self.spec.feature
+
+    @property
+    def token_level(self) -> bool:
+        """True if the match compares every token (teacher and student must tokenise alike)."""
+        return self.spec.tokens == "all"
 
     @property
     def label(self) -> str:
@@ -470,33 +495,28 @@ def match_loss(
     shape ``[B, H]`` (cached "first token only") is compared with the student's token 0.
     ``projection`` (if any) is applied to the student's hidden states.
     """
-    if match.kind in ATTENTION_KINDS:
+    fn = MATCH_LOSSES[match.kind]
+    if match.feature == "attention":
         s = _feature(student, "attention", match.student_layer, "student")
         t = _feature(teacher, "attention", match.teacher_layer, "teacher")
-        fn = attention_mse if match.kind == "attention_mse" else attention_ce
         return fn(s, t, mask)
 
     s_layers = [_feature(student, "hidden", i, "student") for i in _layers(match.student_layer)]
     t_layers = [_feature(teacher, "hidden", i, "teacher") for i in _layers(match.teacher_layer)]
     if projection is not None:
         s_layers = [projection(s) for s in s_layers]
-    if match.kind in PAIR_KINDS:
+    if match.spec.pair:
         if any(t.dim() != 3 for t in t_layers):
             raise MatchError(
                 f"match {match.label} needs teacher hidden states for all tokens, but the cache holds "
                 "the first token only; precompute with all tokens kept for these layers"
             )
-        fn = mmd_loss if match.kind == "mmd" else fsp_loss
         return fn(s_layers[0], s_layers[1], t_layers[0], t_layers[1], mask)
 
     s, t = s_layers[0], t_layers[0]
     if t.dim() == 2 and s.dim() == 3:
         s, mask = s[:, 0], None  # cached first token only: compare [CLS] vectors
-    if match.kind == "hidden_mse":
-        return hidden_mse(s, t, mask)
-    if match.kind == "hidden_cosine":
-        return hidden_cosine(s, t, mask)
-    return pkd_loss(s, t)
+    return fn(s, t, mask)
 
 
 def build_projections(matches: Sequence[Match], student_dim: int, teacher_dim: int) -> nn.ModuleList:
@@ -544,24 +564,7 @@ def needed_teacher_layers(matches: Sequence[Match]) -> tuple[set[int], set[int]]
 
 # --------------------------------------------------------------------------- presets
 
-# name -> (match kind, depth named, projection). Depth is informational: the real counts win.
-_PRESETS: dict[str, tuple[str, int, str | None]] = {
-    "L3_hidden_mse": ("hidden_mse", 3, None),
-    "L3n_hidden_mse": ("hidden_mse", 3, "linear"),
-    "L3_hidden_smmd": ("mmd", 3, None),
-    "L3_attention_mse": ("attention_mse", 3, None),
-    "L3_attention_ce": ("attention_ce", 3, None),
-    "L4_hidden_mse": ("hidden_mse", 4, None),
-    "L4t_hidden_mse": ("hidden_mse", 4, "linear"),
-    "L4_hidden_smmd": ("mmd", 4, None),
-    "L4_attention_mse": ("attention_mse", 4, None),
-    "L4_attention_ce": ("attention_ce", 4, None),
-    "L6_hidden_mse": ("hidden_mse", 6, None),
-    "L6_hidden_smmd": ("mmd", 6, None),
-    "L6_attention_mse": ("attention_mse", 6, None),
-    "L6_attention_ce": ("attention_ce", 6, None),
-}
-PRESET_NAMES = tuple(_PRESETS)
+PRESET_NAMES = tuple(PRESETS)
 
 
 def _teacher_for(i: int, teacher_layers: int, student_layers: int) -> int:
@@ -588,12 +591,12 @@ def preset_matches(name: str, teacher_layers: int, student_layers: int) -> list[
     matches: list[Match] = []
     for part in name.split("+"):
         part = part.strip()
-        if part not in _PRESETS:
+        if part not in PRESETS:
             raise MatchError(f"unknown match preset {part!r}; valid presets: {', '.join(PRESET_NAMES)}")
-        kind, depth, projection = _PRESETS[part]
+        kind, depth, projection = PRESETS[part]
         if depth != student_layers:
             logger.info("preset %s names %d student layers; adapting to %d", part, depth, student_layers)
-        if kind in ATTENTION_KINDS:
+        if MATCH_KINDS[kind].feature == "attention":
             for j in range(student_layers):
                 # max: a student deeper than its teacher would otherwise map block 1 to "block 0".
                 t = max(_teacher_for(j + 1, teacher_layers, student_layers), 1) - 1
@@ -601,7 +604,7 @@ def preset_matches(name: str, teacher_layers: int, student_layers: int) -> list[
             continue
         for i in range(student_layers + 1):
             t = _teacher_for(i, teacher_layers, student_layers)
-            if kind in PAIR_KINDS:
+            if MATCH_KINDS[kind].pair:
                 matches.append(Match(kind, (t, t), (i, i), projection=projection))
             else:
                 matches.append(Match(kind, t, i, projection=projection))

@@ -10,7 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cache_format._errors import KDError
+from stages import kinds
+from stages.config import KDConfig, MatchConfig
 from stages.losses import (
+    MATCH_LOSSES,
     PRESET_NAMES,
     LossInputError,
     Match,
@@ -495,6 +498,32 @@ def test_match_loss_weight_and_dispatch():
     assert match_loss(Match("fsp", (5, 6), (1, 2)), feats_s, feats_t, mask).item() == pytest.approx(
         fsp_loss(s, s * 2, t, t + 1, mask).item()
     )
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def test_one_registry_drives_config_losses_and_presets():
+    assert MATCH_LOSSES.keys() == kinds.MATCH_KINDS.keys()
+    assert MatchConfig.model_fields["kind"].annotation.__args__ == tuple(kinds.MATCH_KINDS)
+    assert KDConfig.model_fields["loss"].annotation.__args__ == kinds.KD_KINDS
+    assert {kind for kind, _, _ in kinds.PRESETS.values()} <= kinds.MATCH_KINDS.keys()
+    for name, spec in kinds.MATCH_KINDS.items():
+        layer = (1, 1) if spec.pair else 1
+        m = Match(name, layer, layer)
+        assert (m.feature, m.token_level) == (spec.feature, spec.tokens == "all")
+
+
+def test_a_new_kind_is_one_registry_entry_plus_its_function(monkeypatch):
+    monkeypatch.setitem(kinds.MATCH_KINDS, "hidden_l1", kinds.MatchKind("hidden", pair=False, tokens="all"))
+    monkeypatch.setitem(MATCH_LOSSES, "hidden_l1", lambda s, t, mask=None: (s - t).abs().mean())
+    m = Match("hidden_l1", 3, 1)
+    s, t = _randn(2, 3, 4, seed=45), _randn(2, 3, 4, seed=46)
+    got = match_loss(m, {"hidden.1": s}, {"hidden.3": t})
+    assert got.item() == pytest.approx((s - t).abs().mean().item())
+    assert needed_teacher_layers([m]) == ({3}, set())
+    with pytest.raises(MatchError, match="teacher hidden layer 3 is out of range"):
+        check_matches([m], 2, 1)
 
 
 # --------------------------------------------------------------------------- presets
