@@ -8,6 +8,7 @@ from cache_format._errors import (
     CacheError,
     CacheExistsError,
     CacheIncompleteError,
+    CacheLockedError,
     CacheMismatchError,
     CacheMissError,
     CacheNotFoundError,
@@ -60,4 +61,5 @@ __all__ = [
     "CacheMissError",
     "CacheValueError",
     "CacheExistsError",
+    "CacheLockedError",
 ]

@@ -17,6 +17,7 @@ __all__ = [
     "CacheMissError",
     "CacheValueError",
     "CacheExistsError",
+    "CacheLockedError",
 ]
 
 
@@ -61,3 +62,7 @@ class CacheValueError(CacheError, ValueError):
 
 class CacheExistsError(CacheError, FileExistsError):
     """A finished cache is already at the path and would be overwritten."""
+
+
+class CacheLockedError(CacheError, RuntimeError):
+    """Another live process is writing the same unfinished cache with the same writer id."""

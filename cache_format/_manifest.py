@@ -41,6 +41,8 @@ CODECS = ("arrow",)
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)*$")
 _WRITER_RE = re.compile(r"^[A-Za-z0-9]{1,32}$")
 SHARD_RE = re.compile(r"^shard-(?P<writer>[A-Za-z0-9]{1,32})-(?P<seq>\d{6,})\.arrow$")
+# A writer's lock file and the JSON naming its holder (host, pid, start): present only while unfinished.
+LOCK_RE = re.compile(r"^writer-[A-Za-z0-9]{1,32}\.(lock|holder\.json)$")
 
 # Storage dtype in the shard file for each logical dtype: Arrow has no bf16 and packs bools
 # into bits (not zero-copy), so both are stored as same-width unsigned integers.
@@ -249,6 +251,14 @@ def sidecar_name(shard_file: str) -> str:
     return shard_file[: -len(".arrow")] + ".json"
 
 
+def lock_name(writer: str) -> str:
+    return f"writer-{writer}.lock"
+
+
+def holder_name(writer: str) -> str:
+    return f"writer-{writer}.holder.json"
+
+
 # --- atomic files -----------------------------------------------------------------------------
 
 def _fsync_dir(folder: Path) -> None:
@@ -329,11 +339,14 @@ def create_json_exclusive(path: Path, obj: Any) -> bool:
 
 
 def read_json(path: Path) -> Any:
+    """Parse a cache JSON file; bytes that are not UTF-8 JSON raise CacheCorruptError naming the file."""
     try:
         with open(path, "rb") as f:
             return json.loads(f.read())
-    except json.JSONDecodeError as e:
-        raise CacheCorruptError(f"{path} is not valid JSON ({e}): delete the folder and rerun precompute") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # json.loads(bytes) decodes first
+        raise CacheCorruptError(
+            f"{path} is not valid UTF-8 JSON ({e}): delete the folder and rerun precompute"
+        ) from e
 
 
 def load_manifest(path: str | os.PathLike) -> Manifest:

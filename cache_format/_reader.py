@@ -8,13 +8,13 @@ import queue
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from cache_format._errors import CacheCorruptError, CacheMismatchError, CacheMissError
+from cache_format._errors import CacheCorruptError, CacheMismatchError, CacheMissError, CacheValueError
 from cache_format._manifest import FieldSpec, Manifest, canonical_settings, file_hash, load_manifest
 
 
@@ -48,7 +48,7 @@ def open_shard(path: Path) -> pa.RecordBatch:
         return reader.get_batch(0)
     except (OSError, ValueError, pa.ArrowException) as e:
         raise CacheCorruptError(
-            f"shard {path} cannot be read ({e}): run `kd cache verify` on the folder, then rerun precompute "
+            f"shard {path} cannot be read ({e}): run `kd cache verify {path.parent}`, then rerun precompute "
             "into a new folder"
         ) from e
 
@@ -97,11 +97,19 @@ def _check_expected(manifest: Manifest, teacher: str | None, data: str | None, s
         )
 
 
+Verify = Literal["lazy", "open", "off"]
+VERIFY_MODES = ("lazy", "open", "off")
+
+
 class CacheReader:
     """Random access to a finished cache; safe to open in many processes at once (read-only mmap, no locks).
 
     Arrays from `get` are read-only views into the shard files; `gather` returns fresh, writable arrays.
     bfloat16 fields come back from numpy methods as uint16 bit patterns; `gather_torch` views them as bf16.
+
+    `verify` says when each shard's content hash is checked against the manifest (a mismatch raises
+    CacheCorruptError): "lazy" (default) before the first read of the shard's data in this process,
+    "open" for every shard at open, "off" never (sizes, columns and row counts are always checked at open).
     """
 
     def __init__(
@@ -111,33 +119,37 @@ class CacheReader:
         expect_teacher: str | None = None,
         expect_data: str | None = None,
         expect_settings: Mapping | None = None,
-        verify_hashes: bool = False,
+        verify: Verify = "lazy",
     ) -> None:
+        if verify not in VERIFY_MODES:
+            raise CacheValueError(f"verify={verify!r} is not one of {VERIFY_MODES}")
         self.path = Path(path)
         self._options = {
             "expect_teacher": expect_teacher,
             "expect_data": expect_data,
             "expect_settings": expect_settings,
-            "verify_hashes": verify_hashes,
+            "verify": verify,
         }
         self.manifest: Manifest = load_manifest(self.path)
         _check_expected(self.manifest, expect_teacher, expect_data, expect_settings)
         self.fields: dict[str, FieldSpec] = {f.name: f for f in self.manifest.fields}
         schema = arrow_schema(self.manifest.fields)
+        # Hashing reads the whole shard, so "lazy" does it once per shard per process, on first use;
+        # the lock makes the prefetch thread and the caller agree on which shards are checked.
+        self._verified = [verify == "off"] * len(self.manifest.shards)
+        self._hash_lock = threading.Lock()
         self._shards: list[_Shard] = []
-        for info in self.manifest.shards:
+        for k, info in enumerate(self.manifest.shards):
             file = self.path / info.file
             size = file.stat().st_size if file.is_file() else None
             if size != info.bytes:
                 raise CacheCorruptError(
                     f"shard {file} has {size if size is not None else 'no file'} bytes, the manifest says "
-                    f"{info.bytes}: the cache is damaged; run `kd cache verify`, then rerun precompute into a new folder"
+                    f"{info.bytes}: the cache is damaged; run `kd cache verify {self.path}`, then rerun precompute "
+                    "into a new folder"
                 )
-            if verify_hashes and file_hash(file, self.manifest.hash_algo) != info.hash:
-                raise CacheCorruptError(
-                    f"shard {file} content hash differs from the manifest: the file is damaged; rerun precompute "
-                    "into a new folder (or restore the shard from a backup)"
-                )
+            if verify == "open":
+                self._check_hashes([k])  # before parsing: a damaged file is reported as such
             batch = open_shard(file)
             if not batch.schema.remove_metadata().equals(schema) or batch.num_rows != info.count:
                 raise CacheCorruptError(
@@ -159,6 +171,7 @@ class CacheReader:
         self._lengths = (
             np.concatenate([s.lengths for s in self._shards]) if self._shards else np.zeros(0, np.int32)
         )
+        self._all_verified = all(self._verified)
 
     # --- plumbing ---------------------------------------------------------------------------
 
@@ -185,6 +198,22 @@ class CacheReader:
         """Drop the shard mappings (they are unmapped once no array views them)."""
         self._shards = []
 
+    def _check_hashes(self, shards: Iterable[int]) -> None:
+        """Raise CacheCorruptError unless each of `shards` matches its manifest hash (hashed once per process)."""
+        with self._hash_lock:
+            for s in shards:
+                if self._verified[s]:
+                    continue
+                info = self.manifest.shards[s]
+                file = self.path / info.file
+                if file_hash(file, self.manifest.hash_algo) != info.hash:
+                    raise CacheCorruptError(
+                        f"shard {file} content hash differs from the manifest: the file is damaged; run "
+                        f"`kd cache verify {self.path}`, then rerun precompute into a new folder"
+                    )
+                self._verified[s] = True
+            self._all_verified = all(self._verified)
+
     def _rows(self, ids: Sequence[str]) -> np.ndarray:
         index = self._index
         try:
@@ -210,6 +239,8 @@ class CacheReader:
     def get(self, example_id: str) -> dict[str, np.ndarray]:
         """All fields of one example as zero-copy, read-only views with their real shapes (plus `length`)."""
         row = int(self._rows([example_id])[0])
+        if not self._all_verified:
+            self._check_hashes([int(self._shard_of[row])])
         shard = self._shards[self._shard_of[row]]
         r = int(self._row_of[row])
         length = int(shard.lengths[r])
@@ -234,6 +265,8 @@ class CacheReader:
         names = self._field_names(fields)
         rows = self._rows(ids)
         shard_of = self._shard_of[rows]
+        if not self._all_verified:
+            self._check_hashes(np.unique(shard_of).tolist())
         row_of = self._row_of[rows]
         lengths = self._lengths[rows]
         t_pad = int(pad_to) if pad_to is not None else int(lengths.max(initial=0))

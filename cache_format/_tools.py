@@ -12,6 +12,7 @@ import numpy as np
 from cache_format._errors import CacheError, CacheNotFoundError
 from cache_format._manifest import (
     FLOAT_DTYPES,
+    LOCK_RE,
     MANIFEST_NAME,
     PENDING_NAME,
     Manifest,
@@ -82,35 +83,38 @@ def verify_cache(path: str | os.PathLike) -> VerifyReport:
     report.count, report.shards = manifest.count, len(manifest.shards)
     listed = {s.file for s in manifest.shards} | {sidecar_name(s.file) for s in manifest.shards}
     for name in sorted(os.listdir(folder)):
-        if name not in listed and name not in (MANIFEST_NAME, PENDING_NAME):
+        # A writer's lock files are harmless leftovers (e.g. of a finalize that was killed right after the manifest).
+        if name not in listed and name not in (MANIFEST_NAME, PENDING_NAME) and not LOCK_RE.match(name):
             report.problems.append(f"{name}: file not listed in the manifest (leftover or foreign file)")
     seen: set[str] = set()
-    total = 0
     schema = arrow_schema(manifest.fields)
-    for info in manifest.shards:
-        total += _verify_shard(folder, manifest, info, schema, seen, report.problems)
-    if total != manifest.count:
-        report.problems.append(f"manifest count {manifest.count} but the shards hold {total} examples")
+    rows = [_verify_shard(folder, manifest, info, schema, seen, report.problems) for info in manifest.shards]
+    # The total is only known when every shard could be read; unreadable ones are reported above.
+    if None not in rows and sum(rows) != manifest.count:
+        report.problems.append(f"manifest count {manifest.count} but the shards hold {sum(rows)} examples")
     return report
 
 
-def _verify_shard(folder: Path, manifest: Manifest, info: Any, schema: Any, seen: set, problems: list) -> int:
+def _verify_shard(
+    folder: Path, manifest: Manifest, info: Any, schema: Any, seen: set, problems: list
+) -> int | None:
+    """Append the shard's problems; return its row count, or None when it could not be read."""
     file = folder / info.file
     if not file.is_file():
         problems.append(f"{info.file}: missing")
-        return 0
+        return None
     size = file.stat().st_size
     if size != info.bytes:
         problems.append(f"{info.file}: {size} bytes, manifest says {info.bytes}")
-        return 0
+        return None
     if file_hash(file, manifest.hash_algo) != info.hash:
         problems.append(f"{info.file}: content hash differs from the manifest (corrupt)")
-        return 0
+        return None
     try:
         batch = open_shard(file)
     except CacheError as e:
         problems.append(f"{info.file}: unreadable ({e})")
-        return 0
+        return None
     if not batch.schema.remove_metadata().equals(schema):
         problems.append(f"{info.file}: columns differ from the manifest's fields")
         return batch.num_rows

@@ -5,7 +5,11 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
+import json
+import math
 import os
+import socket
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,11 +18,13 @@ from typing import Any, BinaryIO
 import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
+from filelock import FileLock, Timeout
 
 from cache_format._errors import (
     CacheCorruptError,
     CacheExistsError,
     CacheIncompleteError,
+    CacheLockedError,
     CacheMismatchError,
     CacheValueError,
 )
@@ -26,6 +32,7 @@ from cache_format._manifest import (
     FLOAT_DTYPES,
     FORMAT_VERSION,
     HASH_ALGO,
+    LOCK_RE,
     MANIFEST_NAME,
     MAX_ID_BYTES,
     MAX_LENGTH,
@@ -35,12 +42,15 @@ from cache_format._manifest import (
     Manifest,
     ShardInfo,
     atomic_file,
+    atomic_write_text,
     canonical_settings,
     check_fields,
     check_writer_id,
     create_json_exclusive,
     fields_from_list,
+    holder_name,
     load_manifest,
+    lock_name,
     read_json,
     shard_name,
     sidecar_name,
@@ -50,6 +60,7 @@ from cache_format._reader import arrow_schema, shard_ids
 
 DEFAULT_SHARD_BYTES = 256 << 20
 MAX_SHARD_BYTES = 16 << 30  # the writer holds about one shard in memory (twice while encoding it)
+_clock = time.monotonic  # the commit_seconds clock (tests replace it)
 
 
 def _library_version() -> str:
@@ -137,11 +148,54 @@ class _Chunk:
         return head, tail
 
 
+class _WriterLock:
+    """Exclusive lock of one writer id on an unfinished cache folder.
+
+    An OS file lock (flock), so it dies with its process: a lock file left by a killed writer does not
+    block. The holder file next to it names the holder for the error a second writer gets.
+    """
+
+    def __init__(self, folder: Path, writer_id: str) -> None:
+        self.folder = folder
+        self.file = folder / lock_name(writer_id)
+        self.holder = folder / holder_name(writer_id)
+        # thread_local=False: precompute appends on a background thread and closes on the main one.
+        self._lock = FileLock(self.file, thread_local=False)
+
+    def acquire(self) -> None:
+        try:
+            self._lock.acquire(timeout=0)
+        except Timeout:
+            raise CacheLockedError(
+                f"{self.folder} is being written by {self._describe_holder()}; wait for it to finish "
+                "(then rerun: the cache will be up to date) or stop that process"
+            ) from None
+        started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        atomic_write_text(self.holder, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                                   "started": started}))
+
+    def _describe_holder(self) -> str:
+        try:
+            h = read_json(self.holder)
+            return f"pid {h['pid']} on host {h['host']} since {h['started']}"
+        except (OSError, CacheCorruptError, KeyError, TypeError):  # the holder is writing or removing it
+            return "another process"
+
+    def release(self) -> None:
+        if self._lock.is_locked:
+            _unlink(self.holder)  # before unlocking: the next holder writes its own right after locking
+            self._lock.release()
+
+
 class CacheWriter:
     """Streams examples into a cache folder; resumable, never overwrites another configuration's cache.
 
     After opening, `complete` says whether the cache is already finished (then appends of its ids are
     no-ops) and `done_ids` holds the ids already committed by any writer, for the producer to skip.
+    Opening an unfinished cache locks it for this `writer_id` (CacheLockedError if a live process holds it).
+
+    Buffered rows are committed as a shard when they reach `shard_bytes`, `commit_examples` rows, or (checked
+    on append) `commit_seconds` since the last commit, whichever comes first: committed rows survive a kill.
     """
 
     def __init__(
@@ -154,6 +208,8 @@ class CacheWriter:
         settings: Mapping,
         writer_id: str = "0",
         shard_bytes: int = DEFAULT_SHARD_BYTES,
+        commit_examples: int | None = None,
+        commit_seconds: float | None = None,
     ) -> None:
         self.path = Path(path)
         self.fields = check_fields(fields)
@@ -163,37 +219,43 @@ class CacheWriter:
                 f"shard_bytes={shard_bytes!r} must be an int in [1, {MAX_SHARD_BYTES}] because the writer holds "
                 "about one shard in memory"
             )
+        if commit_examples is not None and (
+            not isinstance(commit_examples, int) or isinstance(commit_examples, bool) or commit_examples < 1
+        ):
+            raise CacheValueError(f"commit_examples={commit_examples!r} must be an int >= 1 (or None: no limit)")
+        if commit_seconds is not None and (
+            not isinstance(commit_seconds, (int, float)) or isinstance(commit_seconds, bool)
+            or not math.isfinite(commit_seconds) or commit_seconds <= 0
+        ):
+            raise CacheValueError(f"commit_seconds={commit_seconds!r} must be a number > 0 (or None: no limit)")
         self.shard_bytes = shard_bytes
+        self.commit_examples = commit_examples
+        self.commit_seconds = commit_seconds
         self._specs = {f.name: f for f in self.fields}
         self._identity = _identity(self.fields, str(teacher_fingerprint), str(data_fingerprint),
                                    canonical_settings(settings))
         self._schema = arrow_schema(self.fields)
         self._buffer: list[_Chunk] = []
         self._buffered_bytes = 0
+        self._buffered_rows = 0
         self._closed = False
+        self._lock: _WriterLock | None = None
+        self._created = False
         self.complete = False
         self.done_ids: set[str] = set()
         self._open_folder()
         self._seen = set(self.done_ids)
+        self._last_commit = _clock()
 
     # --- opening / resume -------------------------------------------------------------------
 
     def _open_folder(self) -> None:
         if self.path.exists() and not self.path.is_dir():
             raise CacheExistsError(f"{self.path} exists and is not a folder: use another cache path")
+        self._created = not self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
         if (self.path / MANIFEST_NAME).exists():
-            manifest = load_manifest(self.path)
-            found = _identity(manifest.fields, manifest.teacher_fingerprint, manifest.data_fingerprint,
-                              dict(manifest.settings))
-            diffs = _identity_diff(self._identity, found)
-            if diffs:
-                raise CacheExistsError(
-                    f"{self.path} holds a finished cache of another configuration ({'; '.join(diffs)}): "
-                    "use another path (the default folder name differs per configuration) or delete it"
-                )
-            self.complete = True
-            self.done_ids = {i for s in manifest.shards for i in shard_ids(self.path / s.file)}
+            self._open_finished()
             return
         pending = self.path / PENDING_NAME
         if not pending.exists():
@@ -209,14 +271,43 @@ class CacheWriter:
                     f"{self.path} holds an unfinished cache of another configuration ({'; '.join(diffs)}): "
                     "use another path or delete it"
                 )
-        self._clean_own_leftovers()
-        self._next_seq = 0
-        for name in os.listdir(self.path):
-            m = SHARD_RE.match(name)
-            if m and m["writer"] == self.writer_id:
-                self._next_seq = max(self._next_seq, int(m["seq"]) + 1)
-        for info in _committed_shards(self.path):
-            self.done_ids.update(shard_ids(self.path / info.file))
+        # Locked before touching any file: a second writer with this id would clean up and redo ours.
+        self._lock = _WriterLock(self.path, self.writer_id)
+        self._lock.acquire()
+        try:
+            if (self.path / MANIFEST_NAME).exists():  # finalized while we waited for the lock
+                self._release_lock()
+                self._open_finished()
+                return
+            self._clean_own_leftovers()
+            self._next_seq = 0
+            for name in os.listdir(self.path):
+                m = SHARD_RE.match(name)
+                if m and m["writer"] == self.writer_id:
+                    self._next_seq = max(self._next_seq, int(m["seq"]) + 1)
+            for info in _committed_shards(self.path):
+                self.done_ids.update(shard_ids(self.path / info.file))
+        except BaseException:
+            self._release_lock()
+            raise
+
+    def _open_finished(self) -> None:
+        manifest = load_manifest(self.path)
+        found = _identity(manifest.fields, manifest.teacher_fingerprint, manifest.data_fingerprint,
+                          dict(manifest.settings))
+        diffs = _identity_diff(self._identity, found)
+        if diffs:
+            raise CacheExistsError(
+                f"{self.path} holds a finished cache of another configuration ({'; '.join(diffs)}): "
+                "use another path (the default folder name differs per configuration) or delete it"
+            )
+        self.complete = True
+        self.done_ids = {i for s in manifest.shards for i in shard_ids(self.path / s.file)}
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _clean_own_leftovers(self) -> None:
         # A crash (even SIGKILL) leaves at most partial files and a shard without its sidecar;
@@ -275,8 +366,13 @@ class CacheWriter:
         self._seen.update(ids)
         self._buffer.append(chunk)
         self._buffered_bytes += int(row_bytes.sum())
-        while self._buffered_bytes >= self.shard_bytes:
-            self._commit(self._take(self.shard_bytes))
+        self._buffered_rows += len(ids)
+        while self._buffered_bytes >= self.shard_bytes or (
+            self.commit_examples is not None and self._buffered_rows >= self.commit_examples
+        ):
+            self._commit(self._take())
+        if self._buffer and self.commit_seconds is not None and _clock() - self._last_commit >= self.commit_seconds:
+            self.flush()
 
     def _check_ids_lengths(self, ids: list[str], lengths: Any) -> np.ndarray:
         for i in ids:
@@ -307,27 +403,26 @@ class CacheWriter:
             )
         return arr.astype(np.int32)
 
-    def _take(self, budget: int) -> list[_Chunk]:
-        """Pop up to `budget` bytes of rows (at least one row) from the buffer."""
-        taken, used = [], 0
-        while self._buffer:
+    def _take(self) -> list[_Chunk]:
+        """Pop one shard's rows from the buffer: at most shard_bytes and commit_examples rows, at least one row."""
+        taken, used, rows = [], 0, 0
+        max_rows = self.commit_examples if self.commit_examples is not None else self._buffered_rows
+        while self._buffer and rows < max_rows:
             chunk = self._buffer[0]
-            size = int(chunk.row_bytes.sum())
-            if used + size <= budget:
-                taken.append(self._buffer.pop(0))
-                used += size
-                continue
-            k = int(np.searchsorted(np.cumsum(chunk.row_bytes), budget - used, side="right"))
+            k = int(np.searchsorted(np.cumsum(chunk.row_bytes), self.shard_bytes - used, side="right"))
+            k = min(k, max_rows - rows)
             k = k if taken else max(k, 1)  # a shard holds at least one row, however small the budget
             if k >= len(chunk.ids):
                 taken.append(self._buffer.pop(0))
-                used += size
             elif k > 0:
                 head, self._buffer[0] = chunk.split(k)
                 taken.append(head)
-                used += int(head.row_bytes.sum())
-            break
+            else:
+                break
+            used += int(taken[-1].row_bytes.sum())
+            rows += len(taken[-1].ids)
         self._buffered_bytes -= used
+        self._buffered_rows -= rows
         return taken
 
     def _commit(self, chunks: list[_Chunk]) -> None:
@@ -360,32 +455,61 @@ class CacheWriter:
         write_json_atomic(self.path / sidecar_name(file), {"format_version": FORMAT_VERSION, **info.to_dict()})
         self.done_ids.update(ids)
         self._next_seq += 1
+        self._last_commit = _clock()
 
     # --- closing ----------------------------------------------------------------------------
 
     def flush(self) -> None:
-        """Commit every buffered row (as one shard, or several if the buffer exceeds shard_bytes)."""
+        """Commit every buffered row (as one shard, or several if it exceeds shard_bytes or commit_examples)."""
         while self._buffer:
-            self._commit(self._take(self.shard_bytes))
+            self._commit(self._take())
 
     def close(self, finalize: bool = True) -> Manifest | None:
         """Flush; with `finalize`, merge all writers' shards into manifest.json and return the manifest.
 
         Use `finalize=False` when several writers share the folder, then call `finalize_cache` once.
+        Releases the lock. A folder this writer created that holds no shard after the flush is removed.
         """
         if self._closed:
             return None
         self._closed = True
         if self.complete:
             return load_manifest(self.path)
-        self.flush()
-        return finalize_cache(self.path) if finalize else None
+        try:
+            self.flush()
+            if finalize:
+                return finalize_cache(self.path)  # still locked: no second writer starts before the manifest
+            self._remove_if_unused()
+            return None
+        finally:
+            self._release_lock()
 
     def abort(self) -> None:
-        """Drop buffered rows without committing them; committed shards stay for resume."""
+        """Drop buffered rows without committing them and release the lock; committed shards stay for resume.
+
+        A folder this writer created that holds no shard is removed: an error right after opening leaves nothing.
+        """
         self._buffer.clear()
         self._buffered_bytes = 0
-        self._closed = True
+        self._buffered_rows = 0
+        if not self._closed:
+            self._closed = True
+            self._remove_if_unused()
+            self._release_lock()
+
+    def _remove_if_unused(self) -> None:
+        """Delete the folder if this writer created it and it holds nothing but pending.json and our lock."""
+        if not self._created or self._lock is None:
+            return
+        ours = {PENDING_NAME, self._lock.file.name, self._lock.holder.name}
+        if not set(os.listdir(self.path)) <= ours:  # shards, or another writer's lock: keep it
+            return
+        _unlink(self.path / PENDING_NAME)
+        self._release_lock()
+        for name in ours:
+            _unlink(self.path / name)
+        with contextlib.suppress(OSError):  # another writer created a file meanwhile: leave the folder
+            self.path.rmdir()
 
     def __enter__(self) -> CacheWriter:
         return self
@@ -538,6 +662,7 @@ def _is_cache_file(name: str) -> bool:
         name in (MANIFEST_NAME, PENDING_NAME)
         or name.startswith("shard-")
         or name.endswith(".partial")
+        or bool(LOCK_RE.match(name))
     )
 
 
@@ -614,4 +739,8 @@ def finalize_cache(path: str | os.PathLike, expected_count: int | None = None) -
         library_version=_library_version(),
     )
     write_json_atomic(folder / MANIFEST_NAME, manifest.to_dict())
+    # A finished cache is opened without locks; drop the writers' lock files so they are not part of it.
+    for name in os.listdir(folder):
+        if LOCK_RE.match(name):
+            _unlink(folder / name)
     return manifest

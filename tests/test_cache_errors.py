@@ -98,13 +98,13 @@ def test_corrupt_truncated_shard_caught_at_open(cache):
         CacheReader(cache)
 
 
-def test_corrupt_flipped_byte_caught_with_verify_hashes(cache):
+def test_corrupt_flipped_byte_caught_at_open_with_verify_open(cache):
     shard = next(cache.glob("shard-*.arrow"))
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
     with pytest.raises(CacheCorruptError, match="content hash differs"):
-        CacheReader(cache, verify_hashes=True)
+        CacheReader(cache, verify="open")
 
 
 def test_exists_with_other_configuration(cache):

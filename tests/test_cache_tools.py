@@ -55,7 +55,7 @@ def make_v1_fixture(path: Path) -> None:
 def test_v1_fixture_still_reads_and_verifies():
     report = verify_cache(FIXTURE)
     assert report.ok, report.problems
-    reader = CacheReader(FIXTURE, verify_hashes=True, expect_teacher="teacher-fp-v1",
+    reader = CacheReader(FIXTURE, verify="open", expect_teacher="teacher-fp-v1",
                          expect_settings={"topk": 3})
     assert reader.manifest.format_version == 1 and len(reader.manifest.shards) > 1
     assert sorted(reader.ids) == [f"ex{i}" for i in range(6)]
