@@ -196,7 +196,7 @@ def _open_caches(cfg: Config, train_examples) -> list[cf.CacheReader]:
     return readers
 
 
-def _run_settings(cfg: Config, readers: Sequence[cf.CacheReader]) -> dict:
+def _distill_settings(cfg: Config, readers: Sequence[cf.CacheReader]) -> dict:
     """What, besides the optimisation settings, defines a distillation run (a resume must not change it)."""
     d = cfg.distill
     return {
@@ -273,7 +273,7 @@ def distill(cfg: Config, *, on_step: Callable[[int], None] | None = None) -> Dis
 
     objective = DistillObjective(d, source, matches, projections, dict(zip(train.ids, train.lengths.tolist())))
     result = fit(student, objective, train, dev, d, output=output, log_dir=Path(d.log_dir), device=device,
-                 desc=f"distill ({d.teacher_signal})", on_step=on_step, run_settings=_run_settings(cfg, readers))
+                 desc=f"distill ({d.teacher_signal})", on_step=on_step, run_settings=_distill_settings(cfg, readers))
     save_model(student, tokenizer, projections, output, result=result, label_names=cfg.data.label_names)
     metrics = {"teacher_signal": d.teacher_signal, "dev_accuracy": result.dev_accuracy,
                "dev_macro_f1": result.dev_macro_f1, "steps": result.steps, "seconds": round(result.seconds, 2),

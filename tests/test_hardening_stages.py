@@ -14,14 +14,13 @@ import torch
 from click.testing import CliRunner
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-import cache_format as cf
-from cache_format._errors import CacheCorruptError, CacheMismatchError, CacheMissError, KDError
+from cache_format._errors import CacheCorruptError, CacheMismatchError, KDError
 from pipeline.cli import cli
 from stages import distill, evaluate, precompute, train_teacher
 from stages._io import OutputError
 from stages._train import RUN_FILE, NonFiniteLossError, ResumeError
 from stages.config import config_from_dict
-from stages.data import DataError, data_fingerprint
+from stages.data import DataError
 from stages.distill import DistillObjective
 from stages.models import ModelError, make_tiny_classifier, teacher_fingerprint
 from stages.teacher import CachedTeachers, load_split
