@@ -33,8 +33,8 @@ from stages._io import progress_bar
 from stages.config import TrainingConfig
 from stages.data import DataError, Encoded, collate
 
-__all__ = ["EpochSampler", "Objective", "FitResult", "fit", "evaluate_accuracy", "pick_device", "set_seed", "save_model",
-           "NonFiniteLossError", "ResumeError", "RUN_FILE"]
+__all__ = ["EpochSampler", "Objective", "FitResult", "fit", "evaluate_accuracy", "pick_device", "set_seed",
+           "save_model", "NonFiniteLossError", "ResumeError", "RUN_FILE"]
 
 RUN_FILE = "kd_run.json"  # written into every finished model folder: the run's settings and final metrics
 # Training settings that do not change what the run computes (so a resume may change them).

@@ -181,7 +181,8 @@ def test_multi_teacher_and_attention_matches(tmp_path, tiny_data_dir, tiny_teach
 
     # Record, per step, the teachers' logits, the combined target the KD loss got, and the loss terms.
     seen: list[dict] = []
-    orig_next, orig_kd, orig_losses = distill_module.CachedTeachers.next, distill_module.kd_loss, DistillObjective.losses
+    orig_next, orig_kd = distill_module.CachedTeachers.next, distill_module.kd_loss
+    orig_losses = DistillObjective.losses
 
     def next_(self, seq_len):
         outs = orig_next(self, seq_len)
