@@ -1,13 +1,23 @@
-"""Small helpers every stage shares: the one progress-bar policy."""
+"""Small helpers every stage shares: the one progress-bar policy and the check of output locations."""
 
 from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
+from typing import Literal, Mapping
 
 from tqdm.auto import tqdm
 
-__all__ = ["progress_bar"]
+from cache_format._errors import KDError
+
+__all__ = ["OutputError", "check_outputs", "progress_bar"]
+
+OutputKind = Literal["file", "folder", "model"]
+
+
+class OutputError(KDError):
+    """An output location cannot be written (read-only, or a file where a folder is expected or vice versa)."""
 
 
 def progress_bar(*, total: int, initial: int, desc: str, unit: str) -> tqdm:
@@ -15,3 +25,49 @@ def progress_bar(*, total: int, initial: int, desc: str, unit: str) -> tqdm:
     tty = sys.stderr.isatty()
     return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, mininterval=0.1 if tty else 30,
                 disable=os.environ.get("KD_PROGRESS", "1") == "0")
+
+
+def _writable(folder: Path) -> bool:
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _problem(path: Path, kind: OutputKind) -> str | None:
+    """What stops a stage from writing `path` (None if nothing)."""
+    if path.exists():
+        if kind == "file" and path.is_dir():
+            return f"{path} is a folder, a file is expected there"
+        if kind != "file" and not path.is_dir():
+            return f"{path} is a file, a folder is expected there"
+        if kind != "file" and not _writable(path):
+            return f"folder {path} is not writable"
+        # Files are replaced atomically and models swapped in from a sibling folder: both need the parent.
+        if kind != "folder" and not _writable(path.absolute().parent):
+            return f"folder {path.absolute().parent} is not writable"
+        return None
+    ancestor = _existing_ancestor(path)
+    if not ancestor.is_dir():
+        return f"{ancestor} is a file, so {path} cannot be created under it"
+    if not _writable(ancestor):
+        return f"folder {ancestor} is not writable, so {path} cannot be created"
+    return None
+
+
+def check_outputs(outputs: Mapping[str, tuple[str | os.PathLike, OutputKind]]) -> None:
+    """Check every output location before a stage does any work; raise one OutputError listing each problem.
+
+    `outputs` maps a setting name (e.g. "distill.metrics") to (path, kind): "file" (written atomically),
+    "folder" (written into) or "model" (a folder replaced as a whole). A path that does not exist yet needs
+    its nearest existing ancestor to be a writable folder.
+    """
+    problems = [f"{key}: {msg}" for key, (path, kind) in outputs.items()
+                if (msg := _problem(Path(path), kind)) is not None]
+    if problems:
+        raise OutputError("cannot write the outputs: " + "; ".join(problems)
+                          + "; fix these settings or the permissions, then rerun")

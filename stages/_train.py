@@ -7,15 +7,19 @@ loss terms for a batch. The loop owns optimisation, evaluation, logging and exac
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import math
 import os
 import random
+import re
 import shutil
+import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -23,12 +27,18 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from cache_format import atomic_file
+from cache_format import atomic_file, atomic_write_text
+from cache_format._errors import KDError
 from stages._io import progress_bar
 from stages.config import TrainingConfig
 from stages.data import DataError, Encoded, collate
 
-__all__ = ["EpochSampler", "Objective", "FitResult", "fit", "evaluate_accuracy", "pick_device", "set_seed", "save_model"]
+__all__ = ["EpochSampler", "Objective", "FitResult", "fit", "evaluate_accuracy", "pick_device", "set_seed",
+           "save_model", "NonFiniteLossError", "ResumeError", "RUN_FILE"]
+
+RUN_FILE = "kd_run.json"  # written into every finished model folder: the run's settings and final metrics
+# Training settings that do not change what the run computes (so a resume may change them).
+_NOT_RUN_SETTINGS = frozenset({"resume", "eval_batch_size", "checkpoint_every"})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -136,6 +146,14 @@ class Objective(Protocol):
         """Release background resources (prefetch threads)."""
 
 
+class NonFiniteLossError(KDError, ArithmeticError):
+    """A loss term became NaN or infinite: the weights are ruined, so nothing is saved."""
+
+
+class ResumeError(KDError, ValueError):
+    """--resume cannot continue: the settings changed since the checkpoint, or the run is already finished."""
+
+
 @dataclass(frozen=True)
 class FitResult:
     steps: int
@@ -144,6 +162,49 @@ class FitResult:
     dev_macro_f1: float | None
     seconds: float
     examples_per_second: float
+    settings: dict = field(default_factory=dict)  # what defines the run (checked on resume, saved in RUN_FILE)
+
+
+def _run_settings(cfg: TrainingConfig, extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The settings that define a run, as plain JSON values: the optimisation ones plus the stage's `extra`."""
+    train = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainingConfig)
+             if f.name not in _NOT_RUN_SETTINGS}
+    return json.loads(json.dumps({**train, **(extra or {})}, default=str))
+
+
+def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _check_same_run(saved: Mapping[str, Any] | None, now: Mapping[str, Any], ckpt: Path) -> None:
+    if saved is None:
+        raise ResumeError(f"checkpoint {ckpt} records no run settings (an older version wrote it), so resuming "
+                          "could silently change the run; run without --resume to start over")
+    old, new = _flat(saved), _flat(now)
+    changed = [f"{k} {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}"
+               for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+    if changed:
+        raise ResumeError(f"cannot resume from {ckpt}: settings changed since the checkpoint ({'; '.join(changed)}); "
+                          "set them back, or run without --resume to start over with the new ones")
+
+
+def _remove_debris(output: Path) -> None:
+    """Delete `<output>.<hex>.partial` / `.old` siblings that a run killed during `save_model` left behind."""
+    pattern = re.compile(re.escape(output.name) + r"\.[0-9a-f]{32}\.(partial|old)")
+    if output.parent.is_dir():
+        for p in output.parent.iterdir():
+            if not pattern.fullmatch(p.name):
+                continue
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
 
 
 def set_seed(seed: int) -> None:
@@ -225,14 +286,25 @@ def fit(
     device: torch.device | None = None,
     desc: str = "train",
     on_step: Callable[[int], None] | None = None,
+    run_settings: Mapping[str, Any] | None = None,
 ) -> FitResult:
     """Train `model` (and `objective.modules`) on `train`; checkpoint to `output/checkpoint`.
 
     With `cfg.resume`, continue exactly from the last checkpoint: same weights, optimizer,
     scheduler, RNG and position in the epoch, so the remaining batches are the ones an
-    uninterrupted run would have seen. `on_step(step)` is called after every optimizer step (benchmarks
-    time steps with it).
+    uninterrupted run would have seen. The checkpoint records the run's settings (the optimisation
+    ones plus the stage's `run_settings`, e.g. teachers and loss); resuming with any of them changed
+    raises ResumeError. `on_step(step)` is called after every optimizer step (benchmarks time steps with it).
+
+    A NaN or infinite loss term raises NonFiniteLossError, before any checkpoint of the ruined weights.
     """
+    settings = _run_settings(cfg, run_settings)
+    ckpt_path = output / "checkpoint" / "state.pt"
+    _remove_debris(output)
+    if cfg.resume and not ckpt_path.exists():
+        if (output / RUN_FILE).exists():
+            raise ResumeError(f"nothing to resume: the model at {output} is finished; run without --resume to retrain")
+        print(f"note: --resume: no checkpoint at {ckpt_path}; starting from scratch", file=sys.stderr)
     device = device or pick_device()
     set_seed(cfg.seed)
     model.to(device).train()
@@ -247,28 +319,53 @@ def fit(
     autocast, scaler = _autocast(device, cfg.mixed_precision)
     ids = np.asarray(train.ids, dtype=object)
 
-    ckpt_path = output / "checkpoint" / "state.pt"
     step = 0
+    dev_acc = dev_f1 = None
     if cfg.resume and ckpt_path.exists():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        _check_same_run(state.get("settings"), settings, ckpt_path)
         model.load_state_dict(state["model"])
         objective.modules.load_state_dict(state["modules"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
         step = state["step"]
+        # A run killed after its last checkpoint but before the final save resumes with nothing left to train:
+        # it must still report the dev metrics of the model it saves.
+        dev_acc, dev_f1 = state.get("dev", (None, None))
         random.setstate(state["rng"]["python"])
         np.random.set_state(state["rng"]["numpy"])
         torch.set_rng_state(state["rng"]["torch"])
         if torch.cuda.is_available() and state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
+    # The first optimizer step (1-based) at which each loss term was NaN/inf, 0 if never. Kept on the device and
+    # read only at log intervals, before every checkpoint and at the end: reading it every step would sync
+    # the GPU every step. Weights ruined at step k are thus never checkpointed nor returned for saving.
+    bad_at: dict[str, torch.Tensor] = {}
+
+    def check_finite() -> None:
+        if not bad_at:
+            return
+        firsts = dict(zip(bad_at, torch.stack(list(bad_at.values())).tolist()))  # one sync
+        bad = {k: v for k, v in firsts.items() if v}
+        if bad:
+            first = min(bad.values())
+            raise NonFiniteLossError(
+                f"{desc}: non-finite loss at step {first}/{total_steps} (term(s) {', '.join(sorted(bad))} NaN or "
+                f"infinite); nothing was saved and the last checkpoint (if any) is kept in {ckpt_path.parent}; "
+                f"check the teacher cache with `kd cache verify <cache folder>` (cached runs) or lower lr "
+                f"(now {cfg.lr})"
+            )
+
     def save_checkpoint() -> None:
+        check_finite()
         rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
         _atomic_torch_save({"model": model.state_dict(), "modules": objective.modules.state_dict(),
                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                            "sampler": sampler.state_dict(), "step": step, "rng": rng}, ckpt_path)
+                            "sampler": sampler.state_dict(), "step": step, "rng": rng, "settings": settings,
+                            "dev": (dev_acc, dev_f1)}, ckpt_path)
 
     live = None
     if log_dir is not None:
@@ -278,7 +375,6 @@ def fit(
     log_every = max(1, total_steps // 200)  # ~200 points per curve: enough to plot, cheap to write
     sums: dict[str, torch.Tensor] = {}
     n_sums = 0
-    dev_acc = dev_f1 = None
     seen = 0
     t0 = time.perf_counter()
     bar = progress_bar(total=total_steps, initial=step, desc=desc, unit="step")
@@ -297,7 +393,12 @@ def fit(
                 loss = sum(terms.values()) / cfg.grad_accum
                 (scaler.scale(loss) if scaler else loss).backward()
                 for k, v in terms.items():  # kept on the device: reading a value would sync the GPU every step
-                    sums[k] = sums.get(k, 0.0) + v.detach()
+                    v = v.detach()
+                    sums[k] = sums.get(k, 0.0) + v
+                    flag = bad_at.get(k)
+                    if flag is None:
+                        flag = torch.zeros((), dtype=torch.int64, device=v.device)
+                    bad_at[k] = torch.where((flag == 0) & ~torch.isfinite(v), step + 1, flag)
                 n_sums += 1
                 seen += len(rows)
                 micro += 1
@@ -319,6 +420,7 @@ def fit(
                 if on_step is not None:
                     on_step(step)
                 if step % log_every == 0 or step == total_steps:
+                    check_finite()
                     means = {k: float(v) / n_sums for k, v in sums.items()}  # the one sync per log interval
                     bar.set_postfix(loss=f"{sum(means.values()):.4f}")
                     if live is not None:
@@ -335,6 +437,7 @@ def fit(
             else:
                 next(stream, None)  # exhausting the generator moves the sampler to the next epoch
             if sampler.position == 0 or step >= total_steps:  # epoch boundary (or the end)
+                check_finite()
                 if dev is not None and dev.labels is not None:
                     dev_acc, dev_f1, _ = evaluate_accuracy(model, dev, cfg.eval_batch_size, device)
                     tqdm.write(f"{desc}: step {step}/{total_steps} dev accuracy {dev_acc:.4f} macro-F1 {dev_f1:.4f}")
@@ -343,28 +446,41 @@ def fit(
                         live.log_metric("dev/macro_f1", dev_f1, plot=True)
                         live.next_step()
                 save_checkpoint()
+        check_finite()
     finally:
         bar.close()
         objective.close()
         if live is not None:
             live.end()
     seconds = time.perf_counter() - t0
-    return FitResult(step, step / steps_per_epoch, dev_acc, dev_f1, seconds, seen / max(seconds, 1e-9))
+    return FitResult(step, step / steps_per_epoch, dev_acc, dev_f1, seconds, seen / max(seconds, 1e-9), settings)
 
 
-def save_model(model: nn.Module, tokenizer, projections: nn.Module, output: Path) -> None:
+def save_model(model: nn.Module, tokenizer, projections: nn.Module, output: Path, *, result: FitResult | None = None,
+               label_names: Sequence[str] | None = None) -> None:
     """Save the final model with `save_pretrained` (+ tokenizer, + projections if any).
+
+    `label_names` go into the config (id2label/label2id, so `transformers.pipeline` prints names). With
+    `result`, `RUN_FILE` records the run's settings and final metrics: it marks the model as finished
+    (`--resume` then has nothing to do) and says which step's model this is.
 
     Written into a sibling folder, then swapped in, so a crash never leaves half a model. The
     swap also drops `output/checkpoint`: a finished run has nothing to resume, and optimizer
     state would triple the size of every DVC experiment's output.
     """
+    if label_names:
+        model.config.id2label = dict(enumerate(label_names))
+        model.config.label2id = {name: i for i, name in enumerate(label_names)}
     tmp = output.with_name(f"{output.name}.{uuid.uuid4().hex}.partial")
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if len(projections):
             torch.save(projections.state_dict(), tmp / "projections.pt")
+        if result is not None:
+            run = {"steps": result.steps, "epochs_done": result.epochs_done, "dev_accuracy": result.dev_accuracy,
+                   "dev_macro_f1": result.dev_macro_f1, "settings": result.settings}
+            atomic_write_text(tmp / RUN_FILE, json.dumps(run, indent=2) + "\n")
         old = output.with_name(f"{output.name}.{uuid.uuid4().hex}.old")
         if output.exists():
             os.replace(output, old)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -11,14 +13,15 @@ import torch
 from torch import nn
 
 import cache_format as cf
-from cache_format._errors import CacheMissError, KDError
+from cache_format._errors import CacheMismatchError, CacheMissError, KDError
 from stages.config import Config, DistillConfig
+from stages._io import check_outputs
 from stages._train import FitResult, fit, pick_device, save_model, set_seed
 from stages.data import data_fingerprint, encode
 from stages.losses import (Match, MatchError, build_projections, check_matches, feature_map, hard_ce_loss, kd_loss, match_loss,
                            needed_teacher_layers, preset_matches)
 from stages.models import (hidden_size, load_classifier, load_tokenizer, num_layers, student_from_config,
-                           student_from_teacher)
+                           student_from_teacher, teacher_fingerprint)
 from stages.schedules import combine_teachers, cwsm_temperature, flsw_temperature, probability_shift, weight_at
 from stages.teacher import (CachedTeachers, OnlineTeachers, TeacherSpec, cache_target, load_split, resolve_model)
 
@@ -42,7 +45,9 @@ def build_student(cfg: Config) -> tuple[nn.Module, object]:
         return student_from_teacher(teacher, s.keep_layers), load_tokenizer(src)
     if s.pretrained:
         src = resolve_model(s.pretrained)
-        return load_classifier(src, n), load_tokenizer(src)
+        # A base model gets a new head (that is what distillation trains); a head for another label count is
+        # an error, as for teachers: silently re-initialising it would throw away what it learned.
+        return load_classifier(src, n, head="if_missing"), load_tokenizer(src)
     src = resolve_model(s.config)
     model = student_from_config(src, n, num_layers=s.num_layers, hidden_size=s.hidden_size,
                                 intermediate_size=s.intermediate_size, num_heads=s.num_heads)
@@ -126,26 +131,62 @@ class DistillObjective:
             self.source.close()
 
 
+def _configured_teachers(cfg: Config) -> list[str]:
+    return cfg.distill.teachers or cfg.precompute.teachers
+
+
+def _check_cache_teachers(cfg: Config, readers: Sequence[cf.CacheReader]) -> None:
+    """Each explicit cache must hold the outputs of the configured teacher in the same position."""
+    if not cfg.distill.check_cache_teacher:
+        print("warning: distill.check_cache_teacher is false: the caches in distill.caches are not checked "
+              "against the configured teachers", file=sys.stderr)
+        return
+    teachers = _configured_teachers(cfg)
+    which = "distill.teachers" if cfg.distill.teachers else "precompute.teachers"
+    if len(teachers) != len(readers):
+        raise CacheMismatchError(
+            f"distill.caches lists {len(readers)} cache(s) but {which} lists {len(teachers)} teacher(s); list the "
+            f"teacher of each cache in {which}, in the same order (or set distill.check_cache_teacher: false)"
+        )
+    for r, teacher in zip(readers, teachers):
+        expected = teacher_fingerprint(resolve_model(teacher))
+        if r.manifest.teacher_fingerprint != expected:
+            raise CacheMismatchError(
+                f"cache {r.path} was made by another teacher (fingerprint {r.manifest.teacher_fingerprint}) than "
+                f"{which} entry {teacher} (fingerprint {expected}); point distill.caches at that teacher's cache, "
+                f"fix {which}, or set distill.check_cache_teacher: false to use the cache anyway"
+            )
+
+
 def _open_caches(cfg: Config, train_examples) -> list[cf.CacheReader]:
-    """Readers for the teacher caches, checked against the training data (every id present)."""
+    """Readers for the teacher caches, checked against the teachers and the training data (every id present).
+
+    Nothing here builds a teacher model: a cache is identified by hashes of the teacher's files.
+    """
     d = cfg.distill
     dfp = data_fingerprint(train_examples)
     readers = []
     if d.caches:
-        for path in d.caches:
-            readers.append(cf.CacheReader(path, expect_data=dfp))
+        readers = [cf.CacheReader(path, expect_data=dfp) for path in d.caches]
+        _check_cache_teachers(cfg, readers)
     else:
         # The caches precompute writes for precompute.teachers: same teacher + data + settings -> same folder.
         for teacher in cfg.precompute.teachers:
-            src = resolve_model(teacher)
-            model, tok = load_classifier(src, cfg.data.num_labels), load_tokenizer(src)
-            target = cache_target(cfg, teacher, model, tok, train_examples)
+            target = cache_target(cfg, teacher, train_examples)
             if not target.path.exists():
                 raise KDError(f"no cache for teacher {teacher} at {target.path}; run `kd precompute` first "
                               "(or set distill.caches to an existing cache folder)")
             readers.append(cf.CacheReader(target.path, expect_teacher=target.teacher_fingerprint,
                                           expect_data=dfp, expect_settings=target.settings))
+    n = cfg.data.num_labels
     for r in readers:
+        logits = r.fields.get("logits")
+        if logits is not None and tuple(logits.shape) != (n,):
+            raise CacheMismatchError(
+                f"cache {r.path} holds {logits.shape[0]}-label teacher logits but data.num_labels is {n}; "
+                f"set data.num_labels: {logits.shape[0]} if that is the data's label count, else use a cache "
+                f"of a teacher fine-tuned for {n} labels"
+            )
         missing = [i for i in train_examples.ids if i not in r]
         if missing:
             raise CacheMissError(
@@ -155,25 +196,44 @@ def _open_caches(cfg: Config, train_examples) -> list[cf.CacheReader]:
     return readers
 
 
+def _distill_settings(cfg: Config, readers: Sequence[cf.CacheReader]) -> dict:
+    """What, besides the optimisation settings, defines a distillation run (a resume must not change it)."""
+    d = cfg.distill
+    return {
+        "teacher_signal": d.teacher_signal,
+        "caches": [str(r.path) for r in readers],
+        "teachers": _configured_teachers(cfg) if d.teacher_signal == "online" else [],
+        "student": dataclasses.asdict(d.student),
+        "kd": dataclasses.asdict(d.kd),
+        "matches": [dataclasses.asdict(m) for m in d.matches],
+        "match_preset": d.match_preset,
+        "match_weight_schedule": d.match_weight_schedule,
+    }
+
+
 def distill(cfg: Config, *, on_step: Callable[[int], None] | None = None) -> DistillResult:
     """Train the student described by `cfg.distill` and save it with `save_pretrained`.
 
     `on_step(step)` is called after every optimizer step (the benchmarks time steps with it)."""
     d = cfg.distill
-    set_seed(d.seed)  # the student's random parts (new heads, projections) depend on it
-    device = pick_device()
-    student, tokenizer = build_student(cfg)
+    output = Path(d.output)
+    check_outputs({"distill.output": (output, "model"), "distill.metrics": (d.metrics, "file"),
+                   "distill.log_dir": (d.log_dir, "folder")})
+    # Data and caches first: their errors must not cost a model load.
     # The unlabelled transfer set carries only teacher signal: a labels-only run leaves it out.
     train_ex = load_split(cfg, "train", transfer=d.teacher_signal != "none")
     dev_ex = load_split(cfg, "dev") if cfg.data.dev else None
+    readers = _open_caches(cfg, train_ex) if d.teacher_signal == "cached" else []
+    device = pick_device()
+    set_seed(d.seed)  # the student's random parts (new heads, projections) depend on it
+    student, tokenizer = build_student(cfg)
     train = encode(tokenizer, train_ex, d.max_length)
     dev = encode(tokenizer, dev_ex, d.max_length) if dev_ex is not None else None
     s_layers = num_layers(student)
 
-    source, readers, matches = None, [], []
+    source, matches = None, []
     t_width: int | None = None
     if d.teacher_signal == "cached":
-        readers = _open_caches(cfg, train_ex)
         t_layers = readers[0].manifest.settings.get("num_layers", 0)
         matches = _matches(d, t_layers, s_layers)
         check_matches(matches, t_layers, s_layers)
@@ -187,7 +247,7 @@ def distill(cfg: Config, *, on_step: Callable[[int], None] | None = None) -> Dis
         t_width = next((readers[0].fields[f].shape[-1] for f in fields if f.startswith("hidden.")), None)
         source = CachedTeachers(readers, [f for f in fields if f in readers[0].fields], device, prefetch=d.prefetch)
     elif d.teacher_signal == "online":
-        names = d.teachers or cfg.precompute.teachers
+        names = _configured_teachers(cfg)
         first = load_classifier(resolve_model(names[0]), cfg.data.num_labels)
         matches = _matches(d, num_layers(first), s_layers)
         check_matches(matches, num_layers(first), s_layers)
@@ -212,10 +272,9 @@ def distill(cfg: Config, *, on_step: Callable[[int], None] | None = None) -> Dis
     projections = build_projections(matches, s_width, t_width or s_width)
 
     objective = DistillObjective(d, source, matches, projections, dict(zip(train.ids, train.lengths.tolist())))
-    output = Path(d.output)
     result = fit(student, objective, train, dev, d, output=output, log_dir=Path(d.log_dir), device=device,
-                 desc=f"distill ({d.teacher_signal})", on_step=on_step)
-    save_model(student, tokenizer, projections, output)
+                 desc=f"distill ({d.teacher_signal})", on_step=on_step, run_settings=_distill_settings(cfg, readers))
+    save_model(student, tokenizer, projections, output, result=result, label_names=cfg.data.label_names)
     metrics = {"teacher_signal": d.teacher_signal, "dev_accuracy": result.dev_accuracy,
                "dev_macro_f1": result.dev_macro_f1, "steps": result.steps, "seconds": round(result.seconds, 2),
                "train_examples_per_second": round(result.examples_per_second, 1)}

@@ -5,11 +5,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 from transformers import (
@@ -23,11 +22,14 @@ from transformers import (
     PreTrainedModel,
 )
 
+import cache_format as cf
 from cache_format._errors import KDError
 
 __all__ = [
     "ModelError",
     "load_tokenizer",
+    "load_model_config",
+    "check_head",
     "load_classifier",
     "student_from_teacher",
     "student_from_config",
@@ -35,10 +37,10 @@ __all__ = [
     "hidden_size",
     "num_parameters",
     "model_fingerprint",
+    "teacher_fingerprint",
     "make_tiny_classifier",
 ]
 
-logger = logging.getLogger(__name__)
 
 # Config keys that change with where/how a model was loaded, not with what it computes.
 _VOLATILE_CONFIG_KEYS = frozenset({
@@ -92,31 +94,53 @@ def load_tokenizer(name_or_path: str) -> Any:
     return tokenizer
 
 
-def load_classifier(name_or_path: str, num_labels: int, *, eager_attention: bool = False) -> PreTrainedModel:
-    """Load a sequence classifier with `num_labels` outputs from a folder or hub name.
-
-    A base model (no head) gets a new head. A checkpoint whose head has another number of labels is loaded with
-    `num_labels` and `ignore_mismatched_sizes=True`, so that head is re-initialised (and a warning logged);
-    a matching head is kept as is. `eager_attention=True` is needed to get attention maps (transformers 5
-    returns them only with attn_implementation="eager").
-    """
+def load_model_config(name_or_path: str) -> PretrainedConfig:
+    """The model's config only (config.json): cheap, no weights are read."""
     _check_source(name_or_path, "model")
     try:
-        config = AutoConfig.from_pretrained(name_or_path)
+        return AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:
         raise _load_error(name_or_path, "model", e) from e
-    options: dict[str, Any] = {}
+
+
+Head = Literal["require", "if_missing", "new"]
+
+
+def check_head(config: PretrainedConfig, name_or_path: str, num_labels: int, head: Head = "require") -> dict[str, Any]:
+    """Check a model's classification head against `num_labels`; return the loading options that follow.
+
+    head="require" (teachers, evaluation): the model must have a `num_labels`-label head.
+    head="if_missing" (a pretrained student): a base model gets a new head; a head of another size is an error.
+    head="new" (train-teacher only): a base model or a head of another size gets a new, re-initialised head.
+    """
+    has_head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+    if has_head and config.num_labels == num_labels:
+        return {}
+    if head == "new" or (head == "if_missing" and not has_head):
+        return {"num_labels": num_labels, "ignore_mismatched_sizes": has_head}
+    if has_head:
+        raise ModelError(
+            f"{name_or_path} has a {config.num_labels}-label classification head but data.num_labels is {num_labels}; "
+            f"set data.num_labels: {config.num_labels} if that is the data's label count, else use a model "
+            f"fine-tuned for {num_labels} labels (`kd train-teacher` makes one)"
+        )
+    raise ModelError(
+        f"{name_or_path} has no classification head (a base model), so its predictions would be random; "
+        f"fine-tune it first with `kd train-teacher` (which adds a {num_labels}-label head) and use that model"
+    )
+
+
+def load_classifier(name_or_path: str, num_labels: int, *, eager_attention: bool = False,
+                    head: Head = "require") -> PreTrainedModel:
+    """Load a sequence classifier with `num_labels` outputs from a folder or hub name.
+
+    `head` says whether a new classification head may be made (see `check_head`); the default refuses, so a
+    model whose head has another number of labels is never silently re-initialised. `eager_attention=True`
+    is needed to get attention maps (transformers 5 returns them only with attn_implementation="eager").
+    """
+    options = check_head(load_model_config(name_or_path), name_or_path, num_labels, head)
     if eager_attention:
         options["attn_implementation"] = "eager"
-    has_head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
-    if config.num_labels != num_labels:
-        options["num_labels"] = num_labels
-        if has_head:
-            logger.warning(
-                "%s has a %d-label head; num_labels=%d re-initialises it (fine-tune before use)",
-                name_or_path, config.num_labels, num_labels,
-            )
-            options["ignore_mismatched_sizes"] = True
     try:
         return AutoModelForSequenceClassification.from_pretrained(name_or_path, **options)
     except (OSError, ValueError) as e:
@@ -244,6 +268,79 @@ def model_fingerprint(model: PreTrainedModel, tokenizer: Any) -> str:
     h.update(b";tokenizer:")
     h.update(_tokenizer_description(tokenizer).encode())
     return h.hexdigest()
+
+
+# Files that define what a saved model computes: weights (single or sharded, with their index) and tokenizer.
+_WEIGHT_FILE = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?")
+_TOKENIZER_FILES = frozenset({
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
+    "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model",
+})
+
+
+# Keys of saved tokenizer JSON files that record how it was loaded or last called, not how it tokenises.
+_VOLATILE_TOKENIZER_KEYS = frozenset({"truncation", "padding", "is_local", "local_files_only", "name_or_path",
+                                      "_name_or_path", "_commit_hash"})
+
+
+def _file_identity(path: Path) -> str:
+    if path.suffix != ".json" or path.name.endswith(".index.json"):
+        return cf.file_hash(path)
+    drop = _VOLATILE_CONFIG_KEYS if path.name == "config.json" else _VOLATILE_TOKENIZER_KEYS
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ModelError(f"{path} is not valid JSON ({e}); save the model again with save_pretrained") from None
+    if isinstance(data, dict):
+        data = {k: v for k, v in data.items() if k not in drop}
+    return cf.fingerprint(json.dumps(data, sort_keys=True, default=str))
+
+
+def _folder_fingerprint(folder: Path) -> str:
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"{folder} has no config.json; give a folder saved with save_pretrained")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and (
+        p.name == "config.json" or p.name in _TOKENIZER_FILES or _WEIGHT_FILE.fullmatch(p.name)))
+    if not any(_WEIGHT_FILE.fullmatch(p.name) for p in files):
+        raise ModelError(f"{folder} has no weight file (model.safetensors or pytorch_model.bin); "
+                         "give a folder saved with save_pretrained")
+    return cf.Hasher().update({"kind": "model files v1",
+                               "files": [[p.name, _file_identity(p)] for p in files]}).hexdigest()
+
+
+def _hub_snapshot(name: str) -> Path | None:
+    """The local snapshot folder of a hub model, if it is in the huggingface cache (no network)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # not cached, not a valid repo id, or no hub library: the caller falls back
+        return None
+
+
+def teacher_fingerprint(name_or_path: str) -> str:
+    """32-hex-digit identity of a saved teacher, computed from its files without building the model.
+
+    Hashes the weight files' bytes, and config.json and the tokenizer files less the keys that change with how
+    the model was loaded or saved (so a re-saved copy keeps its identity). Precompute and distill both use it, so a cache is found without loading the teacher.
+    A hub name uses its huggingface cache snapshot; one not yet downloaded is loaded once (which downloads
+    it), so later offline runs hash the same snapshot.
+    """
+    _check_source(name_or_path, "model")
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return _folder_fingerprint(path)
+    snapshot = _hub_snapshot(name_or_path)
+    if snapshot is None:
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(name_or_path)
+        except (OSError, ValueError) as e:
+            raise _load_error(name_or_path, "model", e) from e
+        tokenizer = load_tokenizer(name_or_path)
+        snapshot = _hub_snapshot(name_or_path)
+        if snapshot is None:  # loadable, but not through the hub cache: identify it by what it computes
+            return model_fingerprint(model, tokenizer)
+    return _folder_fingerprint(snapshot)
 
 
 def _tokenizer_description(tokenizer: Any) -> str:

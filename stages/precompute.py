@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import queue
 import threading
 import time
@@ -12,11 +13,12 @@ import numpy as np
 import torch
 
 import cache_format as cf
-from stages.config import Config
-from stages._io import progress_bar
+from cache_format._manifest import MANIFEST_NAME, MAX_ID_BYTES
+from stages.config import Config, PrecomputeConfig
+from stages._io import check_outputs, progress_bar
 from stages._train import pick_device
-from stages.data import collate, encode
-from stages.models import load_classifier, load_tokenizer
+from stages.data import DataError, Examples, collate, encode
+from stages.models import check_head, load_classifier, load_model_config, load_tokenizer
 from stages.teacher import TeacherSpec, cache_fields, cache_target, load_split, resolve_model, teacher_outputs
 
 __all__ = ["PrecomputeResult", "precompute"]
@@ -62,24 +64,50 @@ class _BackgroundWriter:
             raise self.error
 
 
-def _precompute_one(cfg: Config, teacher: str, device: torch.device) -> PrecomputeResult:
+def _check_ids(examples: Examples) -> None:
+    """Refuse ids the cache cannot store before its folder is created (an error later would leave it unfinished)."""
+    for i in examples.ids:
+        if not i or len(i.encode("utf-8")) > MAX_ID_BYTES:
+            raise DataError(f"example id {i[:40]!r}{'...' if len(i) > 40 else ''} cannot be cached: ids must be "
+                            f"non-empty and at most {MAX_ID_BYTES} UTF-8 bytes; fix the id column (data.id_field)")
+
+
+def _writer_options(p: PrecomputeConfig) -> dict:
+    # TODO(merge): pass directly once CacheWriter takes commit_examples/commit_seconds.
+    wanted = {"commit_examples": p.commit_examples, "commit_seconds": p.commit_seconds}
+    known = inspect.signature(cf.CacheWriter).parameters
+    return {k: v for k, v in wanted.items() if k in known}
+
+
+def _precompute_one(cfg: Config, teacher: str, examples: Examples, device: torch.device) -> PrecomputeResult:
     p = cfg.precompute
     spec = TeacherSpec.from_config(p)
     path_or_name = resolve_model(teacher)
+    # Everything that can fail cheaply comes before the cache folder is opened and the weights are loaded:
+    # the head and layers (config only), the tokenisation and the cache's identity (hashes of the files).
+    config = load_model_config(path_or_name)
+    check_head(config, teacher, cfg.data.num_labels)
+    spec.check_layers(int(config.num_hidden_layers), teacher)
     tokenizer = load_tokenizer(path_or_name)
-    model = load_classifier(path_or_name, cfg.data.num_labels, eager_attention=bool(spec.attention_layers))
-    spec.check_layers(model, teacher)
-    examples = load_split(cfg, p.split, transfer=p.split == "train")
-    target = cache_target(cfg, teacher, model, tokenizer, examples)
+    enc = encode(tokenizer, examples, p.max_length)
+    target = cache_target(cfg, teacher, examples)
+
+    def load_model() -> torch.nn.Module:
+        return load_classifier(path_or_name, cfg.data.num_labels, eager_attention=bool(spec.attention_layers))
+
+    # A finished cache needs no model; any other is written by the model, so load it before opening the folder.
+    model = None if (target.path / MANIFEST_NAME).exists() else load_model()
     t0 = time.perf_counter()
-    writer = cf.CacheWriter(target.path, cache_fields(spec, model, examples.labels is not None), teacher_fingerprint=target.teacher_fingerprint,
-                            data_fingerprint=target.data_fingerprint, settings=target.settings)
+    writer = cf.CacheWriter(target.path, cache_fields(spec, config, examples.labels is not None),
+                            teacher_fingerprint=target.teacher_fingerprint, data_fingerprint=target.data_fingerprint,
+                            settings=target.settings, **_writer_options(p))
     if writer.complete:
         return PrecomputeResult(teacher, target.path, len(examples), 0, 0.0, "up to date")
+    if model is None:  # the manifest vanished between the check and the open
+        model = load_model()
     done = writer.done_ids
     todo = np.array([i for i, x in enumerate(examples.ids) if x not in done], dtype=np.int64)
     status = "resumed" if done else "written"
-    enc = encode(tokenizer, examples, p.max_length)
     # Longest first, in batches of similar length: far less padding than file order, and the
     # cache is keyed by id so the order it is written in does not matter.
     todo = todo[np.argsort(-enc.lengths[todo], kind="stable")]
@@ -119,5 +147,9 @@ def precompute(cfg: Config) -> list[PrecomputeResult]:
     Resumes an interrupted cache and does nothing for a finished one with the same teacher,
     data and settings (the folder name is derived from all three).
     """
-    device = pick_device(cfg.precompute.device)
-    return [_precompute_one(cfg, t, device) for t in cfg.precompute.teachers]
+    p = cfg.precompute
+    check_outputs({"precompute.cache_root": (p.cache_root, "folder")})
+    examples = load_split(cfg, p.split, transfer=p.split == "train")
+    _check_ids(examples)
+    device = pick_device(p.device)
+    return [_precompute_one(cfg, t, examples, device) for t in p.teachers]

@@ -20,7 +20,7 @@ import cache_format as cf
 from cache_format._errors import KDError
 from stages.config import BUNDLED_TEACHER, Config, PrecomputeConfig
 from stages.data import Encoded, Examples, collate, data_fingerprint, load_examples, with_transfer
-from stages.models import ModelError, model_fingerprint, num_layers
+from stages.models import ModelError, load_model_config, teacher_fingerprint
 
 __all__ = [
     "TeacherSpec",
@@ -68,8 +68,8 @@ class TeacherSpec:
         return cls(p.logits, tuple(sorted(set(p.hidden_layers))), p.hidden_tokens,
                    tuple(sorted(set(p.attention_layers))), p.dtype, p.store_input_ids)
 
-    def check_layers(self, model: torch.nn.Module, teacher: str) -> None:
-        n = num_layers(model)
+    def check_layers(self, n: int, teacher: str) -> None:
+        """Raise if a cached layer index does not exist in a teacher with `n` layers."""
         for i in self.hidden_layers:
             if not 0 <= i <= n:
                 raise ModelError(
@@ -105,9 +105,8 @@ def teacher_outputs(model: torch.nn.Module, batch: dict[str, torch.Tensor], spec
     return res
 
 
-def cache_fields(spec: TeacherSpec, model: torch.nn.Module, labelled: bool) -> list[cf.FieldSpec]:
-    """The cache's field list for a teacher and spec (shapes use "T" for the token axis)."""
-    cfg = model.config
+def cache_fields(spec: TeacherSpec, cfg, labelled: bool) -> list[cf.FieldSpec]:
+    """The cache's field list for a teacher (its model config) and spec (shapes use "T" for the token axis)."""
     fields = [cf.FieldSpec("label", "int64", ())] if labelled else []
     if spec.logits:
         fields.append(cf.FieldSpec("logits", spec.dtype, (cfg.num_labels,)))
@@ -144,7 +143,8 @@ def load_split(cfg: Config, split: str, *, transfer: bool = False) -> Examples:
         raise KDError(f"data.{split} is not set; give the path of the {split} file in params.yaml")
     d = cfg.data
     examples = load_examples(path, text_field=d.text_field, text_pair_field=d.text_pair_field,
-                             label_field=d.label_field, id_field=d.id_field, num_labels=d.num_labels)
+                             label_field=d.label_field, id_field=d.id_field, num_labels=d.num_labels,
+                             label_names=d.label_names)
     if transfer and d.transfer:
         extra = load_examples(d.transfer, text_field=d.text_field, text_pair_field=d.text_pair_field)
         examples = with_transfer(examples, extra)
@@ -161,13 +161,18 @@ class CacheTarget:
     settings: dict
 
 
-def cache_target(cfg: Config, teacher: str, model: torch.nn.Module, tokenizer, examples: Examples) -> CacheTarget:
-    """The folder precompute writes for (teacher, data, settings): same inputs, same folder."""
+def cache_target(cfg: Config, teacher: str, examples: Examples) -> CacheTarget:
+    """The folder precompute writes for (teacher, data, settings): same inputs, same folder.
+
+    Computed from the teacher's files (`teacher_fingerprint`) and config, never by loading its weights into a
+    model, so cached distillation finds its cache without building the teacher.
+    """
     p = cfg.precompute
     spec = TeacherSpec.from_config(p)
-    tfp = model_fingerprint(model, tokenizer)
+    src = resolve_model(teacher)
+    tfp = teacher_fingerprint(src)
     dfp = data_fingerprint(examples)
-    settings = cache_settings(spec, p.max_length, p.split, num_layers(model))
+    settings = cache_settings(spec, p.max_length, p.split, int(load_model_config(src).num_hidden_layers))
     name = cf.cache_dir_name(Path(teacher).name or teacher, tfp, dfp, settings)
     return CacheTarget(Path(p.cache_root) / name, tfp, dfp, settings)
 

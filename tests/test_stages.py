@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -140,18 +142,34 @@ def test_resume_mid_epoch_matches_an_uninterrupted_run(tmp_path, tiny_data_dir, 
 
 
 def test_missing_example_is_an_error_naming_it(tmp_path, tiny_data_dir, tiny_teacher_dir):
-    small = tmp_path / "small.csv"
-    lines = (tiny_data_dir / "train.csv").read_text().splitlines()
-    small.write_text("\n".join(lines[:-5]) + "\n")
-    cfg = _params(tmp_path, tiny_data_dir, tiny_teacher_dir)
-    cfg["data"]["train"] = str(small)
-    [res] = precompute(config_from_dict(cfg))
-    full = _params(tmp_path, tiny_data_dir, tiny_teacher_dir, distill={"caches": [str(res.path)]})
-    with pytest.raises(KDError):  # another data set: refused by fingerprint before any id lookup
-        distill(config_from_dict(full))
+    import numpy as np
+
+    from cache_format._errors import CacheMissError
+    from stages.data import data_fingerprint
+    from stages.models import teacher_fingerprint
+    from stages.teacher import load_split
+
+    cfg = config_from_dict(_params(tmp_path, tiny_data_dir, tiny_teacher_dir))
+    train = load_split(cfg, "train", transfer=True)
+    # A cache of this very data set (same data and teacher fingerprints, so both checks pass) that lacks the
+    # last example: only the id lookup in distill._open_caches can catch it.
+    path = tmp_path / "partial_cache"
+    writer = cf.CacheWriter(path, [cf.FieldSpec("logits", "float32", (2,))],
+                            teacher_fingerprint=teacher_fingerprint(str(tiny_teacher_dir)),
+                            data_fingerprint=data_fingerprint(train), settings={"num_layers": 4})
+    kept = train.ids[:-1]
+    writer.append(kept, np.full(len(kept), 8, dtype=np.int32), {"logits": np.zeros((len(kept), 2), np.float32)})
+    writer.close()
+    cfg = config_from_dict(_params(tmp_path, tiny_data_dir, tiny_teacher_dir, distill={"caches": [str(path)]}))
+    with pytest.raises(CacheMissError) as err:
+        distill(cfg)
+    assert "1 training example(s) are not in cache" in str(err.value) and repr(train.ids[-1]) in str(err.value)
+    assert not (tmp_path / "student").exists()
 
 
-def test_multi_teacher_and_attention_matches(tmp_path, tiny_data_dir, tiny_teacher_dir, tiny_model_dir):
+def test_multi_teacher_and_attention_matches(tmp_path, tiny_data_dir, tiny_teacher_dir, tiny_model_dir, monkeypatch):
+    distill_module = importlib.import_module("stages.distill")  # `stages.distill` is also the stage function
+
     cfg = _params(tmp_path, tiny_data_dir, tiny_teacher_dir,
                   precompute={"teachers": [str(tiny_teacher_dir), str(tiny_model_dir)], "attention_layers": [1]},
                   distill={"matches": [{"kind": "attention_mse", "teacher_layer": 1, "student_layer": 0}],
@@ -160,8 +178,39 @@ def test_multi_teacher_and_attention_matches(tmp_path, tiny_data_dir, tiny_teach
     results = precompute(config_from_dict(cfg))
     assert len({r.path for r in results}) == 2
     cfg["distill"]["caches"] = [str(r.path) for r in results]
+
+    # Record, per step, the teachers' logits, the combined target the KD loss got, and the loss terms.
+    seen: list[dict] = []
+    orig_next, orig_kd = distill_module.CachedTeachers.next, distill_module.kd_loss
+    orig_losses = DistillObjective.losses
+
+    def next_(self, seq_len):
+        outs = orig_next(self, seq_len)
+        seen.append({"teachers": [o["logits"].clone() for o in outs]})
+        return outs
+
+    def kd_loss(student, teacher, *args, **kwargs):
+        seen[-1]["target"] = teacher.detach().clone()
+        return orig_kd(student, teacher, *args, **kwargs)
+
+    def losses(self, *args):
+        terms = orig_losses(self, *args)
+        seen[-1]["terms"] = {k: float(v.detach()) for k, v in terms.items()}
+        return terms
+
+    monkeypatch.setattr(distill_module.CachedTeachers, "next", next_)
+    monkeypatch.setattr(distill_module, "kd_loss", kd_loss)
+    monkeypatch.setattr(DistillObjective, "losses", losses)
     out = distill(config_from_dict(cfg))
-    assert len(out.caches) == 2
+    assert out.caches == cfg["distill"]["caches"] and len(seen) == out.fit.steps == 13
+    for s in seen:
+        a, b = s["teachers"]
+        assert not torch.allclose(a, b)  # two different teachers
+        # The KD target combines both: it is neither teacher's signal alone.
+        assert not torch.allclose(s["target"], a) and not torch.allclose(s["target"], b)
+        assert set(s["terms"]) == {"kd", "attention_mse.t1.s0"}
+        assert all(math.isfinite(v) for v in s["terms"].values())
+        assert all(v > 0 for v in s["terms"].values())  # the attention match really contributes
 
 
 def test_train_teacher_saves_a_loadable_model(tmp_path, tiny_data_dir, tiny_model_dir):
