@@ -7,7 +7,6 @@ loss terms for a batch. The loop owns optimisation, evaluation, logging and exac
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import math
 import os
@@ -167,8 +166,7 @@ class FitResult:
 
 def _run_settings(cfg: TrainingConfig, extra: Mapping[str, Any] | None) -> dict[str, Any]:
     """The settings that define a run, as plain JSON values: the optimisation ones plus the stage's `extra`."""
-    train = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainingConfig)
-             if f.name not in _NOT_RUN_SETTINGS}
+    train = {name: getattr(cfg, name) for name in TrainingConfig.model_fields if name not in _NOT_RUN_SETTINGS}
     return json.loads(json.dumps({**train, **(extra or {})}, default=str))
 
 

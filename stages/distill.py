@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ from torch import nn
 
 import cache_format as cf
 from cache_format._errors import CacheMismatchError, CacheMissError, KDError
-from stages.config import Config, DistillConfig
+from stages.config import Config, DistillConfig, config_to_dict
 from stages._io import check_outputs
 from stages._train import FitResult, fit, pick_device, save_model, set_seed
 from stages.data import data_fingerprint, encode
@@ -75,7 +74,7 @@ class DistillObjective:
         self.modules = projections
         self.need_hidden = any(m.feature == "hidden" for m in self.matches)
         self.need_attn = any(m.feature == "attention" for m in self.matches)
-        self.token_level = any(m.kind != "pkd" for m in self.matches)
+        self.token_level = any(m.token_level for m in self.matches)
         self.student_lengths = student_lengths
 
     def start_epoch(self, id_batches: Sequence[Sequence[str]]) -> None:
@@ -203,9 +202,9 @@ def _distill_settings(cfg: Config, readers: Sequence[cf.CacheReader]) -> dict:
         "teacher_signal": d.teacher_signal,
         "caches": [str(r.path) for r in readers],
         "teachers": _configured_teachers(cfg) if d.teacher_signal == "online" else [],
-        "student": dataclasses.asdict(d.student),
-        "kd": dataclasses.asdict(d.kd),
-        "matches": [dataclasses.asdict(m) for m in d.matches],
+        "student": config_to_dict(d.student),
+        "kd": config_to_dict(d.kd),
+        "matches": [config_to_dict(m) for m in d.matches],
         "match_preset": d.match_preset,
         "match_weight_schedule": d.match_weight_schedule,
     }

@@ -14,6 +14,7 @@ import torch
 
 from cache_format import atomic_write_text
 from stages.config import Config
+from stages._io import check_outputs
 from stages._train import evaluate_accuracy, pick_device
 from stages.data import DataError, collate, encode
 from stages.models import load_classifier, load_tokenizer, num_parameters
@@ -54,6 +55,7 @@ def evaluate(cfg: Config) -> dict[str, dict]:
     `stages.report.save_predictions`), written just before the metrics file.
     """
     e = cfg.evaluate
+    check_outputs({"evaluate.output": (e.output, "file"), "evaluate.predictions": (e.predictions, "file")})
     device = pick_device()
     examples = load_split(cfg, e.split)
     if examples.labels is None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import queue
 import threading
 import time
@@ -14,7 +13,7 @@ import torch
 
 import cache_format as cf
 from cache_format._manifest import MANIFEST_NAME, MAX_ID_BYTES
-from stages.config import Config, PrecomputeConfig
+from stages.config import Config
 from stages._io import check_outputs, progress_bar
 from stages._train import pick_device
 from stages.data import DataError, Examples, collate, encode
@@ -72,13 +71,6 @@ def _check_ids(examples: Examples) -> None:
                             f"non-empty and at most {MAX_ID_BYTES} UTF-8 bytes; fix the id column (data.id_field)")
 
 
-def _writer_options(p: PrecomputeConfig) -> dict:
-    # TODO(merge): pass directly once CacheWriter takes commit_examples/commit_seconds.
-    wanted = {"commit_examples": p.commit_examples, "commit_seconds": p.commit_seconds}
-    known = inspect.signature(cf.CacheWriter).parameters
-    return {k: v for k, v in wanted.items() if k in known}
-
-
 def _precompute_one(cfg: Config, teacher: str, examples: Examples, device: torch.device) -> PrecomputeResult:
     p = cfg.precompute
     spec = TeacherSpec.from_config(p)
@@ -100,7 +92,8 @@ def _precompute_one(cfg: Config, teacher: str, examples: Examples, device: torch
     t0 = time.perf_counter()
     writer = cf.CacheWriter(target.path, cache_fields(spec, config, examples.labels is not None),
                             teacher_fingerprint=target.teacher_fingerprint, data_fingerprint=target.data_fingerprint,
-                            settings=target.settings, **_writer_options(p))
+                            settings=target.settings, commit_examples=p.commit_examples,
+                            commit_seconds=p.commit_seconds)
     if writer.complete:
         return PrecomputeResult(teacher, target.path, len(examples), 0, 0.0, "up to date")
     if model is None:  # the manifest vanished between the check and the open

@@ -31,7 +31,8 @@ def _params(tmp: Path, data: Path, teacher: Path, **sections) -> dict:
                     "batch_size": 16, "max_length": 32, "lr": 1e-3, "output": str(tmp / "student"),
                     "log_dir": str(tmp / "live"), "metrics": str(tmp / "m_distill.json")},
         "evaluate": {"models": {"teacher": str(teacher), "student": str(tmp / "student")}, "max_length": 32,
-                     "throughput_batches": 2, "output": str(tmp / "m_eval.json")},
+                     "throughput_batches": 2, "output": str(tmp / "m_eval.json"),
+                     "predictions": str(tmp / "m_preds.json")},
     }
     for section, values in sections.items():
         p.setdefault(section, {}).update(values)
@@ -174,7 +175,7 @@ def test_multi_teacher_and_attention_matches(tmp_path, tiny_data_dir, tiny_teach
                   precompute={"teachers": [str(tiny_teacher_dir), str(tiny_model_dir)], "attention_layers": [1]},
                   distill={"matches": [{"kind": "attention_mse", "teacher_layer": 1, "student_layer": 0}],
                            "kd": {"teacher_combine": "probs", "teacher_weights": [0.7, 0.3],
-                                  "temperature_schedule": "flsw"}})
+                                  "temperature_schedule": "flsw", "hard_weight": 0.0}})
     results = precompute(config_from_dict(cfg))
     assert len({r.path for r in results}) == 2
     cfg["distill"]["caches"] = [str(r.path) for r in results]
