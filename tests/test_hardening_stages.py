@@ -448,3 +448,26 @@ def test_label_names_reach_the_saved_model(tmp_path, tiny_data_dir, tiny_teacher
     distill(cfg)
     config = AutoConfig.from_pretrained(tmp_path / "student")
     assert config.id2label == {0: "pos", 1: "neg"} and config.label2id == {"pos": 0, "neg": 1}
+
+
+def test_kd_distill_refuses_a_cache_with_one_flipped_bit(tmp_path, tiny_data_dir, tiny_teacher_dir):
+    # The user's report: `kd cache verify` failed but `kd distill` trained to the end and saved (exit 0).
+    import yaml
+
+    params = _params(tmp_path, tiny_data_dir, tiny_teacher_dir)
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params))
+    runner = CliRunner()
+    assert runner.invoke(cli, ["precompute", "--params", str(params_file)]).exit_code == 0
+    [cache] = [p for p in (tmp_path / "caches").iterdir() if p.is_dir()]
+    [shard] = sorted(cache.glob("shard-*.arrow"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit in the middle of the column data
+    shard.write_bytes(bytes(data))
+
+    result = runner.invoke(cli, ["distill", "--params", str(params_file)])
+    assert result.exit_code == 1
+    message = result.output.strip().splitlines()[-1]
+    assert shard.name in message and "kd cache verify" in message, result.output
+    assert not _saved(Path(params["distill"]["output"]))
+    assert not Path(params["distill"]["metrics"]).exists()
