@@ -49,7 +49,7 @@ def quiet() -> None:
     transformers.logging.set_verbosity_error()  # TRANSFORMERS_VERBOSITY is only read when transformers loads
     transformers.logging.disable_progress_bar()  # the "Loading weights" bar of every from_pretrained
     logging.getLogger("Distillation").setLevel(logging.WARNING)  # TextBrewer's per-epoch info lines
-    # torch's once-per-run scheduler-order check, which TextBrewer's loop trips: noise in a timing table.
+    # torch's once-per-run warning about the optimizer/scheduler step order: noise in a timing table.
     warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*")
 
 
