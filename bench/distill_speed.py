@@ -21,6 +21,9 @@ compare the loops, not the precisions. Steady-state time per optimizer step (the
 
     python bench/distill_speed.py --quick          # a few steps per config, both teachers
     python bench/distill_speed.py                  # 60 (MiniLM) / 30 (BERT) steps per config, 2 repeats
+
+On a shared CPU machine run one torch thread (OMP_NUM_THREADS=1): with 2 threads on 2 busy cores the
+repeats of one config spread up to 10x; with 1 thread they stay within a few percent.
 """
 
 from __future__ import annotations
