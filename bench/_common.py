@@ -1,12 +1,12 @@
 """Shared helpers of the benchmark scripts: data subsets, teachers, a step clock, TextBrewer, tables and results.
 
 Not part of the project's API or its tests. Every script runs from the repository root as
-`python bench/<name>.py [--quick]` and writes `bench/results/<name>.json`.
+`python bench/<name>.py [--quick]` and writes `bench/results/<name>.json`. Importing this module changes
+no global state: a script's main() calls `quiet()` to silence progress bars and library logs.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -19,14 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-os.environ.setdefault("KD_PROGRESS", "0")  # no training progress bar in benchmark output
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import torch
+import transformers
 from transformers import BertConfig, BertForSequenceClassification, get_linear_schedule_with_warmup
 
 from stages._train import EpochSampler
@@ -39,9 +37,20 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 BUNDLED_TEACHER = "bundled:all-MiniLM-L6-v2"
 TEXTBREWER_VERSION = "0.2.1.post1"
 
-logging.getLogger("transformers").setLevel(logging.ERROR)
-logging.getLogger("Distillation").setLevel(logging.WARNING)  # TextBrewer's per-epoch info lines
-warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*")
+
+def quiet() -> None:
+    """Keep benchmark output to the tables: no training progress bars, no library info lines or warnings.
+
+    Called from each script's main(), not at import, so importing the helpers has no side effects.
+    KD_PROGRESS is read when a bar is created, so setting it here is in time; an explicit KD_PROGRESS=1
+    from the caller is kept.
+    """
+    os.environ.setdefault("KD_PROGRESS", "0")
+    transformers.logging.set_verbosity_error()  # TRANSFORMERS_VERBOSITY is only read when transformers loads
+    transformers.logging.disable_progress_bar()  # the "Loading weights" bar of every from_pretrained
+    logging.getLogger("Distillation").setLevel(logging.WARNING)  # TextBrewer's per-epoch info lines
+    # torch's once-per-run warning about the optimizer/scheduler step order: noise in a timing table.
+    warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -203,40 +212,35 @@ TEACHERS: dict[str, Callable[[Path], Teacher]] = {"minilm": minilm_teacher, "ber
 
 
 class StepClock:
-    """Times optimizer steps; hooked in where `fit` and TextBrewer build their LR scheduler (once per run).
+    """Timestamps the end of every optimizer step, on our loop and on TextBrewer's alike.
 
-    The interval between two consecutive optimizer steps is one whole training step: collate, teacher signal,
-    forward, backward, clipping, optimizer, scheduler, logging.
+    Our loop: pass `on_step` to `distill(cfg, on_step=...)` (or `fit`), its supported per-step hook.
+    TextBrewer: pass `scheduler` as `scheduler_class` (TextBrewer's public hook, called once per run); it
+    registers an optimizer step post hook that calls `on_step`. The interval between two consecutive marks is
+    one whole training step: collate, teacher signal, forward, backward, clipping, optimizer, scheduler.
     """
 
     def __init__(self) -> None:
         self.times: list[float] = []
 
+    def on_step(self, step: int | None = None) -> None:
+        """Mark the end of an optimizer step."""
+        self.times.append(time.perf_counter())
+
     def scheduler(self, optimizer: torch.optim.Optimizer, num_warmup_steps: int, num_training_steps: int):
-        """`get_linear_schedule_with_warmup`, with every `optimizer.step()` timestamped (a post hook: not in
-        any state_dict, so checkpoints still pickle)."""
-        optimizer.register_step_post_hook(lambda opt, args, kwargs: self.times.append(time.perf_counter()))
-        self.start = time.perf_counter()
+        """`get_linear_schedule_with_warmup`, with every `optimizer.step()` marked (a post hook: not in any
+        state_dict, so checkpoints still pickle)."""
+        optimizer.register_step_post_hook(lambda opt, args, kwargs: self.on_step())
         return get_linear_schedule_with_warmup(optimizer, num_warmup_steps, num_training_steps)
 
-    @contextlib.contextmanager
-    def patch_fit(self) -> Iterator["StepClock"]:
-        """Make `stages._train.fit` build its scheduler through this clock."""
-        import stages._train as train_mod
-
-        old = train_mod.get_linear_schedule_with_warmup
-        train_mod.get_linear_schedule_with_warmup = self.scheduler
-        try:
-            yield self
-        finally:
-            train_mod.get_linear_schedule_with_warmup = old
-
     def seconds_per_step(self, warmup: int) -> float:
-        """Mean time of the steps after the first `warmup` (steady state)."""
-        t = [self.start, *self.times]
-        if len(t) < warmup + 2:
-            raise RuntimeError(f"only {len(t) - 1} steps timed; need more than warmup={warmup}")
-        return (t[-1] - t[warmup]) / (len(t) - 1 - warmup)
+        """Mean time of the steps after the first `warmup` (steady state; warmup >= 1, as the first step has
+        no start mark)."""
+        if warmup < 1:
+            raise ValueError(f"warmup={warmup}: skip at least the first step (it includes one-off setup)")
+        if len(self.times) < warmup + 1:
+            raise RuntimeError(f"only {len(self.times)} steps timed; need more than warmup={warmup}")
+        return (self.times[-1] - self.times[warmup - 1]) / (len(self.times) - warmup)
 
 
 def median(xs: Sequence[float]) -> float:
@@ -302,8 +306,11 @@ def textbrewer_distill(teacher: torch.nn.Module, student: torch.nn.Module, batch
                        out_dir: Path, scheduler_class: Callable = get_linear_schedule_with_warmup) -> None:
     """Train `student` with TextBrewer's GeneralDistiller (CE on logits at temperature T, hidden_mse matches).
 
-    Projections (a linear map of the student's hidden states, as `projection: linear` does) join the
-    optimizer through TextBrewer's own param group with the same weight decay.
+    The optimizer is the one `fit` builds: fused AdamW (`fused=True`) over the same two BERT decay groups, in
+    fp32 (TextBrewer has no bf16 autocast; compare with our loop at `mixed_precision: no`). Projections (a
+    linear map of the student's hidden states, as `projection: linear` does) join the optimizer through
+    TextBrewer's own param group with the same weight decay (so their biases are decayed too; `fit` does not
+    decay them: a numerical difference, not a speed one).
     """
     tb = import_textbrewer()
     need_hidden = bool(s.hidden_matches)
@@ -319,13 +326,14 @@ def textbrewer_distill(teacher: torch.nn.Module, student: torch.nn.Module, batch
     width_s, width_t = student.config.hidden_size, teacher.config.hidden_size
     matches = [{"layer_T": t, "layer_S": st, "feature": "hidden", "loss": "hidden_mse", "weight": 1,
                 "proj": ["linear", width_s, width_t, {"weight_decay": s.weight_decay}]} for t, st in s.hidden_matches]
-    train_cfg = tb.TrainingConfig(device="cuda" if torch.cuda.is_available() else "cpu", output_dir=str(out_dir),
-                                  log_dir=None)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    train_cfg = tb.TrainingConfig(device=device, output_dir=str(out_dir), log_dir=None)
     distill_cfg = tb.DistillationConfig(temperature=s.temperature, kd_loss_type="ce", kd_loss_weight=s.kd_weight,
                                         hard_label_weight=s.hard_weight, intermediate_matches=matches)
     out_dir.mkdir(parents=True, exist_ok=True)
-    teacher.eval()
-    optimizer = torch.optim.AdamW(decay_groups(student, s.weight_decay), lr=s.lr)
+    teacher.to(device).eval()  # TextBrewer moves batches and projections to the device, not the models
+    student.to(device)
+    optimizer = torch.optim.AdamW(decay_groups(student, s.weight_decay), lr=s.lr, fused=True)  # as `fit`
     total = len(batches) * s.epochs
     distiller = tb.GeneralDistiller(train_cfg, distill_cfg, teacher, student, adaptor, adaptor)
     with distiller:

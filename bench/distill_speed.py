@@ -10,12 +10,20 @@ on two layers with a linear projection):
     (c) `distill` online (teacher run live): logits only; logits + 2 hidden layers
     (d) TextBrewer 0.2.1.post1 GeneralDistiller: logits only; logits + 2 hidden layers
 
-plus a bare teacher forward loop over the same batches. Steady-state time per optimizer step (the first
+plus a bare teacher forward loop over the same batches.
+
+Both loops run the same optimizer and precision: fused AdamW (`fused=True`, what `fit` builds) over the
+same BERT decay groups, in fp32. TextBrewer has no bf16 autocast, so our side runs with
+`distill.mixed_precision: no` even on CUDA (where the project default 'auto' would use bf16); the numbers
+compare the loops, not the precisions. Steady-state time per optimizer step (the first
 `--warmup` steps skipped). Targets (issue 5): (b) logits within 5% of (a); (d)/(b) at least
 (teacher forward + student step) / student step, less 5% (student step = (a)).
 
     python bench/distill_speed.py --quick          # a few steps per config, both teachers
     python bench/distill_speed.py                  # 60 (MiniLM) / 30 (BERT) steps per config, 2 repeats
+
+On a shared CPU machine run one torch thread (OMP_NUM_THREADS=1): with 2 threads on 2 busy cores the
+repeats of one config spread up to 10x; with 1 thread they stay within a few percent.
 """
 
 from __future__ import annotations
@@ -28,8 +36,8 @@ from pathlib import Path
 
 import torch
 
-from _common import (TEACHERS, Batches, StepClock, TBSettings, Teacher, log, median, table, textbrewer_distill,
-                     write_results, write_subset)
+from _common import (TEACHERS, Batches, StepClock, TBSettings, Teacher, log, median, quiet, table,
+                     textbrewer_distill, write_results, write_subset)
 from stages.config import config_from_dict
 from stages import distill, precompute
 from stages.data import encode, load_examples
@@ -66,6 +74,7 @@ def _config(t: Teacher, work: Path, csv: Path, signal: str, hidden: bool, cache:
             "teachers": [str(t.path)] if signal == "online" else [],
             "student": {"from_teacher": str(t.path), "keep_layers": [0, t.layers - 1]},
             "kd": kd, "matches": matches, "epochs": 1, "batch_size": BATCH, "max_length": MAX_LENGTH, "seed": SEED,
+            "mixed_precision": "no",  # fp32, as TextBrewer (no bf16 autocast there)
             "output": str(work / "student"), "log_dir": str(work / "dvclive"), "metrics": str(work / "metrics.json"),
         },
     }
@@ -73,8 +82,7 @@ def _config(t: Teacher, work: Path, csv: Path, signal: str, hidden: bool, cache:
 
 def _run_distill(cfg: dict, warmup: int) -> float:
     clock = StepClock()
-    with clock.patch_fit():
-        distill(config_from_dict(cfg))
+    distill(config_from_dict(cfg), on_step=clock.on_step)
     return clock.seconds_per_step(warmup)
 
 
@@ -155,6 +163,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, help="interleaved repeats per config, median kept (1 quick, 2 full)")
     ap.add_argument("--work", type=Path, help="work folder (default: a temporary one, removed)")
     args = ap.parse_args()
+    quiet()
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
     repeats = args.repeats or (1 if args.quick else 2)
     root = args.work or Path(tempfile.mkdtemp(prefix="kd-bench-distill-"))
@@ -175,13 +184,16 @@ def main() -> None:
         for f, s in res["teacher_forward_seconds_per_batch"].items():
             rows.append([res["teacher"], f + " (bare loop)", 1000 * s, BATCH / s, s / floor])
         ratio_rows += [[res["teacher"], r["ratio"], r["value"], r["target"]] for r in res["ratios"]]
-    print(f"Distill step throughput (batch {BATCH}, max_length {MAX_LENGTH}, student = 2 teacher layers; "
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"Distill step throughput on {device} (batch {BATCH}, max_length {MAX_LENGTH}, student = 2 teacher "
+          f"layers; both loops fp32 with fused AdamW, no autocast: TextBrewer has no bf16 autocast; "
           f"steady state, median of {repeats} repeat(s))\n")
     print(table(["teacher", "config", "ms/step", "examples/s", "x (a)"], rows))
     print()
     print(table(["teacher", "ratio (time per step)", "measured", "target"], ratio_rows))
     path = write_results("distill_speed", {"quick": args.quick, "batch_size": BATCH, "max_length": MAX_LENGTH,
-                                           "results": results})
+                                           "precision": "fp32 (mixed_precision: no) both sides",
+                                           "optimizer": "AdamW(fused=True) both sides", "results": results})
     print(f"\nwritten: {path}")
 
 
