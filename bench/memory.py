@@ -33,7 +33,7 @@ import threading
 import time
 from pathlib import Path
 
-from _common import BUNDLED_TEACHER, log, table, write_results, write_subset
+from _common import BUNDLED_TEACHER, log, quiet, table, write_results, write_subset
 
 MAX_LENGTH = 128
 HEADS = 12
@@ -56,8 +56,9 @@ def _status_kb() -> dict[str, int]:
 def _child(cfg_path: Path) -> None:
     """Run distill on the config in `cfg_path`, print peak memory as JSON on the last stdout line."""
     from _common import StepClock
-    from stages.config import config_from_dict
+
     from stages import distill
+    from stages.config import config_from_dict
 
     cfg = config_from_dict(json.loads(cfg_path.read_text()))
     peak = _status_kb()
@@ -79,8 +80,7 @@ def _child(cfg_path: Path) -> None:
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
     t0 = time.perf_counter()
-    with clock.patch_fit():
-        res = distill(cfg)
+    res = distill(cfg, on_step=clock.on_step)
     stop.set()
     thread.join()
     before_fit.pop("done", None)
@@ -90,9 +90,9 @@ def _child(cfg_path: Path) -> None:
 
 
 def _teacher(root: Path) -> Path:
+    import torch
     from transformers import BertConfig, BertForSequenceClassification
 
-    import torch
     from stages.models import load_tokenizer
     from stages.teacher import resolve_model
 
@@ -122,8 +122,8 @@ def _config(teacher: Path, csv: Path, work: Path, epochs: int) -> dict:
 
 def _measure(teacher: Path, root: Path, n: int, epochs: int) -> dict:
     from cache_format import cache_info
-    from stages.config import config_from_dict
     from stages import precompute
+    from stages.config import config_from_dict
 
     work = root / f"n{n}"
     csv = write_subset(work / "train.csv", n, seed=0, repeat=True, join=6)
@@ -146,6 +146,7 @@ def _measure(teacher: Path, root: Path, n: int, epochs: int) -> dict:
 
 
 def main() -> None:
+    quiet()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="N = 192")
     ap.add_argument("--n", type=int,

@@ -23,13 +23,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import (
+    TEACHERS,
+    Teacher,
+    log,
+    median,
+    quiet,
+    table,
+    write_results,
+    write_subset,
+)
 
-from _common import TEACHERS, Teacher, log, median, table, write_results, write_subset
-from stages.config import config_from_dict
 from stages import precompute
+from stages.config import config_from_dict
 from stages.data import collate, encode
 from stages.models import load_classifier, load_tokenizer
 from stages.teacher import TeacherSpec, load_split, teacher_outputs
+
 
 def _config(t: Teacher, csv: Path, cache_root: Path, hidden: bool) -> dict:
     return {"data": {"train": str(csv), "dev": None, "test": None},
@@ -69,6 +79,7 @@ def _precompute(cfg_dict: dict) -> tuple[float, float, int]:
 
 
 def main() -> None:
+    quiet()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="MiniLM only, 384 examples, 1 repeat")
     ap.add_argument("--teachers", help="comma list of: minilm, bert (default: minilm quick, both full)")

@@ -20,13 +20,26 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.csv as pa_csv
+from _common import (
+    Batches,
+    TBSettings,
+    log,
+    quiet,
+    table,
+    textbrewer_distill,
+    write_results,
+)
 
-from _common import Batches, TBSettings, log, table, textbrewer_distill, write_results
-from stages.config import config_from_dict
 from stages import distill, precompute, prepare
 from stages._train import evaluate_accuracy, set_seed
+from stages.config import config_from_dict
 from stages.data import encode, read_table
-from stages.models import load_classifier, load_tokenizer, num_layers, student_from_teacher
+from stages.models import (
+    load_classifier,
+    load_tokenizer,
+    num_layers,
+    student_from_teacher,
+)
 from stages.teacher import load_split
 
 TEMPERATURE = 4.0
@@ -46,6 +59,7 @@ def _sample(src: Path, dst: Path, n: int | None) -> Path:
 
 
 def main() -> None:
+    quiet()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", type=Path, default=Path("models/teacher"), help="fine-tuned teacher folder")
     ap.add_argument("--quick", action="store_true", help="1,280 train examples, full test split, 1 epoch")

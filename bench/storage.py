@@ -19,11 +19,20 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from _common import (
+    Teacher,
+    bert_base_teacher,
+    log,
+    minilm_teacher,
+    quiet,
+    table,
+    write_results,
+    write_subset,
+)
 
-from _common import Teacher, bert_base_teacher, log, minilm_teacher, table, write_results, write_subset
 from cache_format import cache_info
-from stages.config import config_from_dict
 from stages import precompute
+from stages.config import config_from_dict
 
 TOKENS = 128
 DTYPES = ["float32", "float16", "bfloat16"]
@@ -53,6 +62,7 @@ def _cache(t: Teacher, csv: Path, root: Path, dtype: str, tokens: str) -> dict:
 
 
 def main() -> None:
+    quiet()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="64 examples per cache")
     ap.add_argument("--examples", type=int, help="examples per cache (default 64 quick, 512 full)")

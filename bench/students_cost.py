@@ -16,9 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import TEACHERS, Teacher, log, table, write_results, write_subset
-from stages.config import config_from_dict
+from _common import TEACHERS, Teacher, log, quiet, table, write_results, write_subset
+
 from stages import distill, precompute
+from stages.config import config_from_dict
 
 STUDENT_LAYERS = [[0, -1], [0, 2], [1, -2], [2, -1], [0, 1]]  # negative: counted from the teacher's last layer
 
@@ -65,6 +66,7 @@ def _bench(key: str, root: Path, n: int, k: int, epochs: int) -> dict:
 
 
 def main() -> None:
+    quiet()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="MiniLM only, 128 examples")
     ap.add_argument("--teachers", help="comma list of: minilm, bert (default: minilm quick, both full)")
