@@ -4,8 +4,9 @@ A precompute run commits a shard every `precompute.commit_examples` examples or 
 seconds (whichever comes first, besides the 256 MiB shard cap); committed shards survive a SIGKILL and
 the next run resumes after them. Without a cadence a logits-only cache is one shard, so a kill at 95%
 redoes everything. For each setting this script times one uninterrupted `kd precompute` (a subprocess,
-wall time), then starts it again in a fresh cache, SIGKILLs it at 95% of that time, reruns it to the end
-and reports the examples the resumed run had to compute, its time, and the shards of the finished cache.
+wall time), then starts it again in a fresh cache, where the process SIGKILLs itself once 95% of the
+examples have reached the cache writer, reruns it to the end and reports the examples the resumed run had
+to compute, its time, and the shards of the finished cache.
 
     python bench/precompute_resume.py --quick                    # 2,000 examples, cadence 10 s / 500 ex
     python bench/precompute_resume.py --examples 8530            # the default cadence (60 s / 20,000 ex)
@@ -25,8 +26,23 @@ from pathlib import Path
 
 from _common import TEACHERS, log, quiet, table, write_results, write_subset
 
-_RUN = "import json, sys; from stages.config import config_from_dict; from stages import precompute; " \
-       "r = precompute(config_from_dict(json.loads(sys.argv[1])))[0]; print(json.dumps({'written': r.written}))"
+_RUN = """
+import json, os, signal, sys
+import cache_format as cf
+from stages.config import config_from_dict
+from stages import precompute
+cfg, kill_after = json.loads(sys.argv[1]), int(sys.argv[2])
+if kill_after:
+    append, seen = cf.CacheWriter.append, [0]
+    def counting_append(self, ids, *args, **kwargs):
+        append(self, ids, *args, **kwargs)
+        seen[0] += len(ids)
+        if seen[0] >= kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)  # what a crash or an OOM kill does: no cleanup at all
+    cf.CacheWriter.append = counting_append
+r = precompute(config_from_dict(cfg))[0]
+print(json.dumps({"written": r.written}))
+"""
 _NEVER = {"commit_examples": 10**9, "commit_seconds": 1e9}  # one shard: the behaviour before the cadence
 
 
@@ -35,10 +51,10 @@ def _config(teacher: Path, csv: Path, root: Path, cadence: dict) -> dict:
             "precompute": {"teachers": [str(teacher)], "cache_root": str(root), "device": "cpu", **cadence}}
 
 
-def _start(cfg: dict) -> subprocess.Popen:
+def _start(cfg: dict, kill_after: int = 0) -> subprocess.Popen:
     env = {**os.environ, "KD_PROGRESS": "0", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    return subprocess.Popen([sys.executable, "-c", _RUN, json.dumps(cfg)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
+    return subprocess.Popen([sys.executable, "-c", _RUN, json.dumps(cfg), str(kill_after)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
 
 
 def _finish(proc: subprocess.Popen) -> dict:
@@ -53,15 +69,14 @@ def _shards(root: Path) -> int:
     return len(json.loads((cache / "manifest.json").read_text())["shards"])
 
 
-def _case(name: str, teacher: Path, csv: Path, work: Path, cadence: dict, kill_at: float) -> dict:
+def _case(name: str, teacher: Path, csv: Path, work: Path, cadence: dict, kill_after: int) -> dict:
     full_root, killed_root = work / f"{name}-full", work / f"{name}-killed"
     t0 = time.perf_counter()
     _finish(_start(_config(teacher, csv, full_root, cadence)))
     full = time.perf_counter() - t0
-    proc = _start(_config(teacher, csv, killed_root, cadence))
-    time.sleep(kill_at * full)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc = _start(_config(teacher, csv, killed_root, cadence), kill_after)
+    if proc.wait() != -signal.SIGKILL:
+        raise SystemExit(f"the run to be killed ended with {proc.returncode}, not SIGKILL")
     t0 = time.perf_counter()
     written = _finish(_start(_config(teacher, csv, killed_root, cadence)))["written"]
     resume = time.perf_counter() - t0
@@ -73,7 +88,7 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=8530)
     ap.add_argument("--commit-examples", type=int, default=20000)
     ap.add_argument("--commit-seconds", type=float, default=60.0)
-    ap.add_argument("--kill-at", type=float, default=0.95, help="share of the uninterrupted time")
+    ap.add_argument("--kill-at", type=float, default=0.95, help="share of the examples written before the kill")
     ap.add_argument("--quick", action="store_true", help="2,000 examples, cadence 10 s / 500 examples")
     args = ap.parse_args()
     if args.quick:
@@ -87,7 +102,7 @@ def main() -> None:
         rows = []
         for name, c in (("cadence", cadence), ("one shard", _NEVER)):
             log(f"{name}: full run, then a run killed at {args.kill_at:.0%} and resumed")
-            rows.append(_case(name.replace(" ", "-"), teacher, csv, work, c, args.kill_at))
+            rows.append(_case(name.replace(" ", "-"), teacher, csv, work, c, int(args.kill_at * args.examples)))
     headers = ["commits", "examples", "uninterrupted s", "examples redone after the kill", "resume s",
                "resume / uninterrupted", "shards"]
     labels = [f"every {args.commit_examples} examples or {args.commit_seconds:g} s", "none (one shard)"]
