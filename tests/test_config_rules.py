@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from stages._train import _flat  # the run-settings flattener: dotted keys of nested settings
 from stages.config import ConfigError, config_from_dict, config_to_dict, load_config
 
 SHIPPED_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
@@ -14,16 +14,6 @@ SHIPPED_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 # The only keys where the shipped params.yaml may differ from the defaults: the demo's transfer
 # set (IMDB sentences) suits the movie-review demo only, so by default there is none.
 DEMO_ONLY = {"data.transfer", "prepare.transfer_source"}
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _problems(data: dict) -> list[str]:
