@@ -20,11 +20,12 @@ class OutputError(KDError):
     """An output location cannot be written (read-only, or a file where a folder is expected or vice versa)."""
 
 
-def progress_bar(*, total: int, initial: int, desc: str, unit: str) -> tqdm:
-    """A tqdm bar; off with KD_PROGRESS=0, and redrawn at most every 30 s when stderr is a log file."""
+def progress_bar(*, total: int, initial: int = 0, desc: str, unit: str, hide_below: int = 0) -> tqdm:
+    """A tqdm bar; off with KD_PROGRESS=0 or for `total < hide_below` (work too short to watch), and redrawn
+    at most every 30 s when stderr is a log file."""
     tty = sys.stderr.isatty()
     return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, mininterval=0.1 if tty else 30,
-                disable=os.environ.get("KD_PROGRESS", "1") == "0")
+                disable=os.environ.get("KD_PROGRESS", "1") == "0" or total < hide_below)
 
 
 def _writable(folder: Path) -> bool:

@@ -337,24 +337,27 @@ def fit(
         if torch.cuda.is_available() and state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
-    # The first optimizer step (1-based) at which each loss term was NaN/inf, 0 if never. Kept on the device and
-    # read only at log intervals, before every checkpoint and at the end: reading it every step would sync
-    # the GPU every step. Weights ruined at step k are thus never checkpointed nor returned for saving.
-    bad_at: dict[str, torch.Tensor] = {}
+    # A NaN/inf loss term makes its running sum (`sums`, kept on the device for logging) NaN/inf too, so the
+    # sums are the check: read at each log interval, before every checkpoint and at the end, never per step
+    # (that would sync the GPU every step). Weights ruined after step `checked` are thus never checkpointed
+    # nor returned for saving.
+    sums: dict[str, torch.Tensor] = {}
+    n_sums = 0
+    checked = step  # the last step whose loss sums were found finite
 
     def check_finite() -> None:
-        if not bad_at:
-            return
-        firsts = dict(zip(bad_at, torch.stack(list(bad_at.values())).tolist()))  # one sync
-        bad = {k: v for k, v in firsts.items() if v}
-        if bad:
-            first = min(bad.values())
-            raise NonFiniteLossError(
-                f"{desc}: non-finite loss at step {first}/{total_steps} (term(s) {', '.join(sorted(bad))} NaN or "
-                f"infinite); nothing was saved and the last checkpoint (if any) is kept in {ckpt_path.parent}; "
-                f"check the teacher cache with `kd cache verify <cache folder>` (cached runs) or lower lr "
-                f"(now {cfg.lr})"
-            )
+        nonlocal checked
+        if sums:
+            finite = torch.isfinite(torch.stack([torch.as_tensor(v) for v in sums.values()])).tolist()  # one sync
+            bad = sorted(k for k, ok in zip(sums, finite) if not ok)
+            if bad:
+                where = f"step {step}" if step <= checked + 1 else f"steps {checked + 1}-{step}"
+                raise NonFiniteLossError(
+                    f"{desc}: non-finite loss at {where}/{total_steps} (term(s) {', '.join(bad)} NaN or infinite); "
+                    f"nothing was saved and the last checkpoint (if any) is kept in {ckpt_path.parent}; check the "
+                    f"teacher cache with `kd cache verify <cache folder>` (cached runs) or lower lr (now {cfg.lr})"
+                )
+        checked = step
 
     def save_checkpoint() -> None:
         check_finite()
@@ -371,8 +374,6 @@ def fit(
 
         live = Live(dir=str(log_dir), resume=cfg.resume and step > 0, save_dvc_exp=False, dvcyaml=None)
     log_every = max(1, total_steps // 200)  # ~200 points per curve: enough to plot, cheap to write
-    sums: dict[str, torch.Tensor] = {}
-    n_sums = 0
     seen = 0
     t0 = time.perf_counter()
     bar = progress_bar(total=total_steps, initial=step, desc=desc, unit="step")
@@ -391,12 +392,7 @@ def fit(
                 loss = sum(terms.values()) / cfg.grad_accum
                 (scaler.scale(loss) if scaler else loss).backward()
                 for k, v in terms.items():  # kept on the device: reading a value would sync the GPU every step
-                    v = v.detach()
-                    sums[k] = sums.get(k, 0.0) + v
-                    flag = bad_at.get(k)
-                    if flag is None:
-                        flag = torch.zeros((), dtype=torch.int64, device=v.device)
-                    bad_at[k] = torch.where((flag == 0) & ~torch.isfinite(v), step + 1, flag)
+                    sums[k] = sums.get(k, 0.0) + v.detach()
                 n_sums += 1
                 seen += len(rows)
                 micro += 1

@@ -26,7 +26,6 @@ import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 import torch
-from tqdm.auto import tqdm
 
 from cache_format._errors import KDError
 from cache_format._fingerprint import combine_unordered, fingerprint
@@ -365,7 +364,7 @@ def encode(tokenizer: Any, examples: Examples, max_length: int, batch_size: int 
     ids_chunks: list[np.ndarray] = []
     type_chunks: list[np.ndarray] = []
     lengths = np.empty(n, dtype=np.int64)
-    with _tokenize_bar(n) as bar:
+    with progress_bar(total=n, desc="tokenize", unit="ex", hide_below=_PROGRESS_MIN_EXAMPLES) as bar:
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
             out = tokenizer(
@@ -393,13 +392,6 @@ def encode(tokenizer: Any, examples: Examples, max_length: int, batch_size: int 
         labels=examples.labels,
         pad_token_id=int(pad_id),
     )
-
-
-def _tokenize_bar(n: int) -> tqdm:
-    """The shared progress bar (stages._io), or a disabled one for data sets too small to need one."""
-    if n < _PROGRESS_MIN_EXAMPLES:
-        return tqdm(total=n, disable=True)
-    return progress_bar(total=n, initial=0, desc="tokenize", unit="ex")
 
 
 def collate(encoded: Encoded, rows: np.ndarray | Sequence[int]) -> tuple[dict[str, torch.Tensor], list[str]]:

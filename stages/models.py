@@ -322,7 +322,8 @@ def teacher_fingerprint(name_or_path: str) -> str:
     """32-hex-digit identity of a saved teacher, computed from its files without building the model.
 
     Hashes the weight files' bytes, and config.json and the tokenizer files less the keys that change with how
-    the model was loaded or saved (so a re-saved copy keeps its identity). Precompute and distill both use it, so a cache is found without loading the teacher.
+    the model was loaded or saved (so a re-saved copy keeps its identity). Precompute and distill both use
+    it, so a cache is found without loading the teacher.
     A hub name uses its huggingface cache snapshot; one not yet downloaded is loaded once (which downloads
     it), so later offline runs hash the same snapshot.
     """

@@ -12,11 +12,11 @@ import numpy as np
 import torch
 
 import cache_format as cf
-from cache_format._manifest import MANIFEST_NAME, MAX_ID_BYTES
+from cache_format._manifest import MANIFEST_NAME
 from stages.config import Config
 from stages._io import check_outputs, progress_bar
 from stages._train import pick_device
-from stages.data import DataError, Examples, collate, encode
+from stages.data import Encoded, Examples, collate, encode
 from stages.models import check_head, load_classifier, load_model_config, load_tokenizer
 from stages.teacher import TeacherSpec, cache_fields, cache_target, load_split, resolve_model, teacher_outputs
 
@@ -63,32 +63,26 @@ class _BackgroundWriter:
             raise self.error
 
 
-def _check_ids(examples: Examples) -> None:
-    """Refuse ids the cache cannot store before its folder is created (an error later would leave it unfinished)."""
-    for i in examples.ids:
-        if not i or len(i.encode("utf-8")) > MAX_ID_BYTES:
-            raise DataError(f"example id {i[:40]!r}{'...' if len(i) > 40 else ''} cannot be cached: ids must be "
-                            f"non-empty and at most {MAX_ID_BYTES} UTF-8 bytes; fix the id column (data.id_field)")
-
-
 def _precompute_one(cfg: Config, teacher: str, examples: Examples, device: torch.device) -> PrecomputeResult:
     p = cfg.precompute
     spec = TeacherSpec.from_config(p)
     path_or_name = resolve_model(teacher)
     # Everything that can fail cheaply comes before the cache folder is opened and the weights are loaded:
-    # the head and layers (config only), the tokenisation and the cache's identity (hashes of the files).
+    # the head and layers (config only) and the cache's identity (hashes of the files).
     config = load_model_config(path_or_name)
     check_head(config, teacher, cfg.data.num_labels)
     spec.check_layers(int(config.num_hidden_layers), teacher)
-    tokenizer = load_tokenizer(path_or_name)
-    enc = encode(tokenizer, examples, p.max_length)
     target = cache_target(cfg, teacher, examples)
 
-    def load_model() -> torch.nn.Module:
-        return load_classifier(path_or_name, cfg.data.num_labels, eager_attention=bool(spec.attention_layers))
+    def tokenize_and_load() -> tuple[Encoded, torch.nn.Module]:
+        enc = encode(load_tokenizer(path_or_name), examples, p.max_length)  # refuses a too small max_length
+        return enc, load_classifier(path_or_name, cfg.data.num_labels, eager_attention=bool(spec.attention_layers))
 
-    # A finished cache needs no model; any other is written by the model, so load it before opening the folder.
-    model = None if (target.path / MANIFEST_NAME).exists() else load_model()
+    # A finished cache needs neither tokens nor model; any other is written from both, so they come before the
+    # writer creates its folder.
+    finished = (target.path / MANIFEST_NAME).exists()
+    if not finished:
+        enc, model = tokenize_and_load()
     t0 = time.perf_counter()
     writer = cf.CacheWriter(target.path, cache_fields(spec, config, examples.labels is not None),
                             teacher_fingerprint=target.teacher_fingerprint, data_fingerprint=target.data_fingerprint,
@@ -96,8 +90,8 @@ def _precompute_one(cfg: Config, teacher: str, examples: Examples, device: torch
                             commit_seconds=p.commit_seconds)
     if writer.complete:
         return PrecomputeResult(teacher, target.path, len(examples), 0, 0.0, "up to date")
-    if model is None:  # the manifest vanished between the check and the open
-        model = load_model()
+    if finished:  # the manifest vanished between the check and the open
+        enc, model = tokenize_and_load()
     done = writer.done_ids
     todo = np.array([i for i, x in enumerate(examples.ids) if x not in done], dtype=np.int64)
     status = "resumed" if done else "written"
@@ -143,6 +137,5 @@ def precompute(cfg: Config) -> list[PrecomputeResult]:
     p = cfg.precompute
     check_outputs({"precompute.cache_root": (p.cache_root, "folder")})
     examples = load_split(cfg, p.split, transfer=p.split == "train")
-    _check_ids(examples)
     device = pick_device(p.device)
     return [_precompute_one(cfg, t, examples, device) for t in p.teachers]
