@@ -31,8 +31,9 @@ from _common import (
 )
 
 from stages import distill, precompute, prepare
-from stages._train import evaluate_accuracy, set_seed
-from stages.config import config_from_dict
+from stages._train import set_seed
+from stages.tasks.sequence_classification import SequenceClassification
+from stages.config import DataConfig, config_from_dict
 from stages.data import encode, read_table
 from stages.models import (
     load_classifier,
@@ -43,6 +44,11 @@ from stages.models import (
 from stages.teacher import load_split
 
 TEMPERATURE = 4.0
+
+
+def _accuracy(model, data, batch_size, device) -> tuple[float, float]:
+    m = SequenceClassification(DataConfig()).evaluate(model, data, batch_size, device)
+    return m["accuracy"], m["macro_f1"]
 
 
 def _sample(src: Path, dst: Path, n: int | None) -> Path:
@@ -100,7 +106,7 @@ def main() -> None:
         log(f"kd distill (cached), {epochs} epoch(s)")
         distill(cfg)
         ours = load_classifier(str(root / "student-kd"), 2)
-        acc_ours, f1_ours, _ = evaluate_accuracy(ours, test, d.eval_batch_size, ours.device)
+        acc_ours, f1_ours = _accuracy(ours, test, d.eval_batch_size, ours.device)
 
         log(f"TextBrewer GeneralDistiller, {epochs} epoch(s)")
         student = student_from_teacher(teacher, keep)
@@ -110,8 +116,8 @@ def main() -> None:
                        max_grad_norm=d.max_grad_norm or -1.0, temperature=TEMPERATURE, kd_weight=1.0, hard_weight=0.0)
         textbrewer_distill(teacher, student, Batches(train, d.batch_size, d.seed, labels=False,
                                                      group_by_length=d.group_by_length), s, root / "textbrewer")
-        acc_tb, f1_tb, _ = evaluate_accuracy(student, test, d.eval_batch_size, next(student.parameters()).device)
-        acc_teacher, f1_teacher, _ = evaluate_accuracy(teacher, test, d.eval_batch_size,
+        acc_tb, f1_tb = _accuracy(student, test, d.eval_batch_size, next(student.parameters()).device)
+        acc_teacher, f1_teacher = _accuracy(teacher, test, d.eval_batch_size,
                                                        next(teacher.parameters()).device)
     finally:
         if args.work is None:

@@ -68,7 +68,7 @@ def train_teacher(params: str, overrides: tuple[str, ...], resume: bool) -> None
     from stages.train_teacher import train_teacher as run
 
     res = _run("train_teacher", params, overrides + (("train_teacher.resume=true",) if resume else ()), run)
-    click.echo(f"teacher saved to {res.output}; dev accuracy {res.fit.dev_accuracy}")
+    click.echo(f"teacher saved to {res.output}; dev {res.fit.dev_summary()}")
 
 
 @cli.command()
@@ -90,13 +90,13 @@ def distill(params: str, overrides: tuple[str, ...], resume: bool) -> None:
     from stages.distill import distill as run
 
     res = _run("distill", params, overrides + (("distill.resume=true",) if resume else ()), run)
-    click.echo(f"student saved to {res.output}; dev accuracy {res.fit.dev_accuracy}")
+    click.echo(f"student saved to {res.output}; dev {res.fit.dev_summary()}")
 
 
 @cli.command()
 @_common
 def evaluate(params: str, overrides: tuple[str, ...]) -> None:
-    """Accuracy, macro-F1, parameters and inference speed of saved models, side by side.
+    """The task's metrics, parameters and inference speed of saved models, side by side.
 
     Writes evaluate.output and each model's prediction per example to evaluate.predictions (for `kd report`).
     """

@@ -32,8 +32,8 @@ from stages._io import progress_bar
 from stages.config import TrainingConfig
 from stages.data import DataError, Encoded, collate
 
-__all__ = ["EpochSampler", "Objective", "FitResult", "fit", "evaluate_accuracy", "pick_device", "set_seed",
-           "save_model", "NonFiniteLossError", "ResumeError", "RUN_FILE"]
+__all__ = ["EpochSampler", "Objective", "FitResult", "fit", "pick_device", "set_seed", "save_model",
+           "NonFiniteLossError", "ResumeError", "RUN_FILE"]
 
 RUN_FILE = "kd_run.json"  # written into every finished model folder: the run's settings and final metrics
 # Training settings that do not change what the run computes (so a resume may change them).
@@ -157,11 +157,14 @@ class ResumeError(KDError, ValueError):
 class FitResult:
     steps: int
     epochs_done: float
-    dev_accuracy: float | None
-    dev_macro_f1: float | None
+    dev: dict[str, float] | None  # the task's metrics on the dev split after the last epoch (None: no dev split)
     seconds: float
     examples_per_second: float
     settings: dict = field(default_factory=dict)  # what defines the run (checked on resume, saved in RUN_FILE)
+
+    def dev_summary(self) -> str:
+        """`accuracy 0.8123, macro_f1 0.8011` (or `no dev split`), for one-line reports."""
+        return ", ".join(f"{k} {v:.4f}" for k, v in self.dev.items()) if self.dev else "no dev split"
 
 
 def _run_settings(cfg: TrainingConfig, extra: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -232,32 +235,6 @@ def _atomic_torch_save(obj: object, path: Path) -> None:
         torch.save(obj, f)
 
 
-@torch.no_grad()
-def evaluate_accuracy(
-    model: nn.Module, data: Encoded, batch_size: int, device: torch.device
-) -> tuple[float, float, np.ndarray]:
-    """Accuracy, macro-F1 and predictions of a classifier on an encoded, labelled split."""
-    was_training = model.training
-    model.eval()
-    order = np.argsort(data.lengths, kind="stable")  # similar lengths together: less padding
-    preds = np.empty(len(order), dtype=np.int64)
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        batch, _ = collate(data, rows)
-        batch.pop("labels", None)
-        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
-        preds[rows] = logits.argmax(-1).cpu().numpy()
-    model.train(was_training)
-    labels = np.asarray(data.labels)
-    acc = float((preds == labels).mean()) if len(labels) else float("nan")
-    f1s = []
-    for c in np.unique(np.concatenate([labels, preds])):
-        tp = np.sum((preds == c) & (labels == c))
-        denom = np.sum(preds == c) + np.sum(labels == c)
-        f1s.append(2 * tp / denom if denom else 0.0)
-    return acc, float(np.mean(f1s)) if f1s else float("nan"), preds
-
-
 def _decay_groups(params: Sequence[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
     # Biases and LayerNorm weights are not decayed (the BERT recipe every toolkit follows).
     no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
@@ -285,8 +262,11 @@ def fit(
     desc: str = "train",
     on_step: Callable[[int], None] | None = None,
     run_settings: Mapping[str, Any] | None = None,
+    evaluate: Callable[[nn.Module, Encoded], dict[str, float]] | None = None,
 ) -> FitResult:
     """Train `model` (and `objective.modules`) on `train`; checkpoint to `output/checkpoint`.
+
+    At the end of every epoch, `evaluate(model, dev)` gives the dev metrics (the task's `evaluate`).
 
     With `cfg.resume`, continue exactly from the last checkpoint: same weights, optimizer,
     scheduler, RNG and position in the epoch, so the remaining batches are the ones an
@@ -318,7 +298,7 @@ def fit(
     ids = np.asarray(train.ids, dtype=object)
 
     step = 0
-    dev_acc = dev_f1 = None
+    dev_metrics: dict[str, float] | None = None
     if cfg.resume and ckpt_path.exists():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         _check_same_run(state.get("settings"), settings, ckpt_path)
@@ -330,7 +310,7 @@ def fit(
         step = state["step"]
         # A run killed after its last checkpoint but before the final save resumes with nothing left to train:
         # it must still report the dev metrics of the model it saves.
-        dev_acc, dev_f1 = state.get("dev", (None, None))
+        dev_metrics = state.get("dev")
         random.setstate(state["rng"]["python"])
         np.random.set_state(state["rng"]["numpy"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -366,7 +346,7 @@ def fit(
         _atomic_torch_save({"model": model.state_dict(), "modules": objective.modules.state_dict(),
                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                             "sampler": sampler.state_dict(), "step": step, "rng": rng, "settings": settings,
-                            "dev": (dev_acc, dev_f1)}, ckpt_path)
+                            "dev": dev_metrics}, ckpt_path)
 
     live = None
     if log_dir is not None:
@@ -432,12 +412,13 @@ def fit(
                 next(stream, None)  # exhausting the generator moves the sampler to the next epoch
             if sampler.position == 0 or step >= total_steps:  # epoch boundary (or the end)
                 check_finite()
-                if dev is not None and dev.labels is not None:
-                    dev_acc, dev_f1, _ = evaluate_accuracy(model, dev, cfg.eval_batch_size, device)
-                    tqdm.write(f"{desc}: step {step}/{total_steps} dev accuracy {dev_acc:.4f} macro-F1 {dev_f1:.4f}")
+                if dev is not None and evaluate is not None:
+                    dev_metrics = {k: float(v) for k, v in evaluate(model, dev).items()}
+                    shown = ", ".join(f"{k} {v:.4f}" for k, v in dev_metrics.items())
+                    tqdm.write(f"{desc}: step {step}/{total_steps} dev {shown}")
                     if live is not None:
-                        live.log_metric("dev/accuracy", dev_acc, plot=True)
-                        live.log_metric("dev/macro_f1", dev_f1, plot=True)
+                        for k, v in dev_metrics.items():
+                            live.log_metric(f"dev/{k}", v, plot=True)
                         live.next_step()
                 save_checkpoint()
         check_finite()
@@ -447,14 +428,15 @@ def fit(
         if live is not None:
             live.end()
     seconds = time.perf_counter() - t0
-    return FitResult(step, step / steps_per_epoch, dev_acc, dev_f1, seconds, seen / max(seconds, 1e-9), settings)
+    return FitResult(step, step / steps_per_epoch, dev_metrics, seconds, seen / max(seconds, 1e-9), settings)
 
 
 def save_model(model: nn.Module, tokenizer, projections: nn.Module, output: Path, *, result: FitResult | None = None,
-               label_names: Sequence[str] | None = None) -> None:
+               label_names: Sequence[str] | None = None, head_config: Mapping[str, Any] | None = None) -> None:
     """Save the final model with `save_pretrained` (+ tokenizer, + projections if any).
 
-    `label_names` go into the config (id2label/label2id, so `transformers.pipeline` prints names). With
+    `label_names` go into the config (id2label/label2id, so `transformers.pipeline` prints names), and so do
+    the task's `head_config` keys (e.g. problem_type). With
     `result`, `RUN_FILE` records the run's settings and final metrics: it marks the model as finished
     (`--resume` then has nothing to do) and says which step's model this is.
 
@@ -465,6 +447,8 @@ def save_model(model: nn.Module, tokenizer, projections: nn.Module, output: Path
     if label_names:
         model.config.id2label = dict(enumerate(label_names))
         model.config.label2id = {name: i for i, name in enumerate(label_names)}
+    for key, value in (head_config or {}).items():
+        setattr(model.config, key, value)
     tmp = output.with_name(f"{output.name}.{uuid.uuid4().hex}.partial")
     try:
         model.save_pretrained(tmp)
@@ -472,8 +456,8 @@ def save_model(model: nn.Module, tokenizer, projections: nn.Module, output: Path
         if len(projections):
             torch.save(projections.state_dict(), tmp / "projections.pt")
         if result is not None:
-            run = {"steps": result.steps, "epochs_done": result.epochs_done, "dev_accuracy": result.dev_accuracy,
-                   "dev_macro_f1": result.dev_macro_f1, "settings": result.settings}
+            run = {"steps": result.steps, "epochs_done": result.epochs_done,
+                   **{f"dev_{k}": v for k, v in (result.dev or {}).items()}, "settings": result.settings}
             atomic_write_text(tmp / RUN_FILE, json.dumps(run, indent=2) + "\n")
         old = output.with_name(f"{output.name}.{uuid.uuid4().hex}.old")
         if output.exists():

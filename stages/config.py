@@ -19,7 +19,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, ValidationError, V
 from pydantic_core import PydanticCustomError
 
 from cache_format._errors import KDError
-from stages.kinds import KD_KINDS, MATCH_KINDS, PRESETS, PROJECTIONS
+from stages.kinds import KD_KINDS, MATCH_KINDS, PRESETS, PROJECTIONS, TASK_KINDS
 
 __all__ = [
     "ConfigError",
@@ -124,10 +124,38 @@ class DataConfig(_Section):
     label_names: list[str] | None = None
     # The demo's params.yaml sets data/transfer.csv: movie-review sentences only fit the demo's task.
     transfer: str | None = None
+    # The task kind (stages/tasks/<kind>.py) and the options only some kinds read (None: the kind's default;
+    # TASK_KINDS says which kind reads which, and setting one another kind ignores is an error).
+    task: Literal[tuple(TASK_KINDS)] = "sequence_classification"  # type: ignore[valid-type]
+    label_delimiter: str | None = None  # multi_label: labels in one string, e.g. "sports|politics"
+    threshold: Float | None = None  # multi_label: a label is predicted when its probability is >= this (0.5)
+    tokens_field: str | None = None  # token_classification: the list-of-words column ("tokens")
+    tags_field: str | None = None  # token_classification: the list-of-tags column ("tags")
+    label_all_subwords: bool | None = None  # token_classification: train every sub-token on its word's tag
+    question_field: str | None = None  # extractive_qa ("question")
+    context_field: str | None = None  # extractive_qa ("context")
+    answers_field: str | None = None  # extractive_qa ("answers": {"text": [...], "answer_start": [...]})
+    doc_stride: int | None = None  # extractive_qa: tokens shared by consecutive windows of a long context (128)
+    max_answer_length: int | None = None  # extractive_qa: longest answer span predicted, in tokens (30)
 
     def _check(self) -> list[Problem]:
         errs = []
-        if self.num_labels < 2:
+        kind = TASK_KINDS[self.task]
+        for key in sorted(k for ks in (t.options for t in TASK_KINDS.values()) for k in ks):
+            if getattr(self, key) is not None and key not in kind.options:
+                users = [name for name, t in TASK_KINDS.items() if key in t.options]
+                errs.append((key, f"only applies to data.task: {' or '.join(users)}, not {self.task}; remove it"))
+        if kind.regression and self.label_names is not None:
+            errs.append(("label_names", "a regression target is a number, it has no label names; remove it"))
+        if self.transfer is not None and not kind.transfer:
+            errs.append(("transfer", f"an unlabelled transfer set is not supported for data.task: {self.task} "
+                         "yet (sequence_classification only); remove it"))
+        if self.threshold is not None and not 0 < self.threshold < 1:
+            errs.append(("threshold", f"must be in (0, 1) (got {self.threshold})"))
+        for key in ("doc_stride", "max_answer_length"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                errs.append((key, f"must be >= 1 (got {getattr(self, key)})"))
+        if self.num_labels < 2 and not kind.regression:
             errs.append(("num_labels", f"must be >= 2 (got {self.num_labels})"))
         if self.label_names is not None:
             names = self.label_names
@@ -446,7 +474,34 @@ class Config(_Section):
             if d.kd.weight > 0 and not p.logits:
                 errs.append(("distill.kd.weight", "> 0 needs teacher logits; set precompute.logits: true "
                              "or distill.kd.weight: 0"))
+        errs += _task_rules(self)
         return errs
+
+
+def _task_rules(cfg: "Config") -> list[Problem]:
+    """Settings that the task kind (data.task) cannot honour."""
+    task, kind, d, p = cfg.data.task, TASK_KINDS[cfg.data.task], cfg.distill, cfg.precompute
+    errs: list[Problem] = []
+    if not kind.sequence_kd:
+        why = f"applies to one class distribution per example, and data.task is {task}"
+        if d.kd.temperature_schedule != "constant":
+            errs.append(("distill.kd.temperature_schedule", f"{d.kd.temperature_schedule} {why}; use constant"))
+        if d.kd.probability_shift:
+            errs.append(("distill.kd.probability_shift", f"{why}; set it to false"))
+        if d.kd.teacher_combine != "logits":
+            errs.append(("distill.kd.teacher_combine", f"probs {why}; use logits"))
+    if kind.regression and d.kd.loss != "mse":
+        errs.append(("distill.kd.loss", f"{d.kd.loss!r} compares class distributions, but a regression teacher "
+                     "outputs one number; set distill.kd.loss: mse"))
+    if kind.token_axis == "words":
+        why = (f"data.task {task} caches one teacher output per word, and per-word hidden states and attention "
+               "are not supported yet")
+        if p.hidden_layers or p.attention_layers:
+            errs.append(("precompute.hidden_layers", f"{why}; cache logits only (hidden_layers: [], "
+                         "attention_layers: [])"))
+        if d.matches or d.match_preset:
+            errs.append(("distill.matches", f"{why}; remove matches and match_preset"))
+    return errs
 
 
 # ----------------------------------------------------------------------------- parsing

@@ -15,9 +15,9 @@ import json
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -41,16 +41,19 @@ __all__ = [
     "string_column",
     "load_examples",
     "with_transfer",
+    "where",
     "content_ids",
     "data_fingerprint",
     "encode",
     "collate",
+    "model_inputs",
+    "MODEL_INPUTS",
 ]
 
 IGNORE_LABEL = -100  # the label of an unlabelled example: losses on gold labels skip it
 _SUPPORTED_FORMATS = ".csv, .jsonl/.json (JSON lines), .parquet/.pq, or a folder saved by datasets' save_to_disk"
-_TEXT_HINT = ("text columns must hold one string per row (lists of tokens are for token classification, "
-              "which is not supported yet)")
+_TEXT_HINT = ("text columns must hold one string per row (lists of words are for data.task: "
+              "token_classification)")
 _PROGRESS_MIN_EXAMPLES = 5000  # below this, tokenizing takes about a second: a bar would only add noise
 
 
@@ -115,12 +118,19 @@ def _read_saved_dataset(path: Path) -> pa.Table:
 
 @dataclass(frozen=True)
 class Examples:
-    """Validated examples: parallel lists of ids and texts, optional second texts and int64 labels."""
+    """Validated examples: parallel lists of ids and texts, optional second texts, labels and words.
+
+    `labels` is what the task kind reads (stages/tasks): int64 class ids for sequence classification,
+    a [N, C] 0/1 matrix for multi-label, float64 targets for regression, one int64 array of tag ids per
+    example for token classification, answer records for extractive QA. `words` holds the word lists of
+    token classification (`texts` is then the words joined by spaces, for ids and display).
+    """
 
     ids: list[str]
     texts: list[str]
     text_pairs: list[str] | None
-    labels: np.ndarray | None
+    labels: Any
+    words: list[list[str]] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -135,10 +145,12 @@ def load_examples(
     id_field: str | None = None,
     num_labels: int | None = None,
     label_names: list[str] | None = None,
+    parse_labels: Callable[[pa.ChunkedArray, list[str], Path, str], Any] | None = None,
 ) -> Examples:
     """Load and validate examples from a data file (see `read_table` for the formats).
 
-    Labels must be ints in [0, num_labels), or strings listed in `label_names` (mapped to their index).
+    Labels must be ints in [0, num_labels), or strings listed in `label_names` (mapped to their index);
+    `parse_labels(column, ids, path, label_field)` replaces that rule (task kinds with other labels).
 
     Ids: the `id_field` value (as a string, must be unique) when given. Otherwise a 16-hex-digit content hash
     of (text, text pair), so reordering or filtering the file keeps every id. The label is deliberately not
@@ -169,9 +181,11 @@ def load_examples(
     for column, values in (("text", texts), ("text pair", pairs or [])):
         bad = next((i for i, t in enumerate(values) if t is None or not t.strip()), None)
         if bad is not None:
-            raise DataError(f"{_where(ids, bad)} in {path} has an empty {column}; remove the row or fill it in")
+            raise DataError(f"{where(ids, bad)} in {path} has an empty {column}; remove the row or fill it in")
     labels = None
-    if label_field:
+    if label_field and parse_labels is not None:
+        labels = parse_labels(table.column(label_field), ids, path, label_field)
+    elif label_field:
         labels = _labels(table.column(label_field), ids, path, label_field, num_labels, label_names)
     return Examples(ids=ids, texts=texts, text_pairs=pairs, labels=labels)
 
@@ -217,7 +231,8 @@ def _flat_column(table: pa.Table, name: str, path: Path, role: str, hint: str) -
     return column
 
 
-def _where(ids: list[str], row: int) -> str:
+def where(ids: Sequence[str], row: int) -> str:
+    """How an error names a row: `example <id> (row <n>)`, n counted from 1."""
     return f"example {ids[row]} (row {row + 1})"
 
 
@@ -259,7 +274,7 @@ def _labels(
         )
     if column.null_count:
         row = column.is_null().to_pylist().index(True)
-        raise DataError(f"{_where(ids, row)} in {path} has no {field!r}; fill in every label or drop the row")
+        raise DataError(f"{where(ids, row)} in {path} has no {field!r}; fill in every label or drop the row")
     values = column.to_pylist()
     if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
         if label_names is not None:
@@ -267,7 +282,7 @@ def _labels(
             bad = next((i for i, v in enumerate(values) if v not in index), None)
             if bad is not None:
                 raise DataError(
-                    f"{_where(ids, bad)} in {path} has label {values[bad]!r}, not one of label_names "
+                    f"{where(ids, bad)} in {path} has label {values[bad]!r}, not one of label_names "
                     f"{label_names}; fix the label or add it to data.label_names"
                 )
             return np.array([index[v] for v in values], dtype=np.int64)
@@ -286,8 +301,8 @@ def _labels(
         if not np.all(floats == np.round(floats)):
             bad = int(np.flatnonzero(floats != np.round(floats))[0])
             raise DataError(
-                f"{_where(ids, bad)} in {path} has label {floats[bad]}, not an integer class id; "
-                "use integer labels (regression is not supported)"
+                f"{where(ids, bad)} in {path} has label {floats[bad]}, not an integer class id; "
+                "use integer class ids, or set data.task: regression for numeric targets"
             )
         labels = floats.astype(np.int64)
     else:
@@ -300,7 +315,7 @@ def _labels(
         row = int(bad_rows[0])
         valid = f"[0, {num_labels})" if num_labels is not None else ">= 0"
         raise DataError(
-            f"{_where(ids, row)} in {path} has label {labels[row]}, outside the valid range {valid}; "
+            f"{where(ids, row)} in {path} has label {labels[row]}, outside the valid range {valid}; "
             "fix the label or num_labels"
         )
     return labels
@@ -320,26 +335,51 @@ def content_ids(texts: Sequence[str | None], pairs: Sequence[str | None] | None 
 def data_fingerprint(examples: Examples) -> str:
     """Order-independent hash of every example's (id, text, pair, label): any content change changes it."""
     pairs = examples.text_pairs if examples.text_pairs is not None else itertools.repeat(None)
-    labels = examples.labels.tolist() if examples.labels is not None else itertools.repeat(None)
-    return combine_unordered(
-        fingerprint((i, t, p, y)) for i, t, p, y in zip(examples.ids, examples.texts, pairs, labels)
-    )
+    labels = [_plain(y) for y in examples.labels] if examples.labels is not None else itertools.repeat(None)
+    if examples.words is None:
+        return combine_unordered(
+            fingerprint((i, t, p, y)) for i, t, p, y in zip(examples.ids, examples.texts, pairs, labels)
+        )
+    return combine_unordered(fingerprint((i, t, p, y, w)) for i, t, p, y, w
+                             in zip(examples.ids, examples.texts, pairs, labels, examples.words))
+
+
+def _plain(value: Any) -> Any:
+    """A label as plain JSON-able Python (numpy scalars and arrays included), for hashing."""
+    if isinstance(value, (np.ndarray, np.generic)):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Tokenize once, collate fast
 
 
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
 @dataclass
 class Encoded:
-    """Token ids of every example, flat and token-major: example i is `input_ids[offsets[i]:offsets[i+1]]`."""
+    """Token ids of every row, flat and token-major: row i is `input_ids[offsets[i]:offsets[i+1]]`.
+
+    A row is one model input: an example, or one window of a long one (extractive QA), with its own id.
+    `token_fields` are more per-token arrays in the same flat layout, collated to [B, T] and padded with
+    the given value (e.g. token-classification labels). `extras` is whatever the task needs to score
+    predictions (QA offsets and answers); collate ignores it.
+    """
 
     ids: list[str]
-    input_ids: np.ndarray  # int32, all examples concatenated
+    input_ids: np.ndarray  # int32, all rows concatenated
     offsets: np.ndarray  # int64, len(ids) + 1
     token_type_ids: np.ndarray | None  # int8, same layout as input_ids; only for text pairs
-    labels: np.ndarray | None  # int64, one per example
+    labels: np.ndarray | None  # one per row: [N] or [N, ...]
     pad_token_id: int
+    token_fields: dict[str, tuple[np.ndarray, int]] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
 
     @property
     def lengths(self) -> np.ndarray:
@@ -397,8 +437,9 @@ def encode(tokenizer: Any, examples: Examples, max_length: int, batch_size: int 
 def collate(encoded: Encoded, rows: np.ndarray | Sequence[int]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Pad the given examples to the batch's longest; returns (tensors, example ids in batch order).
 
-    Tensors: input_ids, attention_mask, token_type_ids (zeros without pairs: BERT expects them) and labels
-    (when the examples have labels), all int64 of shape (B, T) or (B,).
+    Tensors: input_ids, attention_mask, token_type_ids (zeros without pairs: BERT expects them), labels
+    (when the rows have labels; int64, or float for float labels) and each of `encoded.token_fields`, of shape
+    (B, T) or (B, ...). Only MODEL_INPUTS go to the model (`model_inputs`).
     """
     rows = np.asarray(rows, dtype=np.int64)
     starts = encoded.offsets[rows]
@@ -419,5 +460,14 @@ def collate(encoded: Encoded, rows: np.ndarray | Sequence[int]) -> tuple[dict[st
         "token_type_ids": torch.from_numpy(token_types.astype(np.int64)),
     }
     if encoded.labels is not None:
-        batch["labels"] = torch.from_numpy(encoded.labels[rows].astype(np.int64))
+        labels = encoded.labels[rows]
+        batch["labels"] = torch.from_numpy(labels.astype(np.float32 if labels.dtype.kind == "f" else np.int64))
+    for name, (flat, pad) in encoded.token_fields.items():
+        values = np.where(mask, flat[index] if flat.size else pad, pad)
+        batch[name] = torch.from_numpy(values.astype(np.float32 if values.dtype.kind == "f" else np.int64))
     return batch, [encoded.ids[r] for r in rows.tolist()]
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors of a collated batch that the model takes (labels and task fields stay out)."""
+    return {k: v for k, v in batch.items() if k in MODEL_INPUTS}

@@ -16,12 +16,13 @@ from cache_format._errors import CacheMismatchError, CacheMissError, KDError
 from stages.config import Config, DistillConfig, config_to_dict
 from stages._io import check_outputs
 from stages._train import FitResult, fit, pick_device, save_model, set_seed
-from stages.data import data_fingerprint, encode
-from stages.losses import (Match, MatchError, build_projections, check_matches, feature_map, hard_ce_loss, kd_loss, match_loss,
+from stages.data import data_fingerprint, model_inputs
+from stages.losses import (Match, MatchError, build_projections, check_matches, feature_map, match_loss,
                            needed_teacher_layers, preset_matches)
 from stages.models import (hidden_size, load_classifier, load_tokenizer, num_layers, student_from_config,
                            student_from_teacher, teacher_fingerprint)
 from stages.schedules import combine_teachers, cwsm_temperature, flsw_temperature, probability_shift, weight_at
+from stages.tasks import Task, get_task
 from stages.teacher import (CachedTeachers, OnlineTeachers, TeacherSpec, cache_target, load_split, resolve_model)
 
 __all__ = ["DistillResult", "build_student", "distill"]
@@ -36,20 +37,21 @@ class DistillResult:
 
 
 def build_student(cfg: Config) -> tuple[nn.Module, object]:
-    """The student model and its tokenizer, as `distill.student` describes."""
-    s, n = cfg.distill.student, cfg.data.num_labels
+    """The student model and its tokenizer, as `distill.student` describes (with the task's head)."""
+    task = get_task(cfg.data)
+    s, n, head = cfg.distill.student, task.num_labels, task.auto_model
     if s.from_teacher:
         src = resolve_model(s.from_teacher)
-        teacher = load_classifier(src, n)
+        teacher = load_classifier(src, n, auto_model=head)
         return student_from_teacher(teacher, s.keep_layers), load_tokenizer(src)
     if s.pretrained:
         src = resolve_model(s.pretrained)
         # A base model gets a new head (that is what distillation trains); a head for another label count is
         # an error, as for teachers: silently re-initialising it would throw away what it learned.
-        return load_classifier(src, n, head="if_missing"), load_tokenizer(src)
+        return load_classifier(src, n, head="if_missing", auto_model=head), load_tokenizer(src)
     src = resolve_model(s.config)
     model = student_from_config(src, n, num_layers=s.num_layers, hidden_size=s.hidden_size,
-                                intermediate_size=s.intermediate_size, num_heads=s.num_heads)
+                                intermediate_size=s.intermediate_size, num_heads=s.num_heads, auto_model=head)
     return model, load_tokenizer(src)
 
 
@@ -66,9 +68,10 @@ def _matches(d: DistillConfig, teacher_layers: int, student_layers: int) -> list
 class DistillObjective:
     """KD on logits + hard labels + intermediate matches, with their schedules."""
 
-    def __init__(self, cfg: DistillConfig, source, matches: Sequence[Match], projections: nn.ModuleList,
+    def __init__(self, cfg: DistillConfig, task: Task, source, matches: Sequence[Match], projections: nn.ModuleList,
                  student_lengths: dict[str, int]):
         self.cfg = cfg
+        self.task = task
         self.source = source
         self.matches = list(matches)
         self.modules = projections
@@ -83,15 +86,16 @@ class DistillObjective:
 
     def losses(self, model: nn.Module, batch: dict[str, torch.Tensor], ids: Sequence[str], step: int,
                total_steps: int) -> dict[str, torch.Tensor]:
-        kd, d = self.cfg.kd, self.cfg
+        kd, d, task = self.cfg.kd, self.cfg, self.task
         seq_len = batch["input_ids"].shape[1]
         teachers = self.source.next(seq_len) if self.source is not None else []
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        out = model(**inputs, output_hidden_states=self.need_hidden, output_attentions=self.need_attn)
-        logits = out.logits.float()
+        out = model(**model_inputs(batch), output_hidden_states=self.need_hidden, output_attentions=self.need_attn)
+        logits = task.logits(out, batch).float()
         terms: dict[str, torch.Tensor] = {}
         if teachers and kd.weight > 0:
-            t_logits = [t["logits"].float() for t in teachers]
+            # A ragged teacher axis comes padded to the batch's token count; the student's may be shorter (words).
+            t_logits = [t["logits"].float()[:, : logits.shape[1]] if logits.dim() == 3 else t["logits"].float()
+                        for t in teachers]
             t = t_logits[0] if len(t_logits) == 1 else combine_teachers(
                 t_logits, kd.teacher_weights, kd.teacher_combine, temperature=kd.temperature)
             if kd.probability_shift and "labels" in batch:
@@ -103,10 +107,12 @@ class DistillObjective:
             else:
                 temp = kd.temperature
             w = weight_at(kd.weight_schedule, kd.weight, step, total_steps)
-            terms["kd"] = w * kd_loss(logits, t, temp, kind=kd.loss, temperature_squared=kd.temperature_squared)
+            lengths = torch.stack([t["length"] for t in teachers]).amin(0) if logits.dim() == 3 else None
+            terms["kd"] = w * task.kd_loss(logits, t, batch, temperature=temp, kind=kd.loss,
+                                           temperature_squared=kd.temperature_squared, teacher_lengths=lengths)
         if kd.hard_weight > 0 or not teachers:
             w = weight_at(kd.hard_weight_schedule, kd.hard_weight, step, total_steps)
-            terms["hard"] = w * hard_ce_loss(logits, batch["labels"])
+            terms["hard"] = w * task.hard_loss(logits, batch)
         if self.matches:
             t0 = teachers[0]
             if self.token_level:
@@ -158,9 +164,10 @@ def _check_cache_teachers(cfg: Config, readers: Sequence[cf.CacheReader]) -> Non
 
 
 def _open_caches(cfg: Config, train_examples) -> list[cf.CacheReader]:
-    """Readers for the teacher caches, checked against the teachers and the training data (every id present).
+    """Readers for the teacher caches, checked against the teachers, the task and the training data.
 
-    Nothing here builds a teacher model: a cache is identified by hashes of the teacher's files.
+    Nothing here builds a teacher model: a cache is identified by hashes of the teacher's files. That every
+    training row is in each cache is checked once the rows are known (`_check_rows`).
     """
     d = cfg.distill
     dfp = data_fingerprint(train_examples)
@@ -177,22 +184,34 @@ def _open_caches(cfg: Config, train_examples) -> list[cf.CacheReader]:
                               "(or set distill.caches to an existing cache folder)")
             readers.append(cf.CacheReader(target.path, expect_teacher=target.teacher_fingerprint,
                                           expect_data=dfp, expect_settings=target.settings))
-    n = cfg.data.num_labels
+    task = get_task(cfg.data)
+    want = task.logits_shape()
     for r in readers:
         logits = r.fields.get("logits")
-        if logits is not None and tuple(logits.shape) != (n,):
+        if logits is None or tuple(logits.shape) == want:
+            continue
+        if logits.shape[-1] != want[-1]:
             raise CacheMismatchError(
-                f"cache {r.path} holds {logits.shape[0]}-label teacher logits but data.num_labels is {n}; "
-                f"set data.num_labels: {logits.shape[0]} if that is the data's label count, else use a cache "
-                f"of a teacher fine-tuned for {n} labels"
+                f"cache {r.path} holds {logits.shape[-1]}-label teacher logits but data.num_labels is {want[-1]}; "
+                f"set data.num_labels: {logits.shape[-1]} if that is the data's label count, else use a cache "
+                f"of a teacher fine-tuned for {want[-1]} labels"
             )
-        missing = [i for i in train_examples.ids if i not in r]
+        raise CacheMismatchError(
+            f"cache {r.path} holds teacher logits of shape {tuple(logits.shape)} but data.task {cfg.data.task} "
+            f"needs {want}; use a cache precomputed for this task (`kd precompute` with the same data.task)"
+        )
+    return readers
+
+
+def _check_rows(readers: Sequence[cf.CacheReader], ids: Sequence[str]) -> None:
+    """Every training row (example, or window of one) must be in every cache."""
+    for r in readers:
+        missing = [i for i in ids if i not in r]
         if missing:
             raise CacheMissError(
                 f"{len(missing)} training example(s) are not in cache {r.path}, e.g. {missing[:3]}; "
                 "rerun `kd precompute` on the same data.train file"
             )
-    return readers
 
 
 def _distill_settings(cfg: Config, readers: Sequence[cf.CacheReader]) -> dict:
@@ -207,6 +226,7 @@ def _distill_settings(cfg: Config, readers: Sequence[cf.CacheReader]) -> dict:
         "matches": [config_to_dict(m) for m in d.matches],
         "match_preset": d.match_preset,
         "match_weight_schedule": d.match_weight_schedule,
+        **get_task(cfg.data).cache_settings(),
     }
 
 
@@ -220,14 +240,16 @@ def distill(cfg: Config, *, on_step: Callable[[int], None] | None = None) -> Dis
                    "distill.log_dir": (d.log_dir, "folder")})
     # Data and caches first: their errors must not cost a model load.
     # The unlabelled transfer set carries only teacher signal: a labels-only run leaves it out.
+    task = get_task(cfg.data)
     train_ex = load_split(cfg, "train", transfer=d.teacher_signal != "none")
     dev_ex = load_split(cfg, "dev") if cfg.data.dev else None
     readers = _open_caches(cfg, train_ex) if d.teacher_signal == "cached" else []
     device = pick_device()
     set_seed(d.seed)  # the student's random parts (new heads, projections) depend on it
     student, tokenizer = build_student(cfg)
-    train = encode(tokenizer, train_ex, d.max_length)
-    dev = encode(tokenizer, dev_ex, d.max_length) if dev_ex is not None else None
+    train = task.encode(tokenizer, train_ex, d.max_length)
+    dev = task.encode(tokenizer, dev_ex, d.max_length) if dev_ex is not None else None
+    _check_rows(readers, train.ids)
     s_layers = num_layers(student)
 
     source, matches = None, []
@@ -247,19 +269,19 @@ def distill(cfg: Config, *, on_step: Callable[[int], None] | None = None) -> Dis
         source = CachedTeachers(readers, [f for f in fields if f in readers[0].fields], device, prefetch=d.prefetch)
     elif d.teacher_signal == "online":
         names = _configured_teachers(cfg)
-        first = load_classifier(resolve_model(names[0]), cfg.data.num_labels)
+        first = load_classifier(resolve_model(names[0]), task.num_labels, auto_model=task.auto_model)
         matches = _matches(d, num_layers(first), s_layers)
         check_matches(matches, num_layers(first), s_layers)
         hidden, attn = needed_teacher_layers(matches)
         models, encs = [], []
         for t in names:
             src = resolve_model(t)
-            models.append(load_classifier(src, cfg.data.num_labels, eager_attention=bool(attn)))
-            encs.append(encode(load_tokenizer(src), train_ex, d.max_length))
+            models.append(load_classifier(src, task.num_labels, eager_attention=bool(attn), auto_model=task.auto_model))
+            encs.append(task.encode(load_tokenizer(src), train_ex, d.max_length))
         first_only = bool(matches) and all(m.kind == "pkd" for m in matches)
         spec = TeacherSpec(True, tuple(sorted(hidden)), "first" if first_only else "all", tuple(sorted(attn)))
         t_width = hidden_size(models[0])
-        source = OnlineTeachers(models, encs, spec, device)
+        source = OnlineTeachers(models, encs, spec, device, task)
 
     if any(m.feature == "attention" for m in matches):
         student.set_attn_implementation("eager")  # only eager attention returns attention maps
@@ -270,12 +292,14 @@ def distill(cfg: Config, *, on_step: Callable[[int], None] | None = None) -> Dis
                              "set projection: linear (or relu/tanh) on that match")
     projections = build_projections(matches, s_width, t_width or s_width)
 
-    objective = DistillObjective(d, source, matches, projections, dict(zip(train.ids, train.lengths.tolist())))
+    objective = DistillObjective(d, task, source, matches, projections, dict(zip(train.ids, train.lengths.tolist())))
     result = fit(student, objective, train, dev, d, output=output, log_dir=Path(d.log_dir), device=device,
-                 desc=f"distill ({d.teacher_signal})", on_step=on_step, run_settings=_distill_settings(cfg, readers))
-    save_model(student, tokenizer, projections, output, result=result, label_names=cfg.data.label_names)
-    metrics = {"teacher_signal": d.teacher_signal, "dev_accuracy": result.dev_accuracy,
-               "dev_macro_f1": result.dev_macro_f1, "steps": result.steps, "seconds": round(result.seconds, 2),
+                 desc=f"distill ({d.teacher_signal})", on_step=on_step, run_settings=_distill_settings(cfg, readers),
+                 evaluate=lambda m, data: task.evaluate(m, data, d.eval_batch_size, device))
+    save_model(student, tokenizer, projections, output, result=result, label_names=task.label_names,
+               head_config=task.head_config())
+    metrics = {"teacher_signal": d.teacher_signal, **{f"dev_{k}": v for k, v in (result.dev or {}).items()},
+               "steps": result.steps, "seconds": round(result.seconds, 2),
                "train_examples_per_second": round(result.examples_per_second, 1)}
     cf.atomic_write_text(Path(d.metrics), json.dumps(metrics, indent=2) + "\n")
     return DistillResult(output, d.teacher_signal, [str(r.path) for r in readers], result)

@@ -1,6 +1,7 @@
-"""`kd evaluate`: accuracy, macro-F1, parameter count and inference speed of saved models, side by side.
+"""`kd evaluate`: the task's metrics, parameter count and inference speed of saved models, side by side.
 
-Also writes every model's per-example predictions (`evaluate.predictions`) for the paired statistics of `kd report`.
+Also writes every model's per-example predictions (`evaluate.predictions`) for the paired statistics of `kd report`
+(sequence classification; other kinds write the file with the ids only).
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import torch
 from cache_format import atomic_write_text
 from stages.config import Config
 from stages._io import check_outputs
-from stages._train import evaluate_accuracy, pick_device
-from stages.data import DataError, collate, encode
+from stages._train import pick_device
+from stages.data import DataError, collate, model_inputs
 from stages.models import load_classifier, load_tokenizer, num_parameters
 from stages.report import save_predictions
+from stages.tasks import get_task
 from stages.teacher import load_split, resolve_model
 
 __all__ = ["evaluate", "measure_throughput"]
@@ -33,8 +35,7 @@ def measure_throughput(model: torch.nn.Module, data, batch_size: int, batches: i
     inputs = []
     for c in chunks:
         b, _ = collate(data, c)
-        b.pop("labels", None)
-        inputs.append({k: v.to(device) for k, v in b.items()})
+        inputs.append({k: v.to(device) for k, v in model_inputs(b).items()})
     model(**inputs[0])  # warm-up: first-call allocation and kernel selection are not throughput
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -57,6 +58,7 @@ def evaluate(cfg: Config) -> dict[str, dict]:
     e = cfg.evaluate
     check_outputs({"evaluate.output": (e.output, "file"), "evaluate.predictions": (e.predictions, "file")})
     device = pick_device()
+    task = get_task(cfg.data)
     examples = load_split(cfg, e.split)
     if examples.labels is None:
         raise DataError(f"data.{e.split} has no labels (data.label_field is unset); evaluation needs them")
@@ -65,20 +67,22 @@ def evaluate(cfg: Config) -> dict[str, dict]:
     for name, path in e.models.items():
         src = resolve_model(path)
         tokenizer = load_tokenizer(src)
-        model = load_classifier(src, cfg.data.num_labels).to(device)
-        data = encode(tokenizer, examples, e.max_length)
-        acc, f1, predictions[name] = evaluate_accuracy(model, data, e.batch_size, device)
+        model = load_classifier(src, task.num_labels, auto_model=task.auto_model).to(device)
+        data = task.encode(tokenizer, examples, e.max_length)
+        preds = task.predict(model, data, e.batch_size, device)
+        if task.class_per_example:  # what `kd report`'s paired statistics compare
+            predictions[name] = preds
         results[name] = {
             "model": str(path),
-            "accuracy": round(acc, 4),
-            "macro_f1": round(f1, 4),
+            **{k: round(v, 4) for k, v in task.score(data, preds).items()},
             "parameters": num_parameters(model),
             "examples_per_second": round(measure_throughput(model, data, e.batch_size, e.throughput_batches, device), 1),
             "device": str(device),
             "split": e.split,
             "examples": len(examples),
         }
-    save_predictions(e.predictions, split=e.split, data=str(getattr(cfg.data, e.split)), ids=examples.ids,
-                     labels=examples.labels, models=predictions)
+    save_predictions(e.predictions, split=e.split, data=str(getattr(cfg.data, e.split)),
+                     ids=examples.ids if predictions else [], labels=examples.labels if predictions else [],
+                     models=predictions)
     atomic_write_text(Path(e.output), json.dumps(results, indent=2) + "\n")
     return results

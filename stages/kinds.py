@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["KD_KINDS", "MatchKind", "MATCH_KINDS", "PROJECTIONS", "PRESETS"]
+__all__ = ["KD_KINDS", "MatchKind", "MATCH_KINDS", "PROJECTIONS", "PRESETS", "TaskKind", "TASK_KINDS"]
 
 # Soft-label losses on logits (`kd_loss(kind=...)`, setting distill.kd.loss).
 KD_KINDS = ("kl", "ce", "mse")
@@ -61,4 +61,33 @@ PRESETS: dict[str, tuple[str, int, str | None]] = {
     "L6_hidden_smmd": ("mmd", 6, None),
     "L6_attention_mse": ("attention_mse", 6, None),
     "L6_attention_ce": ("attention_ce", 6, None),
+}
+
+
+@dataclass(frozen=True)
+class TaskKind:
+    """What a task kind (setting data.task) reads, for the settings' checks; the code is stages/tasks/<name>.py.
+
+    options: the data.* keys only this kind reads (setting one for another kind is an error).
+    token_axis: what the cache's ragged "T" axis counts: "tokens" (the teacher's sub-tokens) or "words".
+    sequence_kd: True if teacher logits are one class distribution per example, so the sequence-level
+        extras (temperature schedules, probability shift, combining teachers' probabilities) apply.
+    transfer: True if an unlabelled transfer set (data.transfer) is supported.
+    """
+
+    options: tuple[str, ...] = ()
+    token_axis: Literal["tokens", "words"] = "tokens"
+    sequence_kd: bool = False
+    transfer: bool = False
+    regression: bool = False  # one float target: data.num_labels and label_names do not apply
+
+
+TASK_KINDS: dict[str, TaskKind] = {
+    "sequence_classification": TaskKind(sequence_kd=True, transfer=True),
+    "multi_label": TaskKind(options=("label_delimiter", "threshold")),
+    "regression": TaskKind(regression=True),
+    "token_classification": TaskKind(options=("tokens_field", "tags_field", "label_all_subwords"),
+                                     token_axis="words"),
+    "extractive_qa": TaskKind(options=("question_field", "context_field", "answers_field", "doc_stride",
+                                       "max_answer_length")),
 }

@@ -16,7 +16,6 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     BertConfig,
-    BertForSequenceClassification,
     BertTokenizer,
     PretrainedConfig,
     PreTrainedModel,
@@ -104,45 +103,59 @@ def load_model_config(name_or_path: str) -> PretrainedConfig:
 
 
 Head = Literal["require", "if_missing", "new"]
+_HEAD_NAMES = {"ForSequenceClassification": "classification", "ForTokenClassification": "token-classification",
+               "ForQuestionAnswering": "question-answering"}
 
 
-def check_head(config: PretrainedConfig, name_or_path: str, num_labels: int, head: Head = "require") -> dict[str, Any]:
-    """Check a model's classification head against `num_labels`; return the loading options that follow.
+def check_head(config: PretrainedConfig, name_or_path: str, num_labels: int, head: Head = "require",
+               auto_model: type = AutoModelForSequenceClassification) -> dict[str, Any]:
+    """Check a model's task head against `num_labels`; return the loading options that follow.
+
+    The head is the one `auto_model` builds (AutoModelForTokenClassification -> `...ForTokenClassification`).
 
     head="require" (teachers, evaluation): the model must have a `num_labels`-label head.
     head="if_missing" (a pretrained student): a base model gets a new head; a head of another size is an error.
     head="new" (train-teacher only): a base model or a head of another size gets a new, re-initialised head.
     """
-    has_head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+    suffix = auto_model.__name__.removeprefix("AutoModel")
+    what = _HEAD_NAMES.get(suffix, suffix[3:])
+    archs = config.architectures or []
+    has_head = any(a.endswith(suffix) for a in archs)
     if has_head and config.num_labels == num_labels:
         return {}
     if head == "new" or (head == "if_missing" and not has_head):
         return {"num_labels": num_labels, "ignore_mismatched_sizes": has_head}
     if has_head:
         raise ModelError(
-            f"{name_or_path} has a {config.num_labels}-label classification head but data.num_labels is {num_labels}; "
+            f"{name_or_path} has a {config.num_labels}-label {what} head but data.num_labels is {num_labels}; "
             f"set data.num_labels: {config.num_labels} if that is the data's label count, else use a model "
             f"fine-tuned for {num_labels} labels (`kd train-teacher` makes one)"
         )
+    other = next((a for a in archs if "For" in a and not a.endswith(("ForMaskedLM", "ForPreTraining"))), None)
+    if other:
+        raise ModelError(
+            f"{name_or_path} is a {other}, not the {what} model data.task needs; use a model fine-tuned "
+            f"for this task (`kd train-teacher` makes one) or fix data.task"
+        )
     raise ModelError(
-        f"{name_or_path} has no classification head (a base model), so its predictions would be random; "
+        f"{name_or_path} has no {what} head (a base model), so its predictions would be random; "
         f"fine-tune it first with `kd train-teacher` (which adds a {num_labels}-label head) and use that model"
     )
 
 
 def load_classifier(name_or_path: str, num_labels: int, *, eager_attention: bool = False,
-                    head: Head = "require") -> PreTrainedModel:
-    """Load a sequence classifier with `num_labels` outputs from a folder or hub name.
+                    head: Head = "require", auto_model: type = AutoModelForSequenceClassification) -> PreTrainedModel:
+    """Load a model with an `auto_model` head of `num_labels` outputs from a folder or hub name.
 
     `head` says whether a new classification head may be made (see `check_head`); the default refuses, so a
     model whose head has another number of labels is never silently re-initialised. `eager_attention=True`
     is needed to get attention maps (transformers 5 returns them only with attn_implementation="eager").
     """
-    options = check_head(load_model_config(name_or_path), name_or_path, num_labels, head)
+    options = check_head(load_model_config(name_or_path), name_or_path, num_labels, head, auto_model)
     if eager_attention:
         options["attn_implementation"] = "eager"
     try:
-        return AutoModelForSequenceClassification.from_pretrained(name_or_path, **options)
+        return auto_model.from_pretrained(name_or_path, **options)
     except (OSError, ValueError) as e:
         raise _load_error(name_or_path, "model", e) from e
 
@@ -205,8 +218,9 @@ def student_from_config(
     hidden_size: int | None = None,
     intermediate_size: int | None = None,
     num_heads: int | None = None,
+    auto_model: type = AutoModelForSequenceClassification,
 ) -> PreTrainedModel:
-    """A randomly initialised classifier from a config (object, folder or hub name) with optional smaller sizes."""
+    """A randomly initialised `auto_model` from a config (object, folder or hub name) with optional smaller sizes."""
     if isinstance(base, str):
         _check_source(base, "config")
         try:
@@ -230,7 +244,7 @@ def student_from_config(
     if hasattr(config, "head_dim") and (hidden_size is not None or num_heads is not None):
         config.head_dim = config.hidden_size // config.num_attention_heads
     config.num_labels = num_labels
-    return AutoModelForSequenceClassification.from_config(config)
+    return auto_model.from_config(config)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -374,8 +388,9 @@ def make_tiny_classifier(
     intermediate: int = 64,
     vocab_texts: Sequence[str] = (),
     seed: int = 0,
+    auto_model: type = AutoModelForSequenceClassification,
 ) -> Path:
-    """Save a tiny random BertForSequenceClassification and its fast tokenizer to `out_dir` (no downloads).
+    """Save a tiny random BERT with an `auto_model` head and its fast tokenizer to `out_dir` (no downloads).
 
     The WordPiece vocabulary is the special tokens, every lowercase word of `vocab_texts`, and single
     letters/digits/punctuation (plus their `##` continuations), so any text tokenises without [UNK] floods.
@@ -394,7 +409,7 @@ def make_tiny_classifier(
     )
     with torch.random.fork_rng(devices=[]):  # seed the init without disturbing the caller's RNG
         torch.manual_seed(seed)
-        model = BertForSequenceClassification(config)
+        model = auto_model.from_config(config)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

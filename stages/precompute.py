@@ -16,8 +16,9 @@ from cache_format._manifest import MANIFEST_NAME
 from stages.config import Config
 from stages._io import check_outputs, progress_bar
 from stages._train import pick_device
-from stages.data import Encoded, Examples, collate, encode
+from stages.data import Encoded, Examples, collate
 from stages.models import check_head, load_classifier, load_model_config, load_tokenizer
+from stages.tasks import get_task
 from stages.teacher import TeacherSpec, cache_fields, cache_target, load_split, resolve_model, teacher_outputs
 
 __all__ = ["PrecomputeResult", "precompute"]
@@ -66,17 +67,19 @@ class _BackgroundWriter:
 def _precompute_one(cfg: Config, teacher: str, examples: Examples, device: torch.device) -> PrecomputeResult:
     p = cfg.precompute
     spec = TeacherSpec.from_config(p)
+    task = get_task(cfg.data)
     path_or_name = resolve_model(teacher)
     # Everything that can fail cheaply comes before the cache folder is opened and the weights are loaded:
     # the head and layers (config only) and the cache's identity (hashes of the files).
     config = load_model_config(path_or_name)
-    check_head(config, teacher, cfg.data.num_labels)
+    check_head(config, teacher, task.num_labels, auto_model=task.auto_model)
     spec.check_layers(int(config.num_hidden_layers), teacher)
     target = cache_target(cfg, teacher, examples)
 
     def tokenize_and_load() -> tuple[Encoded, torch.nn.Module]:
-        enc = encode(load_tokenizer(path_or_name), examples, p.max_length)  # refuses a too small max_length
-        return enc, load_classifier(path_or_name, cfg.data.num_labels, eager_attention=bool(spec.attention_layers))
+        enc = task.encode(load_tokenizer(path_or_name), examples, p.max_length)  # refuses a too small max_length
+        return enc, load_classifier(path_or_name, task.num_labels, eager_attention=bool(spec.attention_layers),
+                                    auto_model=task.auto_model)
 
     # A finished cache needs neither tokens nor model; any other is written from both, so they come before the
     # writer creates its folder.
@@ -84,7 +87,7 @@ def _precompute_one(cfg: Config, teacher: str, examples: Examples, device: torch
     if not finished:
         enc, model = tokenize_and_load()
     t0 = time.perf_counter()
-    writer = cf.CacheWriter(target.path, cache_fields(spec, config, examples.labels is not None),
+    writer = cf.CacheWriter(target.path, cache_fields(spec, config, examples.labels is not None, task),
                             teacher_fingerprint=target.teacher_fingerprint, data_fingerprint=target.data_fingerprint,
                             settings=target.settings, commit_examples=p.commit_examples,
                             commit_seconds=p.commit_seconds)
@@ -93,7 +96,7 @@ def _precompute_one(cfg: Config, teacher: str, examples: Examples, device: torch
     if finished:  # the manifest vanished between the check and the open
         enc, model = tokenize_and_load()
     done = writer.done_ids
-    todo = np.array([i for i, x in enumerate(examples.ids) if x not in done], dtype=np.int64)
+    todo = np.array([i for i, x in enumerate(enc.ids) if x not in done], dtype=np.int64)
     status = "resumed" if done else "written"
     # Longest first, in batches of similar length: far less padding than file order, and the
     # cache is keyed by id so the order it is written in does not matter.
@@ -103,17 +106,17 @@ def _precompute_one(cfg: Config, teacher: str, examples: Examples, device: torch
                 if device.type == "cuda" else torch.autocast("cpu", enabled=False))
     bg = _BackgroundWriter(writer)
     try:
-        with progress_bar(total=len(examples), initial=len(examples) - len(todo),
+        with progress_bar(total=len(enc), initial=len(enc) - len(todo),
                           desc=f"precompute {Path(teacher).name}", unit="ex") as bar, torch.inference_mode(), autocast:
             for start in range(0, len(todo), p.batch_size):
                 rows = todo[start : start + p.batch_size]
                 batch, ids = collate(enc, rows)
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                outs = teacher_outputs(model, batch, spec)
-                lengths = batch["attention_mask"].sum(1).to(torch.int32)
+                outs = teacher_outputs(model, batch, spec, task)
+                lengths = outs.pop("length").to(torch.int32)
                 # One device-to-host copy per tensor; the writer converts and checks on its thread.
                 arrays = {k: v.cpu() for k, v in outs.items()}
-                if "labels" in batch:
+                if "labels" in batch and task.cache_label() is not None:
                     arrays["label"] = batch["labels"].cpu()
                 bg.put(list(ids), lengths.cpu().numpy(), arrays)
                 bar.update(len(rows))

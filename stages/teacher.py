@@ -19,8 +19,9 @@ import torch
 import cache_format as cf
 from cache_format._errors import KDError
 from stages.config import BUNDLED_TEACHER, Config, PrecomputeConfig
-from stages.data import Encoded, Examples, collate, data_fingerprint, load_examples, with_transfer
+from stages.data import Encoded, Examples, collate, data_fingerprint, model_inputs, with_transfer
 from stages.models import ModelError, load_model_config, teacher_fingerprint
+from stages.tasks import Task, get_task
 
 __all__ = [
     "TeacherSpec",
@@ -84,17 +85,19 @@ class TeacherSpec:
                 )
 
 
-def teacher_outputs(model: torch.nn.Module, batch: dict[str, torch.Tensor], spec: TeacherSpec) -> dict[str, torch.Tensor]:
-    """Run the teacher on a padded batch; return `logits`, `hidden.{i}`, `attention.{i}` (padded, device, spec dtype)."""
+def teacher_outputs(model: torch.nn.Module, batch: dict[str, torch.Tensor], spec: TeacherSpec,
+                    task: Task) -> dict[str, torch.Tensor]:
+    """Run the teacher on a padded batch; return `logits` (the task's signal), `hidden.{i}`, `attention.{i}`
+    (padded, on the device, in the spec's dtype) and `length` (per row, the positions of the ragged axis)."""
     out = model(
-        **{k: v for k, v in batch.items() if k != "labels"},
+        **model_inputs(batch),
         output_hidden_states=bool(spec.hidden_layers),
         output_attentions=bool(spec.attention_layers),
     )
     dtype = _TORCH_DTYPES[spec.dtype]
-    res: dict[str, torch.Tensor] = {}
+    res: dict[str, torch.Tensor] = {"length": task.lengths(batch)}
     if spec.logits:
-        res["logits"] = out.logits.float().to(dtype)
+        res["logits"] = task.logits(out, batch).float().to(dtype)
     for i in spec.hidden_layers:
         h = out.hidden_states[i]
         res[f"hidden.{i}"] = (h[:, 0] if spec.hidden_tokens == "first" else h).float().to(dtype)
@@ -105,11 +108,12 @@ def teacher_outputs(model: torch.nn.Module, batch: dict[str, torch.Tensor], spec
     return res
 
 
-def cache_fields(spec: TeacherSpec, cfg, labelled: bool) -> list[cf.FieldSpec]:
-    """The cache's field list for a teacher (its model config) and spec (shapes use "T" for the token axis)."""
-    fields = [cf.FieldSpec("label", "int64", ())] if labelled else []
+def cache_fields(spec: TeacherSpec, cfg, labelled: bool, task: Task) -> list[cf.FieldSpec]:
+    """The cache's field list for a teacher (its model config) and spec (shapes use "T" for the ragged axis)."""
+    label = task.cache_label()
+    fields = [label] if labelled and label is not None else []
     if spec.logits:
-        fields.append(cf.FieldSpec("logits", spec.dtype, (cfg.num_labels,)))
+        fields.append(cf.FieldSpec("logits", spec.dtype, task.logits_shape()))
     for i in spec.hidden_layers:
         shape = (cfg.hidden_size,) if spec.hidden_tokens == "first" else ("T", cfg.hidden_size)
         fields.append(cf.FieldSpec(f"hidden.{i}", spec.dtype, shape))
@@ -120,9 +124,10 @@ def cache_fields(spec: TeacherSpec, cfg, labelled: bool) -> list[cf.FieldSpec]:
     return fields
 
 
-def cache_settings(spec: TeacherSpec, max_length: int, split: str, teacher_layers: int) -> dict:
+def cache_settings(spec: TeacherSpec, max_length: int, split: str, teacher_layers: int, task: Task) -> dict:
     """Precompute settings recorded in the manifest (and hashed into the cache's folder name)."""
     return {
+        **task.cache_settings(),
         "split": split,
         "num_layers": teacher_layers,
         "max_length": max_length,
@@ -141,13 +146,10 @@ def load_split(cfg: Config, split: str, *, transfer: bool = False) -> Examples:
     path = getattr(cfg.data, split)
     if path is None:
         raise KDError(f"data.{split} is not set; give the path of the {split} file in params.yaml")
-    d = cfg.data
-    examples = load_examples(path, text_field=d.text_field, text_pair_field=d.text_pair_field,
-                             label_field=d.label_field, id_field=d.id_field, num_labels=d.num_labels,
-                             label_names=d.label_names)
-    if transfer and d.transfer:
-        extra = load_examples(d.transfer, text_field=d.text_field, text_pair_field=d.text_pair_field)
-        examples = with_transfer(examples, extra)
+    task = get_task(cfg.data)
+    examples = task.load(path)
+    if transfer and cfg.data.transfer:
+        examples = with_transfer(examples, task.load(cfg.data.transfer, transfer=True))
     return examples
 
 
@@ -172,7 +174,8 @@ def cache_target(cfg: Config, teacher: str, examples: Examples) -> CacheTarget:
     src = resolve_model(teacher)
     tfp = teacher_fingerprint(src)
     dfp = data_fingerprint(examples)
-    settings = cache_settings(spec, p.max_length, p.split, int(load_model_config(src).num_hidden_layers))
+    settings = cache_settings(spec, p.max_length, p.split, int(load_model_config(src).num_hidden_layers),
+                              get_task(cfg.data))
     name = cf.cache_dir_name(Path(teacher).name or teacher, tfp, dfp, settings)
     return CacheTarget(Path(p.cache_root) / name, tfp, dfp, settings)
 
@@ -259,7 +262,8 @@ class OnlineTeachers:
     """Runs the teachers live on each batch (online mode): the same outputs a cache would hold."""
 
     def __init__(self, models: Sequence[torch.nn.Module], encodings: Sequence[Encoded], spec: TeacherSpec,
-                 device: torch.device):
+                 device: torch.device, task: Task):
+        self.task = task
         self.models = [m.to(device).eval() for m in models]
         self.encodings = list(encodings)
         self.rows = [{i: r for r, i in enumerate(e.ids)} for e in self.encodings]
@@ -277,9 +281,9 @@ class OnlineTeachers:
         for model, enc, rows in zip(self.models, self.encodings, self.rows):
             batch, _ = collate(enc, np.fromiter((rows[i] for i in ids), dtype=np.int64, count=len(ids)))
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            outs = teacher_outputs(model, batch, self.spec)
+            outs = teacher_outputs(model, batch, self.spec, self.task)
             outs = {k: _pad_time(v, seq_len, _time_axes(k)) if v.dim() > 2 else v for k, v in outs.items()}
-            outs["length"] = batch["attention_mask"].sum(1).cpu()
+            outs["length"] = outs["length"].cpu()
             res.append(outs)
         return res
 

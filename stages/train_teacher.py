@@ -14,9 +14,9 @@ from cache_format import atomic_write_text
 from stages.config import Config
 from stages._io import check_outputs
 from stages._train import FitResult, fit, pick_device, save_model, set_seed
-from stages.data import encode
-from stages.losses import hard_ce_loss
+from stages.data import model_inputs
 from stages.models import load_classifier, load_tokenizer
+from stages.tasks import Task, get_task
 from stages.teacher import load_split, resolve_model
 
 __all__ = ["TrainTeacherResult", "train_teacher"]
@@ -29,17 +29,19 @@ class TrainTeacherResult:
 
 
 class _LabelObjective:
-    """Cross-entropy on the gold labels: the whole objective of fine-tuning."""
+    """The task's supervised loss on the gold labels: the whole objective of fine-tuning."""
 
     modules = nn.ModuleDict()
+
+    def __init__(self, task: Task):
+        self.task = task
 
     def start_epoch(self, id_batches: Sequence[Sequence[str]]) -> None:
         pass
 
     def losses(self, model: nn.Module, batch: dict[str, torch.Tensor], ids: Sequence[str], step: int,
                total_steps: int) -> dict[str, torch.Tensor]:
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        return {"hard": hard_ce_loss(model(**inputs).logits.float(), batch["labels"])}
+        return {"hard": self.task.hard_loss(self.task.logits(model(**model_inputs(batch)), batch).float(), batch)}
 
     def close(self) -> None:
         pass
@@ -51,19 +53,23 @@ def train_teacher(cfg: Config) -> TrainTeacherResult:
     output = Path(t.output)
     check_outputs({"train_teacher.output": (output, "model"), "train_teacher.metrics": (t.metrics, "file")})
     # The data first: a data error must not cost a model load.
+    task = get_task(cfg.data)
     train_ex = load_split(cfg, "train")
     dev_ex = load_split(cfg, "dev") if cfg.data.dev else None
     src = resolve_model(t.model)
     tokenizer = load_tokenizer(src)
-    train = encode(tokenizer, train_ex, t.max_length)
-    dev = encode(tokenizer, dev_ex, t.max_length) if dev_ex is not None else None
-    set_seed(t.seed)  # a new classification head is initialised from it
+    train = task.encode(tokenizer, train_ex, t.max_length)
+    dev = task.encode(tokenizer, dev_ex, t.max_length) if dev_ex is not None else None
+    set_seed(t.seed)  # a new task head is initialised from it
     # The one stage that may make a new head: a base model, or a head for another label count, is fine-tuned here.
-    model = load_classifier(src, cfg.data.num_labels, head="new")
-    result = fit(model, _LabelObjective(), train, dev, t, output=output, log_dir=None, device=pick_device(),
-                 desc="train-teacher", run_settings={"model": t.model})
-    save_model(model, tokenizer, nn.ModuleDict(), output, result=result, label_names=cfg.data.label_names)
-    metrics = {"dev_accuracy": result.dev_accuracy, "dev_macro_f1": result.dev_macro_f1, "steps": result.steps,
+    model = load_classifier(src, task.num_labels, head="new", auto_model=task.auto_model)
+    device = pick_device()
+    result = fit(model, _LabelObjective(task), train, dev, t, output=output, log_dir=None, device=device,
+                 desc="train-teacher", run_settings={"model": t.model, **task.cache_settings()},
+                 evaluate=lambda m, data: task.evaluate(m, data, t.eval_batch_size, device))
+    save_model(model, tokenizer, nn.ModuleDict(), output, result=result, label_names=task.label_names,
+               head_config=task.head_config())
+    metrics = {**{f"dev_{k}": v for k, v in (result.dev or {}).items()}, "steps": result.steps,
                "seconds": round(result.seconds, 2)}
     atomic_write_text(Path(t.metrics), json.dumps(metrics, indent=2) + "\n")
     return TrainTeacherResult(output, result)

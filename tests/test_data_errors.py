@@ -86,8 +86,7 @@ def test_hand_written_csv_with_quoted_newlines_reads(tmp_path):
 def test_token_list_text_column_is_a_data_error(tmp_path):
     path = _write_jsonl(tmp_path / "tok.jsonl", [{"tokens": ["a", "b"], "text": "a b", "label": 1}])
     with pytest.raises(DataError, match=r"column 'tokens' \(text_field\) in .*tok\.jsonl has type list<.*string>; "
-                                        r"text columns must hold one string per row .*token classification.*"
-                                        r"not supported yet"):
+                                        r"text columns must hold one string per row .*data.task: token_classification"):
         load_examples(path, text_field="tokens")
     path = _write_jsonl(tmp_path / "pair.jsonl", [{"text": "a b", "pair": {"x": 1}}])
     with pytest.raises(DataError, match=r"column 'pair' \(text_pair_field\) .* has type struct<x: int64>"):
@@ -115,7 +114,7 @@ def test_split_examples_names_a_list_column(tmp_path, column, role, kwargs):
         split_examples(src, tmp_path / "out", text_field="text", label_field="label",
                        fractions={"train": 1.0}, seed=0, **kwargs)
     if column == "text":
-        with pytest.raises(DataError, match=r"column 'text' \(text_field\) .* token classification"):
+        with pytest.raises(DataError, match=r"column 'text' \(text_field\) .* token_classification"):
             transfer_sentences(src, tmp_path / "t.csv", text_field="text", n=1, seed=0)
 
 

@@ -285,7 +285,7 @@ def test_resume_after_a_finished_run_and_without_a_checkpoint(tmp_path, tiny_dat
     res = distill(resume)  # nothing to resume from, nothing finished: starts from scratch, says so
     assert res.fit.steps == 13 and "no checkpoint" in capsys.readouterr().err
     run = json.loads((out / RUN_FILE).read_text())
-    assert run["steps"] == 13 and run["epochs_done"] == 1.0 and run["dev_accuracy"] == res.fit.dev_accuracy
+    assert run["steps"] == 13 and run["epochs_done"] == 1.0 and run["dev_accuracy"] == res.fit.dev["accuracy"]
     assert run["settings"]["lr"] == 1e-3 and run["settings"]["teacher_signal"] == "cached"
     weights = (out / "model.safetensors").read_bytes()
     with pytest.raises(ResumeError, match=re.escape(f"nothing to resume: the model at {out} is finished; run "
@@ -384,7 +384,7 @@ def test_resume_from_a_checkpoint_at_the_final_step_keeps_the_dev_metrics(tmp_pa
     assert torch.load(_ckpt(tmp_path / "student"), weights_only=False)["step"] == 13
     res = distill(_cfg(tmp_path, tiny_data_dir, tiny_teacher_dir, distill={"resume": True}))
     metrics = json.loads((tmp_path / "m_distill.json").read_text())
-    assert isinstance(metrics["dev_accuracy"], float) and metrics["dev_accuracy"] == res.fit.dev_accuracy
+    assert isinstance(metrics["dev_accuracy"], float) and metrics["dev_accuracy"] == res.fit.dev["accuracy"]
 
 
 def _write_csv(path: Path, rows) -> Path:

@@ -18,6 +18,7 @@ from pipeline.cli import cli
 from stages.config import config_from_dict
 from stages import distill, evaluate, precompute, train_teacher
 from stages.distill import DistillObjective
+from stages.tasks import get_task
 
 
 def _params(tmp: Path, data: Path, teacher: Path, **sections) -> dict:
@@ -182,7 +183,8 @@ def test_multi_teacher_and_attention_matches(tmp_path, tiny_data_dir, tiny_teach
 
     # Record, per step, the teachers' logits, the combined target the KD loss got, and the loss terms.
     seen: list[dict] = []
-    orig_next, orig_kd = distill_module.CachedTeachers.next, distill_module.kd_loss
+    task_class = type(get_task(config_from_dict(cfg).data))
+    orig_next, orig_kd = distill_module.CachedTeachers.next, task_class.kd_loss
     orig_losses = DistillObjective.losses
 
     def next_(self, seq_len):
@@ -190,9 +192,9 @@ def test_multi_teacher_and_attention_matches(tmp_path, tiny_data_dir, tiny_teach
         seen.append({"teachers": [o["logits"].clone() for o in outs]})
         return outs
 
-    def kd_loss(student, teacher, *args, **kwargs):
+    def kd_loss(self, student, teacher, *args, **kwargs):
         seen[-1]["target"] = teacher.detach().clone()
-        return orig_kd(student, teacher, *args, **kwargs)
+        return orig_kd(self, student, teacher, *args, **kwargs)
 
     def losses(self, *args):
         terms = orig_losses(self, *args)
@@ -200,7 +202,7 @@ def test_multi_teacher_and_attention_matches(tmp_path, tiny_data_dir, tiny_teach
         return terms
 
     monkeypatch.setattr(distill_module.CachedTeachers, "next", next_)
-    monkeypatch.setattr(distill_module, "kd_loss", kd_loss)
+    monkeypatch.setattr(task_class, "kd_loss", kd_loss)
     monkeypatch.setattr(DistillObjective, "losses", losses)
     out = distill(config_from_dict(cfg))
     assert out.caches == cfg["distill"]["caches"] and len(seen) == out.fit.steps == 13
@@ -217,7 +219,7 @@ def test_multi_teacher_and_attention_matches(tmp_path, tiny_data_dir, tiny_teach
 def test_train_teacher_saves_a_loadable_model(tmp_path, tiny_data_dir, tiny_model_dir):
     cfg = config_from_dict(_params(tmp_path, tiny_data_dir, tiny_model_dir))
     res = train_teacher(cfg)
-    assert res.fit.dev_accuracy is not None
+    assert res.fit.dev["accuracy"] is not None
     AutoModelForSequenceClassification.from_pretrained(tmp_path / "teacher")
     assert json.loads((tmp_path / "m_teacher.json").read_text())["steps"] == 13
 

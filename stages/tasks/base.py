@@ -1,0 +1,140 @@
+"""What every task kind defines: the one interface the stages call (see stages/tasks/__init__.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from transformers import AutoModelForSequenceClassification
+
+import cache_format as cf
+from stages.config import DataConfig
+from stages.data import Encoded, Examples, collate, model_inputs
+from stages.kinds import TASK_KINDS, TaskKind
+
+__all__ = ["Task"]
+
+
+class Task:
+    """One task kind. Subclasses set the class attributes and override the methods marked "kind-specific".
+
+    The stages call only these methods, never `if kind == ...`: reading and validating the data (`load`),
+    tokenizing it (`encode`), the head (`auto_model`, `num_labels`, `head_config`), the teacher signal that
+    is cached and compared (`logits`, `lengths`, `logits_shape`), the losses (`hard_loss`, `kd_loss`) and the
+    metrics (`predict`, `score`).
+    """
+
+    name: ClassVar[str]
+    auto_model: ClassVar[type] = AutoModelForSequenceClassification
+    metric: ClassVar[str] = "accuracy"  # the main metric (higher is better)
+    class_per_example: ClassVar[bool] = False  # predictions are one class id per example (`kd report` pairs them)
+
+    def __init__(self, data: DataConfig):
+        self.data = data
+
+    @property
+    def kind(self) -> TaskKind:
+        """The kind's settings entry (stages/kinds.py)."""
+        return TASK_KINDS[self.name]
+
+    # -- the head ---------------------------------------------------------------------------------------------
+
+    @property
+    def num_labels(self) -> int:
+        """Outputs of the head per position (config.num_labels)."""
+        return self.data.num_labels
+
+    @property
+    def label_names(self) -> list[str] | None:
+        """Class names in id order (saved as id2label/label2id), or None."""
+        return self.data.label_names
+
+    def head_config(self) -> dict[str, Any]:
+        """Extra model-config keys saved with every model of this kind (e.g. problem_type)."""
+        return {}
+
+    # -- data (kind-specific) ---------------------------------------------------------------------------------
+
+    def load(self, path: str | Path, *, transfer: bool = False) -> Examples:
+        """Read and validate the examples of a data file.
+
+        `transfer=True`: an unlabelled transfer set (data.transfer): no labels, content-hash ids."""
+        raise NotImplementedError
+
+    def encode(self, tokenizer: Any, examples: Examples, max_length: int) -> Encoded:
+        """Tokenize examples once into rows (one per example, or per window) with the labels the losses read."""
+        raise NotImplementedError
+
+    # -- the teacher signal -----------------------------------------------------------------------------------
+
+    def logits(self, out: Any, batch: dict[str, Tensor]) -> Tensor:
+        """The model output that is cached and distilled: [B, C], or [B, T, C] over `lengths` positions."""
+        return out.logits
+
+    def lengths(self, batch: dict[str, Tensor]) -> Tensor:
+        """Per row, how many positions the ragged cache axis "T" holds (tokens by default)."""
+        return batch["attention_mask"].sum(1)
+
+    def logits_shape(self) -> tuple[int | str, ...]:
+        """Shape of one row's cached logits ("T" for the ragged axis)."""
+        return (self.num_labels,)
+
+    def cache_label(self) -> cf.FieldSpec | None:
+        """A gold-label field stored in the cache next to the teacher outputs, or None."""
+        return None
+
+    def cache_settings(self) -> dict[str, Any]:
+        """Task settings that change what the teacher outputs (hashed into the cache's folder name)."""
+        return {"task": self.name}
+
+    # -- losses (kind-specific) -------------------------------------------------------------------------------
+
+    def hard_loss(self, logits: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        """Supervised loss on the gold labels of the batch (0 when none is labelled)."""
+        raise NotImplementedError
+
+    def kd_loss(self, student: Tensor, teacher: Tensor, batch: dict[str, Tensor], *, temperature: float | Tensor,
+                kind: str, temperature_squared: bool, teacher_lengths: Tensor | None = None) -> Tensor:
+        """Soft-target loss between student and teacher `logits` of the same batch."""
+        raise NotImplementedError
+
+    # -- metrics ----------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, data: Encoded, batch_size: int, device: torch.device) -> Any:
+        """Predictions for every row of `data` (in row order), from `predictions` of each batch's logits."""
+        was_training = model.training
+        model.eval()
+        order = np.argsort(data.lengths, kind="stable")  # similar lengths together: less padding
+        parts: list[tuple[np.ndarray, Any]] = []
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            batch, _ = collate(data, rows)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out = model(**model_inputs(batch))
+            parts.append((rows, self.predictions(self.logits(out, batch).float(), batch)))
+        model.train(was_training)
+        return self.gather(parts, len(data))
+
+    def predictions(self, logits: Tensor, batch: dict[str, Tensor]) -> Any:
+        """One batch's predictions (kind-specific)."""
+        raise NotImplementedError
+
+    def gather(self, parts: list[tuple[np.ndarray, Any]], n: int) -> Any:
+        """Put per-batch predictions back in row order; default: arrays indexed by row."""
+        first = np.asarray(parts[0][1]) if parts else np.zeros(0)
+        out = np.empty((n,) + first.shape[1:], dtype=first.dtype)
+        for rows, values in parts:
+            out[rows] = values
+        return out
+
+    def score(self, data: Encoded, predictions: Any) -> dict[str, float]:
+        """Metrics of `predictions` against the labels in `data` (kind-specific)."""
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, data: Encoded, batch_size: int, device: torch.device) -> dict[str, float]:
+        """`score(predict(...))`: the metrics of a model on an encoded, labelled split."""
+        return self.score(data, self.predict(model, data, batch_size, device))
