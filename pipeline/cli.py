@@ -67,8 +67,8 @@ def train_teacher(params: str, overrides: tuple[str, ...], resume: bool) -> None
     """Fine-tune the teacher on labelled data and save it with save_pretrained."""
     from stages.train_teacher import train_teacher as run
 
-    res = _run("train_teacher", params, overrides + (("train_teacher.resume=true",) if resume else ()), run)
-    click.echo(f"teacher saved to {res.output}; dev {res.fit.dev_summary()}")
+    for res in _run("train_teacher", params, overrides + (("train_teacher.resume=true",) if resume else ()), run):
+        click.echo(f"teacher saved to {res.output}; dev {res.fit.dev_summary()}")
 
 
 @cli.command()

@@ -7,6 +7,7 @@ loss terms for a batch. The loop owns optimisation, evaluation, logging and exac
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
@@ -32,7 +33,7 @@ from stages._io import progress_bar
 from stages.config import TrainingConfig
 from stages.data import DataError, Encoded, collate
 
-__all__ = ["EpochSampler", "Objective", "FitResult", "fit", "pick_device", "set_seed", "save_model",
+__all__ = ["EpochSampler", "TaskMix", "TaskSampler", "Objective", "FitResult", "fit", "pick_device", "set_seed", "save_model",
            "NonFiniteLossError", "ResumeError", "RUN_FILE"]
 
 RUN_FILE = "kd_run.json"  # written into every finished model folder: the run's settings and final metrics
@@ -110,6 +111,17 @@ class EpochSampler:
         end = self.n - self.n % self.batch_size if self.drop_last else self.n
         return -(-max(end - self.position, 0) // self.batch_size)
 
+    def take(self) -> np.ndarray:
+        """The next batch, moving on to the next epoch at the end of one (a stream that never ends)."""
+        end = self.n - self.n % self.batch_size if self.drop_last else self.n
+        if self.position >= end:
+            self.epoch, self.position = self.epoch + 1, 0
+        if getattr(self, "_cached", (None,))[0] != (self.epoch, self.seed):
+            self._cached = ((self.epoch, self.seed), self._order())  # one permutation per epoch, not per batch
+        batch = self._cached[1][self.position : self.position + self.batch_size]
+        self.position += len(batch)
+        return batch
+
     def state_dict(self) -> dict[str, int]:
         """Where the stream is: epoch, rows handed out in it, seed (and n, to catch a changed data set)."""
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "n": self.n}
@@ -126,6 +138,94 @@ class EpochSampler:
         self.epoch = int(state["epoch"])
         self.position = position
         self.seed = int(state["seed"])
+
+
+class TaskMix:
+    """The training rows of several tasks as one indexable set (multi-task distillation).
+
+    Row r of task t has the global index `starts[t] + r` and the id `<task name>/<row id>`; a batch never mixes
+    tasks (`TaskSampler` draws whole batches from one task), so `collate` hands it to that task's data.
+    """
+
+    def __init__(self, names: Sequence[str], data: Sequence[Encoded]):
+        self.names = list(names)
+        self.data = list(data)
+        self.starts = np.concatenate([[0], np.cumsum([len(d) for d in self.data])]).astype(np.int64)
+        self.ids = [f"{name}/{i}" for name, d in zip(self.names, self.data) for i in d.ids]
+        self.lengths = np.concatenate([d.lengths for d in self.data])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def task_of(self, rows: np.ndarray) -> int:
+        """The task index of a batch's rows (all from one task)."""
+        return int(np.searchsorted(self.starts, rows[0], side="right") - 1)
+
+    def collate(self, rows: np.ndarray) -> tuple[dict[str, torch.Tensor], list[str]]:
+        t = self.task_of(rows)
+        batch, _ = collate(self.data[t], np.asarray(rows) - self.starts[t])
+        return batch, [self.ids[r] for r in rows.tolist()]
+
+
+class TaskSampler:
+    """Batches for multi-task training: each batch comes from one task, drawn with probability |D_t|^tau / sum.
+
+    tau = 1 samples tasks in proportion to their size, 0 uniformly (TextBrewer's MultiTaskDistiller uses
+    proportional sampling). Each task keeps its own `EpochSampler` (seed + task index), cycling through its
+    epochs as often as it is drawn. An "epoch" here is as many batches as one pass over every task takes; the
+    task order of epoch e is drawn from a generator seeded by (seed, e), so `state_dict()` (the epoch, the
+    batches handed out in it and every task sampler's state) resumes the exact same stream.
+    """
+
+    def __init__(self, mix: TaskMix, batch_size: int, *, seed: int, tau: float, group_by_length: bool):
+        self.mix = mix
+        self.seed = seed
+        sizes = np.array([len(d) for d in mix.data], dtype=np.float64)
+        weights = sizes ** tau
+        self.probs = weights / weights.sum()
+        self.samplers = [EpochSampler(len(d), batch_size, shuffle=True, seed=seed + t,
+                                      lengths=d.lengths if group_by_length else None)
+                         for t, d in enumerate(mix.data)]
+        self.epoch = 0
+        self.position = 0  # batches of the current epoch already handed out
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return sum(s.batches_per_epoch for s in self.samplers)
+
+    def _tasks(self) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, self.epoch, 1])
+        return rng.choice(len(self.samplers), size=self.batches_per_epoch, p=self.probs)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        tasks = self._tasks()
+        while self.position < len(tasks):
+            t = int(tasks[self.position])
+            self.position += 1
+            yield self.mix.starts[t] + self.samplers[t].take()
+        self.epoch += 1
+        self.position = 0
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch - self.position
+
+    def __copy__(self) -> "TaskSampler":
+        other = TaskSampler.__new__(TaskSampler)
+        other.__dict__.update(self.__dict__)
+        other.samplers = [copy.copy(s) for s in self.samplers]
+        return other
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
+                "tasks": [s.state_dict() for s in self.samplers]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if len(state.get("tasks", ())) != len(self.samplers):
+            raise DataError(f"sampler state has {len(state.get('tasks', ()))} task(s), this run {len(self.samplers)}; "
+                            "resume with the same tasks or start without --resume")
+        for s, sub in zip(self.samplers, state["tasks"]):
+            s.load_state_dict(sub)
+        self.epoch, self.position, self.seed = int(state["epoch"]), int(state["position"]), int(state["seed"])
 
 
 class Objective(Protocol):
@@ -252,8 +352,8 @@ def _remaining_batches(sampler: EpochSampler, ids: np.ndarray) -> tuple[list[np.
 def fit(
     model: nn.Module,
     objective: Objective,
-    train: Encoded,
-    dev: Encoded | None,
+    train: Encoded | TaskMix,
+    dev: Any,
     cfg: TrainingConfig,
     *,
     output: Path,
@@ -262,11 +362,13 @@ def fit(
     desc: str = "train",
     on_step: Callable[[int], None] | None = None,
     run_settings: Mapping[str, Any] | None = None,
-    evaluate: Callable[[nn.Module, Encoded], dict[str, float]] | None = None,
+    evaluate: Callable[[nn.Module, Any], dict[str, float]] | None = None,
+    task_tau: float = 1.0,
 ) -> FitResult:
     """Train `model` (and `objective.modules`) on `train`; checkpoint to `output/checkpoint`.
 
     At the end of every epoch, `evaluate(model, dev)` gives the dev metrics (the task's `evaluate`).
+    `train` may be a `TaskMix` (multi-task): batches then come from a `TaskSampler` with `task_tau`.
 
     With `cfg.resume`, continue exactly from the last checkpoint: same weights, optimizer,
     scheduler, RNG and position in the epoch, so the remaining batches are the ones an
@@ -289,8 +391,14 @@ def fit(
     objective.modules.to(device).train()
     named = list(model.named_parameters()) + [("proj." + n, p) for n, p in objective.modules.named_parameters()]
     optimizer = torch.optim.AdamW(_decay_groups(named, cfg.weight_decay), lr=cfg.lr, fused=True)  # ~30% faster step
-    sampler = EpochSampler(len(train), cfg.batch_size, shuffle=True, seed=cfg.seed,
-                           lengths=train.lengths if cfg.group_by_length else None)
+    if isinstance(train, TaskMix):
+        sampler: EpochSampler | TaskSampler = TaskSampler(train, cfg.batch_size, seed=cfg.seed, tau=task_tau,
+                                                          group_by_length=cfg.group_by_length)
+        collate_rows = train.collate
+    else:
+        sampler = EpochSampler(len(train), cfg.batch_size, shuffle=True, seed=cfg.seed,
+                               lengths=train.lengths if cfg.group_by_length else None)
+        collate_rows = functools.partial(collate, train)
     steps_per_epoch = math.ceil(sampler.batches_per_epoch / cfg.grad_accum)
     total_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
@@ -365,7 +473,7 @@ def fit(
             stream = iter(sampler)  # advanced in lockstep with the batches; its state goes in checkpoints
             for rows, batch_ids in zip(rows_list, id_batches):
                 next(stream)
-                batch, _ = collate(train, rows)
+                batch, _ = collate_rows(rows)
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 with autocast:
                     terms = objective.losses(model, batch, batch_ids, step, total_steps)

@@ -34,6 +34,7 @@ __all__ = [
     "MatchConfig",
     "DistillConfig",
     "EvaluateConfig",
+    "TaskConfig",
     "load_config",
     "config_from_dict",
     "config_to_dict",
@@ -392,6 +393,7 @@ class DistillConfig(TrainingConfig):
     match_weight_schedule: Schedule = "constant"
     prefetch: int = 4
     check_cache_teacher: bool = True
+    task_tau: Float = 1.0  # multi-task: a batch's task is drawn with probability |D_task|^tau / sum (0 = uniform)
     output: str = "models/student"
     log_dir: str = "dvclive/distill"
     metrics: str = "metrics/distill.json"
@@ -420,6 +422,8 @@ class DistillConfig(TrainingConfig):
             errs.append(("kd.hard_weight", "must be > 0 when teacher_signal is 'none' (nothing to learn)"))
         if self.prefetch < 1:
             errs.append(("prefetch", f"must be >= 1 batch (got {self.prefetch})"))
+        if self.task_tau < 0:
+            errs.append(("task_tau", f"must be >= 0 (got {self.task_tau}); 1 = proportional to size, 0 = uniform"))
         return errs
 
 
@@ -436,8 +440,33 @@ class EvaluateConfig(_Section):
     predictions: str = "metrics/predictions.json"
 
 
+class TaskConfig(_Section):
+    """One task of a multi-task run (`tasks:`): its data, its teacher(s), its loss weight and matches.
+
+    Each task gets its own cache and its own student head on the shared encoder.
+    """
+
+    name: str
+    data: DataConfig
+    teachers: list[str] = []  # default: [<train_teacher.output>/<name>], what `kd train-teacher` writes
+    weight: Float = 1.0
+    kd: KDConfig | None = None  # this task's KD settings (default: distill.kd)
+    matches: list[MatchConfig] = []
+    match_preset: str | None = None
+
+    def _check(self) -> list[Problem]:
+        errs = []
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", self.name):
+            errs.append(("name", f"{self.name!r} must be letters, digits, _ or - (it names folders and ids)"))
+        if self.weight < 0:
+            errs.append(("weight", f"must be >= 0 (got {self.weight})"))
+        if self.match_preset and any(p.strip() not in PRESETS for p in self.match_preset.split("+")):
+            errs.append(("match_preset", f"unknown preset in {self.match_preset!r}; valid: {', '.join(PRESETS)}"))
+        return errs
+
+
 class Config(_Section):
-    """The whole params file: one section per stage."""
+    """The whole params file: one section per stage (and `tasks:` for multi-task distillation)."""
 
     data: DataConfig = DataConfig()
     prepare: PrepareConfig = PrepareConfig()
@@ -445,10 +474,51 @@ class Config(_Section):
     precompute: PrecomputeConfig = PrecomputeConfig()
     distill: DistillConfig = DistillConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    tasks: list[TaskConfig] = []  # several tasks, one student: each task's data replaces the `data` section
+
+    def task_names(self) -> list[str]:
+        """The names of the tasks of a multi-task run ([] for a single-task one)."""
+        return [t.name for t in self.tasks]
+
+    def for_task(self, name: str) -> "Config":
+        """The single-task view of task `name`: its data, teachers (as precompute.teachers) and matches.
+
+        Stages run each task through the single-task code with it; per-task outputs go into `<output>/<name>`.
+        """
+        t = next(t for t in self.tasks if t.name == name)
+        teachers = t.teachers or [f"{self.train_teacher.output}/{name}"]
+        d = self.distill
+        return self.model_copy(update={
+            "data": t.data,
+            "tasks": [],
+            "train_teacher": self.train_teacher.model_copy(update={
+                "output": f"{self.train_teacher.output}/{name}",
+                "metrics": _suffixed(self.train_teacher.metrics, name)}),
+            "precompute": self.precompute.model_copy(update={"teachers": teachers}),
+            "distill": d.model_copy(update={"matches": t.matches, "match_preset": t.match_preset, "kd": t.kd or d.kd,
+                                            "teachers": teachers if d.teacher_signal == "online" else [],
+                                            "caches": [], "output": f"{d.output}/{name}"}),
+        })
 
     def _check(self) -> list[Problem]:
         # Cross-section rules only (keys are full paths); pydantic runs them once every section passed its own.
         errs: list[Problem] = []
+        names = self.task_names()
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                errs.append((f"tasks[{i}].name", f"task name {name!r} is used twice; give every task its own name"))
+        if self.tasks and self.distill.caches:
+            errs.append(("distill.caches", "multi-task runs find each task's cache from its data and teachers; "
+                         "remove distill.caches (or list the task's teachers in tasks[].teachers)"))
+        for i, t in enumerate(self.tasks):
+            if names.index(t.name) != i:
+                continue  # a second task of the same name is reported above
+            # A task's data and kd settings live in tasks[i]; report them there.
+            here = {"data.": f"tasks[{i}].data.", "distill.kd.": f"tasks[{i}].kd."}
+            for key, problem in _task_rules(self.for_task(t.name)):
+                for old, new in here.items():
+                    key, problem = key.replace(old, new), problem.replace(old, new)
+                errs.append((key, f"task {t.name}: {problem}"))
         d, p = self.distill, self.precompute
         if d.teacher_signal != "none" and d.kd.teacher_weights is not None:
             names = d.caches if d.teacher_signal == "cached" else d.teachers
@@ -476,6 +546,12 @@ class Config(_Section):
                              "or distill.kd.weight: 0"))
         errs += _task_rules(self)
         return errs
+
+
+def _suffixed(path: str, name: str) -> str:
+    """metrics/teacher_train.json -> metrics/teacher_train.<name>.json"""
+    p = Path(path)
+    return str(p.with_name(f"{p.stem}.{name}{p.suffix}"))
 
 
 def _task_rules(cfg: "Config") -> list[Problem]:

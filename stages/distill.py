@@ -16,7 +16,7 @@ from cache_format._errors import CacheMismatchError, CacheMissError, KDError
 from stages.config import Config, DistillConfig, config_to_dict
 from stages._io import check_outputs
 from stages._train import FitResult, fit, pick_device, save_model, set_seed
-from stages.data import data_fingerprint, model_inputs
+from stages.data import Encoded, Examples, data_fingerprint, model_inputs
 from stages.losses import (Match, MatchError, build_projections, check_matches, feature_map, match_loss,
                            needed_teacher_layers, preset_matches)
 from stages.models import (hidden_size, load_classifier, load_tokenizer, num_layers, student_from_config,
@@ -25,7 +25,8 @@ from stages.schedules import combine_teachers, cwsm_temperature, flsw_temperatur
 from stages.tasks import Task, get_task
 from stages.teacher import (CachedTeachers, OnlineTeachers, TeacherSpec, cache_target, load_split, resolve_model)
 
-__all__ = ["DistillResult", "build_student", "distill"]
+__all__ = ["DistillResult", "DistillObjective", "build_student", "distill", "distill_objective", "load_distill_data",
+           "write_metrics"]
 
 
 @dataclass(frozen=True)
@@ -233,25 +234,52 @@ def _distill_settings(cfg: Config, readers: Sequence[cf.CacheReader]) -> dict:
 def distill(cfg: Config, *, on_step: Callable[[int], None] | None = None) -> DistillResult:
     """Train the student described by `cfg.distill` and save it with `save_pretrained`.
 
+    With `tasks:` in the params, one student with a head per task (stages/multitask.py).
     `on_step(step)` is called after every optimizer step (the benchmarks time steps with it)."""
+    if cfg.tasks:
+        from stages.multitask import distill_tasks  # it builds on this module
+
+        return distill_tasks(cfg, on_step=on_step)
     d = cfg.distill
     output = Path(d.output)
     check_outputs({"distill.output": (output, "model"), "distill.metrics": (d.metrics, "file"),
                    "distill.log_dir": (d.log_dir, "folder")})
     # Data and caches first: their errors must not cost a model load.
-    # The unlabelled transfer set carries only teacher signal: a labels-only run leaves it out.
     task = get_task(cfg.data)
-    train_ex = load_split(cfg, "train", transfer=d.teacher_signal != "none")
-    dev_ex = load_split(cfg, "dev") if cfg.data.dev else None
-    readers = _open_caches(cfg, train_ex) if d.teacher_signal == "cached" else []
+    train_ex, dev_ex, readers = load_distill_data(cfg)
     device = pick_device()
     set_seed(d.seed)  # the student's random parts (new heads, projections) depend on it
     student, tokenizer = build_student(cfg)
     train = task.encode(tokenizer, train_ex, d.max_length)
     dev = task.encode(tokenizer, dev_ex, d.max_length) if dev_ex is not None else None
+    objective = distill_objective(cfg, student, train_ex, train, readers, device)
+    result = fit(student, objective, train, dev, d, output=output, log_dir=Path(d.log_dir), device=device,
+                 desc=f"distill ({d.teacher_signal})", on_step=on_step, run_settings=_distill_settings(cfg, readers),
+                 evaluate=lambda m, data: task.evaluate(m, data, d.eval_batch_size, device))
+    save_model(student, tokenizer, objective.modules, output, result=result, label_names=task.label_names,
+               head_config=task.head_config())
+    write_metrics(cfg, result)
+    return DistillResult(output, d.teacher_signal, [str(r.path) for r in readers], result)
+
+
+def load_distill_data(cfg: Config) -> tuple[Examples, Examples | None, list[cf.CacheReader]]:
+    """The train and dev examples and the checked teacher caches (none unless teacher_signal is cached).
+
+    The unlabelled transfer set carries only teacher signal: a labels-only run leaves it out.
+    """
+    d = cfg.distill
+    train_ex = load_split(cfg, "train", transfer=d.teacher_signal != "none")
+    dev_ex = load_split(cfg, "dev") if cfg.data.dev else None
+    readers = _open_caches(cfg, train_ex) if d.teacher_signal == "cached" else []
+    return train_ex, dev_ex, readers
+
+
+def distill_objective(cfg: Config, student: nn.Module, train_ex: Examples, train: Encoded,
+                      readers: Sequence[cf.CacheReader], device: torch.device) -> "DistillObjective":
+    """The teacher signal (cache, live teachers or none), matches and projections of one task's student."""
+    d, task = cfg.distill, get_task(cfg.data)
     _check_rows(readers, train.ids)
     s_layers = num_layers(student)
-
     source, matches = None, []
     t_width: int | None = None
     if d.teacher_signal == "cached":
@@ -292,14 +320,13 @@ def distill(cfg: Config, *, on_step: Callable[[int], None] | None = None) -> Dis
                              "set projection: linear (or relu/tanh) on that match")
     projections = build_projections(matches, s_width, t_width or s_width)
 
-    objective = DistillObjective(d, task, source, matches, projections, dict(zip(train.ids, train.lengths.tolist())))
-    result = fit(student, objective, train, dev, d, output=output, log_dir=Path(d.log_dir), device=device,
-                 desc=f"distill ({d.teacher_signal})", on_step=on_step, run_settings=_distill_settings(cfg, readers),
-                 evaluate=lambda m, data: task.evaluate(m, data, d.eval_batch_size, device))
-    save_model(student, tokenizer, projections, output, result=result, label_names=task.label_names,
-               head_config=task.head_config())
+    return DistillObjective(d, task, source, matches, projections, dict(zip(train.ids, train.lengths.tolist())))
+
+
+def write_metrics(cfg: Config, result: FitResult) -> None:
+    """distill.metrics: the dev metrics, steps, time and speed of a finished run."""
+    d = cfg.distill
     metrics = {"teacher_signal": d.teacher_signal, **{f"dev_{k}": v for k, v in (result.dev or {}).items()},
                "steps": result.steps, "seconds": round(result.seconds, 2),
                "train_examples_per_second": round(result.examples_per_second, 1)}
     cf.atomic_write_text(Path(d.metrics), json.dumps(metrics, indent=2) + "\n")
-    return DistillResult(output, d.teacher_signal, [str(r.path) for r in readers], result)

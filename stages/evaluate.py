@@ -17,7 +17,7 @@ from cache_format import atomic_write_text
 from stages.config import Config
 from stages._io import check_outputs
 from stages._train import pick_device
-from stages.data import DataError, collate, model_inputs
+from stages.data import DataError, Examples, collate, model_inputs
 from stages.models import load_classifier, load_tokenizer, num_parameters
 from stages.report import save_predictions
 from stages.tasks import get_task
@@ -53,11 +53,34 @@ def evaluate(cfg: Config) -> dict[str, dict]:
     """Metrics for every model in `evaluate.models` on `evaluate.split`; written to `evaluate.output`.
 
     The predicted label of every model for every example goes to `evaluate.predictions` (see
-    `stages.report.save_predictions`), written just before the metrics file.
+    `stages.report.save_predictions`), written just before the metrics file. With `tasks:`, every model
+    path is a folder of per-task models (`<path>/<task name>`, as train-teacher and distill write them) and
+    the metrics are grouped by task: {task: {model: metrics}}; the predictions file then lists none (`kd report`
+    compares single-task runs).
     """
     e = cfg.evaluate
     check_outputs({"evaluate.output": (e.output, "file"), "evaluate.predictions": (e.predictions, "file")})
     device = pick_device()
+    if cfg.tasks:
+        results: dict[str, dict] = {}
+        for name in cfg.task_names():
+            view = cfg.for_task(name)
+            models = {m: f"{path}/{name}" for m, path in e.models.items()}
+            results[name], _, _ = _score_models(view.model_copy(update={"evaluate": e.model_copy(
+                update={"models": models})}), device)
+        save_predictions(e.predictions, split=e.split, data="tasks", ids=[], labels=[], models={})
+    else:
+        results, predictions, examples = _score_models(cfg, device)
+        save_predictions(e.predictions, split=e.split, data=str(getattr(cfg.data, e.split)),
+                         ids=examples.ids if predictions else [], labels=examples.labels if predictions else [],
+                         models=predictions)
+    atomic_write_text(Path(e.output), json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def _score_models(cfg: Config, device: torch.device) -> tuple[dict[str, dict], dict[str, np.ndarray], Examples]:
+    """Each model's metrics on the split, and its class predictions (kinds with one class per example)."""
+    e = cfg.evaluate
     task = get_task(cfg.data)
     examples = load_split(cfg, e.split)
     if examples.labels is None:
@@ -81,8 +104,4 @@ def evaluate(cfg: Config) -> dict[str, dict]:
             "split": e.split,
             "examples": len(examples),
         }
-    save_predictions(e.predictions, split=e.split, data=str(getattr(cfg.data, e.split)),
-                     ids=examples.ids if predictions else [], labels=examples.labels if predictions else [],
-                     models=predictions)
-    atomic_write_text(Path(e.output), json.dumps(results, indent=2) + "\n")
-    return results
+    return results, predictions, examples

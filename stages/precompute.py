@@ -135,8 +135,11 @@ def precompute(cfg: Config) -> list[PrecomputeResult]:
     """Cache every teacher in `cfg.precompute.teachers` over `cfg.precompute.split`.
 
     Resumes an interrupted cache and does nothing for a finished one with the same teacher,
-    data and settings (the folder name is derived from all three).
+    data and settings (the folder name is derived from all three). With `tasks:`, every task's teachers over
+    its own data.
     """
+    if cfg.tasks:
+        return [r for name in cfg.task_names() for r in precompute(cfg.for_task(name))]
     p = cfg.precompute
     check_outputs({"precompute.cache_root": (p.cache_root, "folder")})
     examples = load_split(cfg, p.split, transfer=p.split == "train")

@@ -47,8 +47,13 @@ class _LabelObjective:
         pass
 
 
-def train_teacher(cfg: Config) -> TrainTeacherResult:
-    """Fine-tune `train_teacher.model` on `data.train`; save model + tokenizer to `train_teacher.output`."""
+def train_teacher(cfg: Config) -> list[TrainTeacherResult]:
+    """Fine-tune `train_teacher.model` on `data.train`; save model + tokenizer to `train_teacher.output`.
+
+    With `tasks:`, one teacher per task, each on its task's data, into `<train_teacher.output>/<task name>`.
+    """
+    if cfg.tasks:
+        return [r for name in cfg.task_names() for r in train_teacher(cfg.for_task(name))]
     t = cfg.train_teacher
     output = Path(t.output)
     check_outputs({"train_teacher.output": (output, "model"), "train_teacher.metrics": (t.metrics, "file")})
@@ -72,4 +77,4 @@ def train_teacher(cfg: Config) -> TrainTeacherResult:
     metrics = {**{f"dev_{k}": v for k, v in (result.dev or {}).items()}, "steps": result.steps,
                "seconds": round(result.seconds, 2)}
     atomic_write_text(Path(t.metrics), json.dumps(metrics, indent=2) + "\n")
-    return TrainTeacherResult(output, result)
+    return [TrainTeacherResult(output, result)]

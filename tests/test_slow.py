@@ -64,7 +64,8 @@ def prepared(cfg: Config) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def teacher(cfg: Config, prepared: dict[str, Path]):
-    return train_teacher(cfg)
+    [result] = train_teacher(cfg)
+    return result
 
 
 @pytest.fixture(scope="module")

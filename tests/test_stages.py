@@ -218,7 +218,7 @@ def test_multi_teacher_and_attention_matches(tmp_path, tiny_data_dir, tiny_teach
 
 def test_train_teacher_saves_a_loadable_model(tmp_path, tiny_data_dir, tiny_model_dir):
     cfg = config_from_dict(_params(tmp_path, tiny_data_dir, tiny_model_dir))
-    res = train_teacher(cfg)
+    [res] = train_teacher(cfg)
     assert res.fit.dev["accuracy"] is not None
     AutoModelForSequenceClassification.from_pretrained(tmp_path / "teacher")
     assert json.loads((tmp_path / "m_teacher.json").read_text())["steps"] == 13

@@ -1,0 +1,148 @@
+"""Multi-task distillation (`tasks:` in the params): one student, a shared encoder and one head per task.
+
+TextBrewer's MultiTaskDistiller, built from the single-task pieces: each task is run through the single-task
+code with its own view of the settings (`Config.for_task`: its data, teachers, cache, kd and matches), so
+every task kind, cached or online teachers, several teachers and matches work per task as they do alone.
+What is added here: the student (the first task's student; every other task's head is put on that encoder),
+the objective that routes a batch to its task's losses (times the task's weight), and the saving of one
+complete model per head (`<distill.output>/<task name>`, loadable with `from_pretrained`). Batches are drawn
+by `stages._train.TaskSampler` (a task per batch, probability |D_task|^distill.task_tau), whose state is part
+of every checkpoint, so --resume continues the exact stream.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+import cache_format as cf
+from cache_format._errors import KDError
+from stages._io import check_outputs
+from stages._train import RUN_FILE, TaskMix, fit, pick_device, save_model, set_seed
+from stages.config import Config
+from stages.distill import (DistillObjective, DistillResult, _distill_settings, build_student, distill_objective,
+                            load_distill_data, write_metrics)
+from stages.tasks import get_task
+
+__all__ = ["MultiTaskStudent", "MultiTaskObjective", "distill_tasks", "share_encoder"]
+
+
+class MultiTaskStudent(nn.Module):
+    """One Hugging Face model per task, all on the same encoder (`heads[name]` is task `name`'s full model)."""
+
+    def __init__(self, heads: dict[str, nn.Module]):
+        super().__init__()
+        self.heads = nn.ModuleDict(heads)
+
+
+def share_encoder(model: nn.Module, encoder_of: nn.Module) -> None:
+    """Put `encoder_of`'s base model (embeddings + blocks) into `model`, replacing its own."""
+    if type(model.base_model) is not type(encoder_of.base_model):
+        raise KDError(f"the tasks' students have different encoders ({type(model.base_model).__name__} and "
+                         f"{type(encoder_of.base_model).__name__}); build every task's student the same way")
+    setattr(model, model.base_model_prefix, encoder_of.base_model)
+
+
+def _split_ids(ids: Sequence[str]) -> tuple[str, list[str]]:
+    """`<task>/<id>` ids of one batch -> (task, ids)."""
+    name = ids[0].split("/", 1)[0]
+    return name, [i.split("/", 1)[1] for i in ids]
+
+
+class MultiTaskObjective:
+    """Routes each batch to its task's `DistillObjective`; the task's terms are named `<task>/<term>`."""
+
+    def __init__(self, objectives: dict[str, DistillObjective], weights: dict[str, float]):
+        self.objectives = objectives
+        self.weights = weights
+        self.modules = nn.ModuleDict({name: o.modules for name, o in objectives.items()})
+
+    def start_epoch(self, id_batches: Sequence[Sequence[str]]) -> None:
+        per_task: dict[str, list[list[str]]] = {name: [] for name in self.objectives}
+        for ids in id_batches:
+            name, local = _split_ids(ids)
+            per_task[name].append(local)
+        for name, objective in self.objectives.items():
+            objective.start_epoch(per_task[name])
+
+    def losses(self, model: MultiTaskStudent, batch: dict[str, torch.Tensor], ids: Sequence[str], step: int,
+               total_steps: int) -> dict[str, torch.Tensor]:
+        name, local = _split_ids(ids)
+        terms = self.objectives[name].losses(model.heads[name], batch, local, step, total_steps)
+        return {f"{name}/{k}": self.weights[name] * v for k, v in terms.items()}
+
+    def close(self) -> None:
+        for objective in self.objectives.values():
+            objective.close()
+
+
+def distill_tasks(cfg: Config, *, on_step: Callable[[int], None] | None = None) -> DistillResult:
+    """Distill one student for every task in `cfg.tasks`; each head is saved to `<distill.output>/<name>`."""
+    d = cfg.distill
+    output = Path(d.output)
+    check_outputs({"distill.output": (output, "model"), "distill.metrics": (d.metrics, "file"),
+                   "distill.log_dir": (d.log_dir, "folder")})
+    views = {name: cfg.for_task(name) for name in cfg.task_names()}
+    tasks = {name: get_task(view.data) for name, view in views.items()}
+    # Every task's data and caches first: their errors must not cost a model load.
+    loaded = {name: load_distill_data(view) for name, view in views.items()}
+    device = pick_device()
+    set_seed(d.seed)
+    heads, tokenizer = {}, None
+    for name, view in views.items():
+        model, tok = build_student(view)
+        if tokenizer is None:
+            tokenizer, first = tok, model
+        else:
+            share_encoder(model, first)
+        heads[name] = model
+    student = MultiTaskStudent(heads)
+    objectives, train, dev = {}, {}, {}
+    for name, view in views.items():
+        train_ex, dev_ex, readers = loaded[name]
+        train[name] = tasks[name].encode(tokenizer, train_ex, d.max_length)
+        if dev_ex is not None:
+            dev[name] = tasks[name].encode(tokenizer, dev_ex, d.max_length)
+        objectives[name] = distill_objective(view, heads[name], train_ex, train[name], readers, device)
+    objective = MultiTaskObjective(objectives, {t.name: t.weight for t in cfg.tasks})
+
+    def evaluate(model: MultiTaskStudent, data: dict) -> dict[str, float]:
+        return {f"{name}/{k}": v for name, enc in data.items()
+                for k, v in tasks[name].evaluate(model.heads[name], enc, d.eval_batch_size, device).items()}
+
+    settings = {"tasks": {name: _distill_settings(view, loaded[name][2]) for name, view in views.items()},
+                "task_weights": objective.weights, "task_tau": d.task_tau}
+    result = fit(student, objective, TaskMix(list(train), list(train.values())), dev or None, d, output=output,
+                 log_dir=Path(d.log_dir), device=device, desc=f"distill {len(tasks)} tasks ({d.teacher_signal})",
+                 on_step=on_step, run_settings=settings, evaluate=evaluate, task_tau=d.task_tau)
+    _save_heads(student, tokenizer, objective, tasks, output, result)
+    write_metrics(cfg, result)
+    caches = [str(r.path) for _, _, readers in loaded.values() for r in readers]
+    return DistillResult(output, d.teacher_signal, caches, result)
+
+
+def _save_heads(student: MultiTaskStudent, tokenizer, objective: MultiTaskObjective, tasks: dict, output: Path,
+                result) -> None:
+    """Every head as a complete model in `<output>/<name>`, written aside and swapped in as one folder."""
+    staging = output.with_name(f"{output.name}.{uuid.uuid4().hex}.partial")
+    try:
+        for name, model in student.heads.items():
+            save_model(model, tokenizer, objective.modules[name], staging / name, result=result,
+                       label_names=tasks[name].label_names, head_config=tasks[name].head_config())
+        run = {"steps": result.steps, "epochs_done": result.epochs_done,
+               **{f"dev_{k}": v for k, v in (result.dev or {}).items()}, "settings": result.settings}
+        cf.atomic_write_text(staging / RUN_FILE, json.dumps(run, indent=2) + "\n")
+        old = output.with_name(f"{output.name}.{uuid.uuid4().hex}.old")
+        if output.exists():
+            os.replace(output, old)
+        os.replace(staging, output)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

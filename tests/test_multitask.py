@@ -1,0 +1,195 @@
+"""Multi-task distillation: the task sampler, one student with a head per task, per-task metrics, exact resume."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from stages import distill, evaluate, precompute, train_teacher
+from stages._train import RUN_FILE, TaskMix, TaskSampler
+from stages.config import ConfigError, config_from_dict
+from stages.data import Encoded
+from stages.models import ModelError
+
+
+def _encoded(n: int, name: str) -> Encoded:
+    return Encoded(ids=[f"{name}{i}" for i in range(n)], input_ids=np.ones(n, np.int32),
+                   offsets=np.arange(n + 1, dtype=np.int64), token_type_ids=None,
+                   labels=np.zeros(n, np.int64), pad_token_id=0)
+
+
+def _mix(sizes: dict[str, int]) -> TaskMix:
+    return TaskMix(list(sizes), [_encoded(n, name) for name, n in sizes.items()])
+
+
+@pytest.mark.parametrize("tau, expected", [(1.0, 0.75), (0.5, 3 ** 0.5 / (3 ** 0.5 + 1)), (0.0, 0.5)])
+def test_tasks_are_drawn_in_proportion_to_size_to_the_tau(tau, expected):
+    mix = _mix({"big": 3000, "small": 1000})
+    sampler = TaskSampler(mix, 10, seed=0, tau=tau, group_by_length=False)
+    tasks = [mix.task_of(rows) for _ in range(5) for rows in sampler]  # 5 epochs of 400 batches
+    share = tasks.count(0) / len(tasks)
+    # 2,000 draws: the binomial standard deviation is <= 0.0112; 4 of them is far beyond chance.
+    assert abs(share - expected) < 0.045, (share, expected)
+    assert sampler.epoch == 5 and sampler.batches_per_epoch == 400
+
+
+def test_each_batch_is_one_task_and_every_row_of_a_task_comes_once_per_its_epoch():
+    mix = _mix({"a": 50, "b": 20})
+    sampler = TaskSampler(mix, 7, seed=3, tau=0.0, group_by_length=False)
+    seen: dict[int, list[int]] = {0: [], 1: []}
+    for _ in range(4):
+        for rows in sampler:
+            t = mix.task_of(rows)
+            assert np.all((rows >= mix.starts[t]) & (rows < mix.starts[t + 1]))  # never mixes tasks
+            seen[t].extend((rows - mix.starts[t]).tolist())
+    for t, n in ((0, 50), (1, 20)):
+        full = len(seen[t]) // n * n  # whole epochs of task t: each row exactly once in each
+        for e in range(full // n):
+            assert sorted(seen[t][e * n:(e + 1) * n]) == list(range(n))
+
+
+def test_the_sampler_state_resumes_the_exact_stream():
+    mix = _mix({"a": 33, "b": 11, "c": 5})
+    first = TaskSampler(mix, 4, seed=9, tau=1.0, group_by_length=False)
+    stream = iter(first)
+    head = [next(stream) for _ in range(6)]
+    state = copy.deepcopy(first.state_dict())
+    rest = [r.tolist() for r in stream] + [r.tolist() for r in first]  # the epoch, then a whole next one
+    second = TaskSampler(mix, 4, seed=9, tau=1.0, group_by_length=False)
+    second.load_state_dict(json.loads(json.dumps(state)))  # checkpoints hold plain values
+    again = [r.tolist() for r in second] + [r.tolist() for r in second]
+    assert head and again == rest
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# End to end: two tasks with different label sets, one student
+
+
+_TOPICS = {"plot": 0, "music": 1, "cast": 2}
+
+
+def _topic_data(root: Path, tiny_texts) -> Path:
+    """A 3-class set: which of plot / music / cast a sentence mentions (the other words are filler)."""
+    rng = random.Random(5)
+    filler = sorted({w for t, _ in tiny_texts for w in t.split()} - set(_TOPICS))
+    rows = []
+    for i in range(160):
+        topic = list(_TOPICS)[i % 3]
+        words = rng.sample(filler, 4) + [topic]
+        rng.shuffle(words)
+        rows.append((f"t{i:03d}", " ".join(words), _TOPICS[topic]))
+    root.mkdir()
+    for name, part in (("train", rows[:100]), ("dev", rows[100:130]), ("test", rows[130:])):
+        with open(root / f"{name}.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["id", "text", "label"])
+            w.writerows(part)
+    return root
+
+
+def _params(tmp: Path, sentiment: Path, topic: Path, base_model: Path, **distill) -> dict:
+    def data(root: Path, n: int, names=None) -> dict:
+        return {"train": str(root / "train.csv"), "dev": str(root / "dev.csv"), "test": str(root / "test.csv"),
+                "num_labels": n, **({"label_names": names} if names else {})}
+
+    return {
+        "tasks": [{"name": "sentiment", "data": data(sentiment, 2)},
+                  {"name": "topic", "data": data(topic, 3, list(_TOPICS)), "weight": 0.5}],
+        "train_teacher": {"model": str(base_model), "output": str(tmp / "teachers"), "epochs": 1, "batch_size": 16,
+                          "max_length": 32, "lr": 1e-3, "metrics": str(tmp / "m_teacher.json")},
+        "precompute": {"cache_root": str(tmp / "caches"), "batch_size": 32, "max_length": 32, "dtype": "float32"},
+        "distill": {"student": {"config": str(base_model), "num_layers": 1, "hidden_size": 32, "num_heads": 2,
+                                "intermediate_size": 64},
+                    "epochs": 2, "batch_size": 16, "max_length": 32, "lr": 1e-3, "output": str(tmp / "student"),
+                    "log_dir": str(tmp / "live"), "metrics": str(tmp / "m_distill.json"), **distill},
+        "evaluate": {"models": {"teacher": str(tmp / "teachers"), "student": str(tmp / "student")},
+                     "max_length": 32, "throughput_batches": 1, "output": str(tmp / "m_eval.json"),
+                     "predictions": str(tmp / "m_preds.json")},
+    }
+
+
+@pytest.fixture()
+def two_tasks(tmp_path, tiny_data_dir, tiny_texts, tiny_model_dir):
+    params = _params(tmp_path, tiny_data_dir, _topic_data(tmp_path / "topic", tiny_texts), tiny_model_dir)
+    cfg = config_from_dict(params)
+    teachers = train_teacher(cfg)
+    assert [r.output for r in teachers] == [tmp_path / "teachers" / "sentiment", tmp_path / "teachers" / "topic"]
+    caches = precompute(cfg)
+    assert len({r.path for r in caches}) == 2 and all(r.status == "written" for r in caches)
+    return params
+
+
+def _heads(out: Path) -> dict[str, dict[str, torch.Tensor]]:
+    return {name: AutoModelForSequenceClassification.from_pretrained(out / name).state_dict()
+            for name in ("sentiment", "topic")}
+
+
+def test_two_tasks_share_an_encoder_and_report_per_task_metrics(tmp_path, two_tasks):
+    res = distill(config_from_dict(two_tasks))
+    # 200 + 100 rows in batches of 16: 13 + 7 batches per epoch, 2 epochs.
+    assert res.fit.steps == 40 and len(res.caches) == 2
+    assert set(res.fit.dev) == {"sentiment/accuracy", "sentiment/macro_f1", "topic/accuracy", "topic/macro_f1"}
+    heads = _heads(tmp_path / "student")
+    encoder = [k for k in heads["sentiment"] if k.startswith("bert.")]
+    assert encoder and all(torch.equal(heads["sentiment"][k], heads["topic"][k]) for k in encoder)
+    assert heads["sentiment"]["classifier.weight"].shape[0] == 2 and heads["topic"]["classifier.weight"].shape[0] == 3
+    topic = AutoModelForSequenceClassification.from_pretrained(tmp_path / "student" / "topic")
+    assert topic.config.id2label == {0: "plot", 1: "music", 2: "cast"}
+    assert (tmp_path / "student" / RUN_FILE).exists() and not (tmp_path / "student" / "checkpoint").exists()
+
+    results = evaluate(config_from_dict(two_tasks))
+    assert set(results) == {"sentiment", "topic"}
+    for name, n in (("sentiment", 50), ("topic", 30)):
+        assert set(results[name]) == {"teacher", "student"}
+        for model in results[name].values():
+            assert 0 <= model["accuracy"] <= 1 and model["examples"] == n
+    assert json.loads((tmp_path / "m_eval.json").read_text()) == results
+
+
+def test_multi_task_resume_gives_the_uninterrupted_student(tmp_path, two_tasks):
+    whole = distill(config_from_dict(two_tasks))
+    expected = _heads(tmp_path / "student")
+
+    def crash(step: int) -> None:
+        if step == 26:
+            raise KeyboardInterrupt
+
+    interrupted = {**two_tasks, "distill": {**two_tasks["distill"], "checkpoint_every": 3}}  # the last checkpoint: step 24, mid-epoch
+    with pytest.raises(KeyboardInterrupt):
+        distill(config_from_dict(interrupted), on_step=crash)
+    assert (tmp_path / "student" / "checkpoint" / "state.pt").exists()
+    resumed = distill(config_from_dict({**interrupted, "distill": {**interrupted["distill"], "resume": True}}))
+    assert resumed.fit.steps == whole.fit.steps
+    got = _heads(tmp_path / "student")
+    for name in expected:
+        for key, value in expected[name].items():
+            torch.testing.assert_close(got[name][key], value, rtol=0, atol=1e-6)
+
+
+def test_task_settings_errors(tiny_data_dir):
+    data = {"train": str(tiny_data_dir / "train.csv")}
+    with pytest.raises(ConfigError, match=r"tasks\[1\].name: task name 'a' is used twice"):
+        config_from_dict({"tasks": [{"name": "a", "data": data}, {"name": "a", "data": data}]})
+    with pytest.raises(ConfigError, match=r"tasks\[0\].name: 'a/b' must be letters"):
+        config_from_dict({"tasks": [{"name": "a/b", "data": data}]})
+    with pytest.raises(ConfigError, match=r"tasks\[0\].kd.loss: task r: 'kl' .* set tasks\[0\].kd.loss: mse"):
+        config_from_dict({"tasks": [{"name": "r", "data": {**data, "task": "regression"}}]})
+    with pytest.raises(ConfigError, match=r"distill.task_tau: must be >= 0"):
+        config_from_dict({"distill": {"task_tau": -1}})
+
+
+def test_tasks_with_a_different_head_count_than_their_teacher_are_refused(tmp_path, tiny_data_dir, tiny_texts,
+                                                                          tiny_model_dir):
+    params = _params(tmp_path, tiny_data_dir, _topic_data(tmp_path / "topic", tiny_texts), tiny_model_dir)
+    params["tasks"][0]["teachers"] = [str(tiny_model_dir)]
+    params["tasks"][1]["teachers"] = [str(tiny_model_dir)]  # a 2-label model for the 3-label task
+    with pytest.raises(ModelError, match=r"2-label classification head but data.num_labels is 3"):
+        precompute(config_from_dict(params))
