@@ -199,7 +199,7 @@ def _batch(qa_base, n=6):
 
 
 def test_hard_loss_is_the_mean_of_start_and_end_cross_entropy_as_transformers_computes_it(qa_base):
-    task, enc, batch = _batch(qa_base)
+    task, _enc, batch = _batch(qa_base)
     model = AutoModelForQuestionAnswering.from_pretrained(qa_base)
     rows = batch["attention_mask"].all(1).nonzero()[:, 0]  # unpadded rows: transformers' loss does not mask
     assert len(rows) >= 2
@@ -210,13 +210,13 @@ def test_hard_loss_is_the_mean_of_start_and_end_cross_entropy_as_transformers_co
 
 @pytest.mark.parametrize("kind", ["kl", "ce", "mse"])
 def test_kd_loss_ignores_padding_and_is_zero_for_a_perfect_student(qa_base, kind):
-    task, enc, batch = _batch(qa_base)
+    task, _enc, batch = _batch(qa_base)
     torch.manual_seed(0)
     shape = (*batch["input_ids"].shape, 2)
     mask = batch["attention_mask"][..., None].float()
     student, teacher = torch.randn(shape) * mask, torch.randn(shape) * mask  # a cached teacher is zero-padded
     lengths = batch["attention_mask"].sum(1)
-    kw = dict(temperature=2.0, kind=kind, temperature_squared=True, teacher_lengths=lengths)
+    kw = {"temperature": 2.0, "kind": kind, "temperature_squared": True, "teacher_lengths": lengths}
     base = task.kd_loss(student, teacher, batch, **kw)
     # Other values at padded positions, and more padding, change nothing.
     noisy = student + torch.randn(shape) * (1 - mask) * 5
@@ -412,7 +412,7 @@ def test_the_teachers_predictions_are_scored_against_their_own_answers(qa_run):
 
 
 def test_a_student_with_another_tokenizer_is_refused_with_the_fix(tmp_path, qa_run):
-    tmp, run = qa_run
+    tmp, _run = qa_run
     # Short paragraphs only: one window each with both tokenizers, so the rows match and only token counts differ.
     doc = json.loads((FIXTURES / "train.json").read_text())
     doc["data"] = [a for a in doc["data"] if a["title"] in ("Tea", "Glaciers", "Bicycles")]

@@ -35,7 +35,7 @@ from stages.data import DataError, Encoded, Examples, content_ids, read_table, s
 from stages.losses import hard_ce_loss, kd_loss
 from stages.tasks.base import Task
 
-__all__ = ["ExtractiveQA", "squad_exact_match", "squad_f1", "normalize_answer"]
+__all__ = ["ExtractiveQA", "normalize_answer", "squad_exact_match", "squad_f1"]
 
 DOC_STRIDE = 128  # the usual SQuAD setting at max_length 384; capped at max_length // 3 for shorter windows
 MAX_ANSWER_LENGTH = 30
@@ -325,8 +325,8 @@ def _check_room(tokenizer: Any, ids: list[str], questions: list[str], max_length
         if room <= stride:  # the tokenizer would panic ("stride must be strictly less than max_len")
             raise DataError(
                 f"question {qid} has {n} tokens, so a window of max_length {max_length} leaves {room} context "
-                f"tokens, not more than doc_stride {stride}; raise max_length (to at least {specials + n + stride + 1}) "
-                "or lower data.doc_stride"
+                f"tokens, not more than doc_stride {stride}; raise max_length (to at least "
+                f"{specials + n + stride + 1}) or lower data.doc_stride"
             )
 
 
