@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from stages.config import ConfigError, DataConfig
 from stages.tasks.base import Task
+from stages.tasks.extractive_qa import ExtractiveQA
 from stages.tasks.sequence_classification import SequenceClassification
 
 __all__ = ["Task", "TASKS", "get_task"]
 
 TASKS: dict[str, type[Task]] = {
     SequenceClassification.name: SequenceClassification,
+    ExtractiveQA.name: ExtractiveQA,
 }
 
 
