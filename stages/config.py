@@ -136,7 +136,7 @@ class DataConfig(_Section):
     question_field: str | None = None  # extractive_qa ("question")
     context_field: str | None = None  # extractive_qa ("context")
     answers_field: str | None = None  # extractive_qa ("answers": {"text": [...], "answer_start": [...]})
-    doc_stride: int | None = None  # extractive_qa: tokens shared by consecutive windows of a long context (128)
+    doc_stride: int | None = None  # extractive_qa: tokens shared by consecutive windows (min(128, max_length // 3))
     max_answer_length: int | None = None  # extractive_qa: longest answer span predicted, in tokens (30)
 
     def _check(self) -> list[Problem]:
@@ -148,6 +148,8 @@ class DataConfig(_Section):
                 errs.append((key, f"only applies to data.task: {' or '.join(users)}, not {self.task}; remove it"))
         if kind.regression and self.label_names is not None:
             errs.append(("label_names", "a regression target is a number, it has no label names; remove it"))
+        if kind.windows and self.label_names is not None:
+            errs.append(("label_names", f"{self.task} predicts spans, it has no label names; remove it"))
         if self.transfer is not None and not kind.transfer:
             errs.append(("transfer", f"an unlabelled transfer set is not supported for data.task: {self.task} "
                          "yet (sequence_classification only); remove it"))
@@ -569,6 +571,10 @@ def _task_rules(cfg: "Config") -> list[Problem]:
     if kind.regression and d.kd.loss != "mse":
         errs.append(("distill.kd.loss", f"{d.kd.loss!r} compares class distributions, but a regression teacher "
                      "outputs one number; set distill.kd.loss: mse"))
+    if kind.windows and d.teacher_signal == "cached" and d.max_length != p.max_length:
+        errs.append(("distill.max_length", f"{d.max_length} differs from precompute.max_length {p.max_length}; "
+                     f"data.task {task} caches one teacher output per token of each window, so the student must "
+                     "cut the same windows: use the same max_length (and the teacher's tokenizer)"))
     if kind.token_axis == "words":
         why = (f"data.task {task} caches one teacher output per word, and per-word hidden states and attention "
                "are not supported yet")

@@ -211,7 +211,8 @@ def _check_rows(readers: Sequence[cf.CacheReader], ids: Sequence[str]) -> None:
         if missing:
             raise CacheMissError(
                 f"{len(missing)} training example(s) are not in cache {r.path}, e.g. {missing[:3]}; "
-                "rerun `kd precompute` on the same data.train file"
+                "rerun `kd precompute` on the same data.train file (for a task cut into windows, the student "
+                "must also use the teacher's tokenizer, max_length and data.doc_stride)"
             )
 
 
@@ -306,6 +307,11 @@ def distill_objective(cfg: Config, student: nn.Module, train_ex: Examples, train
             src = resolve_model(t)
             models.append(load_classifier(src, task.num_labels, eager_attention=bool(attn), auto_model=task.auto_model))
             encs.append(task.encode(load_tokenizer(src), train_ex, d.max_length))
+            missing = sorted(set(train.ids) - set(encs[-1].ids))
+            if missing:  # windows cut by another tokenizer or length: the teacher has no such rows
+                raise KDError(f"teacher {t} cuts the training examples into other windows than the student "
+                              f"(e.g. no row {missing[0]}); windowed tasks need the student to use the teacher's "
+                              "tokenizer, max_length and data.doc_stride")
         first_only = bool(matches) and all(m.kind == "pkd" for m in matches)
         spec = TeacherSpec(True, tuple(sorted(hidden)), "first" if first_only else "all", tuple(sorted(attn)))
         t_width = hidden_size(models[0])

@@ -80,6 +80,7 @@ class TaskKind:
     sequence_kd: bool = False
     transfer: bool = False
     regression: bool = False  # one float target: data.num_labels and label_names do not apply
+    windows: bool = False  # long inputs are cut into windows of teacher tokens: the student must tokenise alike
 
 
 TASK_KINDS: dict[str, TaskKind] = {
@@ -89,5 +90,5 @@ TASK_KINDS: dict[str, TaskKind] = {
     "token_classification": TaskKind(options=("tokens_field", "tags_field", "label_all_subwords"),
                                      token_axis="words"),
     "extractive_qa": TaskKind(options=("question_field", "context_field", "answers_field", "doc_stride",
-                                       "max_answer_length")),
+                                       "max_answer_length"), windows=True),
 }

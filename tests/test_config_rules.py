@@ -183,3 +183,18 @@ def test_no_teacher_refuses_matches_and_needs_the_label_term():
         "match_preset or set teacher_signal: cached",
         "distill.kd.hard_weight: must be > 0 when teacher_signal is 'none' (nothing to learn)",
     ]
+
+
+def test_task_kind_rules_name_the_key_and_the_fix():
+    with pytest.raises(ConfigError, match=r"distill.max_length: 48 differs from precompute.max_length 64; data.task "
+                                          r"extractive_qa caches one teacher output per token of each window"):
+        config_from_dict({"data": {"task": "extractive_qa"}, "distill": {"max_length": 48}})
+    with pytest.raises(ConfigError, match=r"data.doc_stride: only applies to data.task: extractive_qa, not "
+                                          r"sequence_classification; remove it"):
+        config_from_dict({"data": {"doc_stride": 32}})
+    with pytest.raises(ConfigError, match=r"distill.kd.temperature_schedule: flsw applies to one class "
+                                          r"distribution per example, and data.task is token_classification"):
+        config_from_dict({"data": {"task": "token_classification"}, "distill": {"kd": {"temperature_schedule": "flsw"}}})
+    with pytest.raises(ConfigError, match=r"data.transfer: an unlabelled transfer set is not supported for "
+                                          r"data.task: regression"):
+        config_from_dict({"data": {"task": "regression", "transfer": "t.csv"}, "distill": {"kd": {"loss": "mse"}}})
