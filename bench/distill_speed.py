@@ -51,9 +51,10 @@ from _common import (
 )
 
 from stages import distill, precompute
-from stages.config import config_from_dict
+from stages.config import DataConfig, config_from_dict
 from stages.data import encode, load_examples
 from stages.models import load_classifier, load_tokenizer, student_from_teacher
+from stages.tasks.sequence_classification import SequenceClassification
 from stages.teacher import TeacherSpec, teacher_outputs
 
 BATCH = 32
@@ -122,7 +123,7 @@ def _teacher_forward(t: Teacher, csv: Path, hidden: bool, warmup: int) -> float:
     spec = TeacherSpec(hidden_layers=tuple(tl for tl, _ in _hidden(t)) if hidden else ())
     times = [time.perf_counter()]
     for batch in Batches(enc, BATCH, SEED, labels=False):
-        teacher_outputs(model, batch, spec)
+        teacher_outputs(model, batch, spec, SequenceClassification(DataConfig()))
         times.append(time.perf_counter())
     return (times[-1] - times[warmup]) / (len(times) - 1 - warmup)
 

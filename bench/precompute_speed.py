@@ -38,6 +38,7 @@ from stages import precompute
 from stages.config import config_from_dict
 from stages.data import collate, encode
 from stages.models import load_classifier, load_tokenizer
+from stages.tasks import get_task
 from stages.teacher import TeacherSpec, load_split, teacher_outputs
 
 
@@ -57,14 +58,15 @@ def _bare(cfg_dict: dict) -> tuple[float, float, int]:
     tokenizer = load_tokenizer(src)
     model = load_classifier(src, cfg.data.num_labels).eval()
     examples = load_split(cfg, p.split)
+    task = get_task(cfg.data)
     t0 = time.perf_counter()
     enc = encode(tokenizer, examples, p.max_length)
     order = np.argsort(-enc.lengths, kind="stable")
     with torch.inference_mode():
         for start in range(0, len(order), p.batch_size):
             batch, _ = collate(enc, order[start : start + p.batch_size])
-            outs = teacher_outputs(model, batch, spec)
-            lengths = batch["attention_mask"].sum(1).to(torch.int32)
+            outs = teacher_outputs(model, batch, spec, task)
+            lengths = outs.pop("length").to(torch.int32)
             _ = lengths.numpy(), {k: v.cpu() for k, v in outs.items()}
     end = time.perf_counter()
     return end - t0, end - t_all, len(examples)
