@@ -9,12 +9,16 @@ from __future__ import annotations
 
 from stages.config import ConfigError, DataConfig
 from stages.tasks.base import Task
+from stages.tasks.multi_label import MultiLabel
+from stages.tasks.regression import Regression
 from stages.tasks.sequence_classification import SequenceClassification
 
 __all__ = ["Task", "TASKS", "get_task"]
 
 TASKS: dict[str, type[Task]] = {
     SequenceClassification.name: SequenceClassification,
+    MultiLabel.name: MultiLabel,
+    Regression.name: Regression,
 }
 
 
