@@ -100,7 +100,7 @@ def _targets(column: pa.ChunkedArray, ids: list[str], path: Path, field: str) ->
         try:
             number = float(value)
         except (TypeError, ValueError):
-            got = "no value" if value is None else f"target {value!r}, not a number"
+            got = "no target (empty or NaN)" if value is None else f"target {value!r}, not a number"
             raise DataError(f"{where(ids, row)} in {path} has {got} in {field!r}; {fix}") from None
         if not math.isfinite(number):
             raise DataError(f"{where(ids, row)} in {path} has target {value!r} in {field!r}; {fix}")
