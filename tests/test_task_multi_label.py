@@ -275,3 +275,30 @@ def test_an_unseen_label_at_evaluation_is_an_error_naming_it(tmp_path, ml_dir, m
         evaluate(config_from_dict(p))
     assert "example m999 (row 31)" in str(err.value) and "'boat'" in str(err.value)
     assert not (tmp_path / "m_eval.json").exists()
+
+
+# -- the real model (opt in: pytest -m slow) ----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_multi_label_with_the_bundled_minilm(tmp_path, ml_dir):
+    """The hand-made topic set through every stage with the real MiniLM teacher (no quality threshold: one
+    short epoch; the checks are on what each stage writes), string labels kept in the saved models."""
+    models = tmp_path / "models"
+    p = _params(tmp_path, ml_dir, Path("bundled:all-MiniLM-L6-v2"))
+    p["train_teacher"].update(model="bundled:all-MiniLM-L6-v2", output=str(models / "teacher"), lr=5e-5)
+    p["precompute"]["teachers"] = [str(models / "teacher")]
+    p["distill"].update(student={"config": str(models / "teacher"), "num_layers": 2, "hidden_size": 192,
+                                 "intermediate_size": 768, "num_heads": 3}, lr=5e-4, output=str(models / "student"))
+    p["evaluate"]["models"] = {"teacher": str(models / "teacher"), "student": str(models / "student")}
+    cfg = config_from_dict(p)
+    train_teacher(cfg)
+    [cache] = precompute(cfg)
+    assert cache.written == 120 and cf.CacheReader(cache.path).fields["logits"].shape == (3,)
+    distill(cfg)
+    for name in ("teacher", "student"):
+        saved = AutoConfig.from_pretrained(models / name)
+        assert saved.problem_type == "multi_label_classification" and list(saved.label2id) == NAMES
+    results = evaluate(cfg)
+    for r in results.values():
+        assert r["examples"] == 30 and 0 <= r["micro_f1"] <= 1 and 0 <= r["subset_accuracy"] <= 1

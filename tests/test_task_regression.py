@@ -238,3 +238,44 @@ def test_a_classifier_teacher_is_refused_for_regression(tmp_path, sts_dir, tiny_
 
     with pytest.raises(ModelError, match="2-label"):
         precompute(config_from_dict(_params(tmp_path, sts_dir, tiny_teacher_dir)))
+
+
+# -- the real model on the real set (opt in: pytest -m slow) ------------------------------------------------
+
+
+@pytest.mark.slow
+def test_lee_similarity_with_the_bundled_minilm(tmp_path):
+    """Lee pairs (gensim's lee.cor, fetched once from PyPI) through every stage with the real MiniLM teacher.
+
+    400 of the 1,225 pairs and one short epoch per training stage: no quality threshold (too little to
+    fine-tune); the checks are on what each stage writes and that the metrics are real correlations.
+    """
+    from stages import prepare
+
+    data, models = tmp_path / "data", tmp_path / "models"
+    p = _params(tmp_path, data, Path("bundled:all-MiniLM-L6-v2"))
+    p["prepare"] = {"source": "bundled:lee_similarity", "max_examples": 400, "out_dir": str(data)}
+    p["train_teacher"].update(model="bundled:all-MiniLM-L6-v2", output=str(models / "teacher"), lr=5e-5,
+                              max_length=64)
+    p["precompute"].update(teachers=[str(models / "teacher")], max_length=64)
+    p["distill"].update(student={"config": str(models / "teacher"), "num_layers": 2, "hidden_size": 192,
+                                 "intermediate_size": 768, "num_heads": 3}, max_length=64, lr=5e-4,
+                        output=str(models / "student"))
+    p["evaluate"].update(models={"teacher": str(models / "teacher"), "student": str(models / "student")},
+                         max_length=64)
+    cfg = config_from_dict(p)
+    paths = prepare(cfg)
+    header = (data / "train.csv").read_text().splitlines()[0]
+    assert header == '"id","text","text_pair","label"' and set(paths) == {"train", "dev", "test"}
+
+    res = train_teacher(cfg)
+    assert set(res.fit.dev) == {"pearson", "spearman", "mse"}
+    assert AutoConfig.from_pretrained(models / "teacher").problem_type == "regression"
+    [cache] = precompute(cfg)
+    assert cache.written == 320 and cf.CacheReader(cache.path).fields["logits"].shape == (1,)
+    distill(cfg)
+    results = evaluate(cfg)
+    for r in results.values():
+        assert r["examples"] == 40 and all(np.isfinite(r[k]) for k in ("pearson", "spearman", "mse"))
+        assert -1 <= r["pearson"] <= 1 and 0 <= r["mse"] < 1  # scores are in [0.2, 1]
+    assert results["student"]["parameters"] < results["teacher"]["parameters"] / 3
