@@ -10,6 +10,8 @@ from __future__ import annotations
 from stages.config import ConfigError, DataConfig
 from stages.tasks.base import Task
 from stages.tasks.extractive_qa import ExtractiveQA
+from stages.tasks.multi_label import MultiLabel
+from stages.tasks.regression import Regression
 from stages.tasks.sequence_classification import SequenceClassification
 
 __all__ = ["Task", "TASKS", "get_task"]
@@ -17,6 +19,8 @@ __all__ = ["Task", "TASKS", "get_task"]
 TASKS: dict[str, type[Task]] = {
     SequenceClassification.name: SequenceClassification,
     ExtractiveQA.name: ExtractiveQA,
+    MultiLabel.name: MultiLabel,
+    Regression.name: Regression,
 }
 
 
