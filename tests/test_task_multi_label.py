@@ -219,7 +219,7 @@ def test_an_id_out_of_range_is_refused(tmp_path):
 
 def test_multi_label_end_to_end(tmp_path, ml_dir, ml_teacher):
     cfg = config_from_dict(_params(tmp_path, ml_dir, ml_teacher))
-    res = train_teacher(cfg)
+    [res] = train_teacher(cfg)
     assert set(res.fit.dev) == {"micro_f1", "macro_f1", "subset_accuracy"}
     saved = AutoConfig.from_pretrained(tmp_path / "teacher")
     assert saved.problem_type == "multi_label_classification"

@@ -184,7 +184,7 @@ def test_cli_names_a_bad_target_in_one_line(tmp_path, sts_dir, reg_teacher):
 
 def test_regression_end_to_end(tmp_path, sts_dir, reg_teacher):
     cfg = config_from_dict(_params(tmp_path, sts_dir, reg_teacher))
-    res = train_teacher(cfg)
+    [res] = train_teacher(cfg)
     assert set(res.fit.dev) == {"pearson", "spearman", "mse"}
     saved = AutoConfig.from_pretrained(tmp_path / "teacher")
     assert saved.problem_type == "regression" and saved.num_labels == 1
@@ -268,7 +268,7 @@ def test_lee_similarity_with_the_bundled_minilm(tmp_path):
     header = (data / "train.csv").read_text().splitlines()[0]
     assert header == '"id","text","text_pair","label"' and set(paths) == {"train", "dev", "test"}
 
-    res = train_teacher(cfg)
+    [res] = train_teacher(cfg)
     assert set(res.fit.dev) == {"pearson", "spearman", "mse"}
     assert AutoConfig.from_pretrained(models / "teacher").problem_type == "regression"
     [cache] = precompute(cfg)
