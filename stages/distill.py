@@ -40,16 +40,16 @@ class DistillResult:
 def build_student(cfg: Config) -> tuple[nn.Module, object]:
     """The student model and its tokenizer, as `distill.student` describes (with the task's head)."""
     task = get_task(cfg.data)
-    s, n, head = cfg.distill.student, task.num_labels, task.auto_model
+    s, n, head, names = cfg.distill.student, task.num_labels, task.auto_model, task.label_names
     if s.from_teacher:
         src = resolve_model(s.from_teacher)
-        teacher = load_classifier(src, n, auto_model=head)
+        teacher = load_classifier(src, n, auto_model=head, label_names=names)
         return student_from_teacher(teacher, s.keep_layers), load_tokenizer(src)
     if s.pretrained:
         src = resolve_model(s.pretrained)
         # A base model gets a new head (that is what distillation trains); a head for another label count is
         # an error, as for teachers: silently re-initialising it would throw away what it learned.
-        return load_classifier(src, n, head="if_missing", auto_model=head), load_tokenizer(src)
+        return load_classifier(src, n, head="if_missing", auto_model=head, label_names=names), load_tokenizer(src)
     src = resolve_model(s.config)
     model = student_from_config(src, n, num_layers=s.num_layers, hidden_size=s.hidden_size,
                                 intermediate_size=s.intermediate_size, num_heads=s.num_heads, auto_model=head)
@@ -298,14 +298,16 @@ def distill_objective(cfg: Config, student: nn.Module, train_ex: Examples, train
         source = CachedTeachers(readers, [f for f in fields if f in readers[0].fields], device, prefetch=d.prefetch)
     elif d.teacher_signal == "online":
         names = _configured_teachers(cfg)
-        first = load_classifier(resolve_model(names[0]), task.num_labels, auto_model=task.auto_model)
+        first = load_classifier(resolve_model(names[0]), task.num_labels, auto_model=task.auto_model,
+                                label_names=task.label_names)
         matches = _matches(d, num_layers(first), s_layers)
         check_matches(matches, num_layers(first), s_layers)
         hidden, attn = needed_teacher_layers(matches)
         models, encs = [], []
         for t in names:
             src = resolve_model(t)
-            models.append(load_classifier(src, task.num_labels, eager_attention=bool(attn), auto_model=task.auto_model))
+            models.append(load_classifier(src, task.num_labels, eager_attention=bool(attn), auto_model=task.auto_model,
+                                          label_names=task.label_names))
             encs.append(task.encode(load_tokenizer(src), train_ex, d.max_length))
             missing = sorted(set(train.ids) - set(encs[-1].ids))
             if missing:  # windows cut by another tokenizer or length: the teacher has no such rows

@@ -90,7 +90,7 @@ def _score_models(cfg: Config, device: torch.device) -> tuple[dict[str, dict], d
     for name, path in e.models.items():
         src = resolve_model(path)
         tokenizer = load_tokenizer(src)
-        model = load_classifier(src, task.num_labels, auto_model=task.auto_model).to(device)
+        model = load_classifier(src, task.num_labels, auto_model=task.auto_model, label_names=task.label_names).to(device)
         data = task.encode(tokenizer, examples, e.max_length)
         preds = task.predict(model, data, e.batch_size, device)
         if task.class_per_example:  # what `kd report`'s paired statistics compare

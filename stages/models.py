@@ -108,8 +108,12 @@ _HEAD_NAMES = {"ForSequenceClassification": "classification", "ForTokenClassific
 
 
 def check_head(config: PretrainedConfig, name_or_path: str, num_labels: int, head: Head = "require",
-               auto_model: type = AutoModelForSequenceClassification) -> dict[str, Any]:
+               auto_model: type = AutoModelForSequenceClassification,
+               label_names: Sequence[str] | None = None) -> dict[str, Any]:
     """Check a model's task head against `num_labels`; return the loading options that follow.
+
+    A head that is kept must also have been trained on `label_names` (when both the model and the data
+    name their labels): the same count in another order would silently swap classes.
 
     The head is the one `auto_model` builds (AutoModelForTokenClassification -> `...ForTokenClassification`).
 
@@ -122,6 +126,8 @@ def check_head(config: PretrainedConfig, name_or_path: str, num_labels: int, hea
     archs = config.architectures or []
     has_head = any(a.endswith(suffix) for a in archs)
     if has_head and config.num_labels == num_labels:
+        if head != "new":
+            _check_label_names(config, name_or_path, label_names)
         return {}
     if head == "new" or (head == "if_missing" and not has_head):
         return {"num_labels": num_labels, "ignore_mismatched_sizes": has_head}
@@ -143,15 +149,27 @@ def check_head(config: PretrainedConfig, name_or_path: str, num_labels: int, hea
     )
 
 
+def _check_label_names(config: PretrainedConfig, name_or_path: str, label_names: Sequence[str] | None) -> None:
+    saved = [str((config.id2label or {}).get(i, f"LABEL_{i}")) for i in range(config.num_labels)]
+    if label_names is None or all(re.fullmatch(r"LABEL_\d+", n) for n in saved):
+        return  # the data or the model does not name its labels: nothing to compare
+    if list(label_names) != saved:
+        raise ModelError(
+            f"{name_or_path} was trained on labels {saved} but data.label_names is {list(label_names)}; list the "
+            "same names in the same order (a class id must mean the same class), or use a model trained on yours"
+        )
+
+
 def load_classifier(name_or_path: str, num_labels: int, *, eager_attention: bool = False,
-                    head: Head = "require", auto_model: type = AutoModelForSequenceClassification) -> PreTrainedModel:
+                    head: Head = "require", auto_model: type = AutoModelForSequenceClassification,
+                    label_names: Sequence[str] | None = None) -> PreTrainedModel:
     """Load a model with an `auto_model` head of `num_labels` outputs from a folder or hub name.
 
     `head` says whether a new classification head may be made (see `check_head`); the default refuses, so a
     model whose head has another number of labels is never silently re-initialised. `eager_attention=True`
     is needed to get attention maps (transformers 5 returns them only with attn_implementation="eager").
     """
-    options = check_head(load_model_config(name_or_path), name_or_path, num_labels, head, auto_model)
+    options = check_head(load_model_config(name_or_path), name_or_path, num_labels, head, auto_model, label_names)
     if eager_attention:
         options["attn_implementation"] = "eager"
     try:

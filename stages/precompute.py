@@ -72,14 +72,14 @@ def _precompute_one(cfg: Config, teacher: str, examples: Examples, device: torch
     # Everything that can fail cheaply comes before the cache folder is opened and the weights are loaded:
     # the head and layers (config only) and the cache's identity (hashes of the files).
     config = load_model_config(path_or_name)
-    check_head(config, teacher, task.num_labels, auto_model=task.auto_model)
+    check_head(config, teacher, task.num_labels, auto_model=task.auto_model, label_names=task.label_names)
     spec.check_layers(int(config.num_hidden_layers), teacher)
     target = cache_target(cfg, teacher, examples)
 
     def tokenize_and_load() -> tuple[Encoded, torch.nn.Module]:
         enc = task.encode(load_tokenizer(path_or_name), examples, p.max_length)  # refuses a too small max_length
         return enc, load_classifier(path_or_name, task.num_labels, eager_attention=bool(spec.attention_layers),
-                                    auto_model=task.auto_model)
+                                    auto_model=task.auto_model, label_names=task.label_names)
 
     # A finished cache needs neither tokens nor model; any other is written from both, so they come before the
     # writer creates its folder.

@@ -225,3 +225,20 @@ def test_bundled_minilm_student():
     with torch.no_grad():
         assert student(**batch).logits.shape == (2, 2)
     assert len(model_fingerprint(teacher, tokenizer)) == 32
+
+
+def test_a_head_trained_on_other_label_names_is_refused(tmp_path):
+    from transformers import AutoConfig
+
+    from stages.models import check_head
+
+    path = make_tiny_classifier(tmp_path / "m", num_labels=2)
+    config = AutoConfig.from_pretrained(path)
+    assert check_head(config, "m", 2, label_names=["neg", "pos"]) == {}  # unnamed head (LABEL_0, LABEL_1): fine
+    config.id2label = {0: "neg", 1: "pos"}
+    assert check_head(config, "m", 2, label_names=["neg", "pos"]) == {}
+    assert check_head(config, "m", 2) == {}  # the data has no names (int labels): nothing to compare
+    with pytest.raises(ModelError, match=r"m was trained on labels \['neg', 'pos'\] but data.label_names is "
+                                         r"\['pos', 'neg'\]; list the same names in the same order"):
+        check_head(config, "m", 2, label_names=["pos", "neg"])
+    assert check_head(config, "m", 2, head="new", label_names=["pos", "neg"]) == {}  # train-teacher re-learns it
