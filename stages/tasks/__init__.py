@@ -10,11 +10,13 @@ from __future__ import annotations
 from stages.config import ConfigError, DataConfig
 from stages.tasks.base import Task
 from stages.tasks.sequence_classification import SequenceClassification
+from stages.tasks.token_classification import TokenClassification
 
 __all__ = ["Task", "TASKS", "get_task"]
 
 TASKS: dict[str, type[Task]] = {
     SequenceClassification.name: SequenceClassification,
+    TokenClassification.name: TokenClassification,
 }
 
 
