@@ -7,12 +7,13 @@ stages/kinds.py (`TASK_KINDS`: the data.* options it reads and what it supports)
 
 from __future__ import annotations
 
-from stages.config import ConfigError, DataConfig
+from stages.config import DataConfig
 from stages.tasks.base import Task
 from stages.tasks.extractive_qa import ExtractiveQA
 from stages.tasks.multi_label import MultiLabel
 from stages.tasks.regression import Regression
 from stages.tasks.sequence_classification import SequenceClassification
+from stages.tasks.token_classification import TokenClassification
 
 __all__ = ["Task", "TASKS", "get_task"]
 
@@ -21,11 +22,10 @@ TASKS: dict[str, type[Task]] = {
     ExtractiveQA.name: ExtractiveQA,
     MultiLabel.name: MultiLabel,
     Regression.name: Regression,
+    TokenClassification.name: TokenClassification,
 }
 
 
 def get_task(data: DataConfig) -> Task:
     """The task kind named by `data.task`, bound to its data settings."""
-    if data.task not in TASKS:
-        raise ConfigError(f"data.task: {data.task} is not implemented yet; use one of {', '.join(TASKS)}")
     return TASKS[data.task](data)
