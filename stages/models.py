@@ -130,7 +130,8 @@ def check_head(config: PretrainedConfig, name_or_path: str, num_labels: int, hea
             _check_label_names(config, name_or_path, label_names)
         return {}
     if head == "new" or (head == "if_missing" and not has_head):
-        return {"num_labels": num_labels, "ignore_mismatched_sizes": has_head}
+        # A head of another size or task (a sentence head for a token task: same key names) is replaced.
+        return {"num_labels": num_labels, "ignore_mismatched_sizes": True}
     if has_head:
         raise ModelError(
             f"{name_or_path} has a {config.num_labels}-label {what} head but data.num_labels is {num_labels}; "

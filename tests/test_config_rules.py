@@ -198,3 +198,11 @@ def test_task_kind_rules_name_the_key_and_the_fix():
     with pytest.raises(ConfigError, match=r"data.transfer: an unlabelled transfer set is not supported for "
                                           r"data.task: regression"):
         config_from_dict({"data": {"task": "regression", "transfer": "t.csv"}, "distill": {"kd": {"loss": "mse"}}})
+
+
+def test_every_task_kind_in_the_settings_has_a_module_and_back():
+    from stages.kinds import TASK_KINDS
+    from stages.tasks import TASKS
+
+    assert set(TASK_KINDS) == set(TASKS)
+    assert all(TASKS[name].name == name for name in TASKS)

@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import copy
-import csv
 import json
-import random
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
 from stages import distill, evaluate, precompute, train_teacher
 from stages._train import RUN_FILE, TaskMix, TaskSampler
 from stages.config import ConfigError, config_from_dict
 from stages.data import Encoded
 from stages.models import ModelError
+from tests.test_task_token_classification import TAGS, _sentences, _write_jsonl
 
 
 def _encoded(n: int, name: str) -> Encoded:
@@ -70,39 +69,27 @@ def test_the_sampler_state_resumes_the_exact_stream():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# End to end: two tasks with different label sets, one student
+# End to end: a sentence task and a token task (different kinds, different label sets), one student
 
 
-_TOPICS = {"plot": 0, "music": 1, "cast": 2}
-
-
-def _topic_data(root: Path, tiny_texts) -> Path:
-    """A 3-class set: which of plot / music / cast a sentence mentions (the other words are filler)."""
-    rng = random.Random(5)
-    filler = sorted({w for t, _ in tiny_texts for w in t.split()} - set(_TOPICS))
-    rows = []
-    for i in range(160):
-        topic = list(_TOPICS)[i % 3]
-        words = rng.sample(filler, 4) + [topic]
-        rng.shuffle(words)
-        rows.append((f"t{i:03d}", " ".join(words), _TOPICS[topic]))
+def _ner_data(root: Path) -> Path:
     root.mkdir()
-    for name, part in (("train", rows[:100]), ("dev", rows[100:130]), ("test", rows[130:])):
-        with open(root / f"{name}.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["id", "text", "label"])
-            w.writerows(part)
+    rows = _sentences(160, seed=4)
+    _write_jsonl(root / "train.jsonl", rows[:100])
+    _write_jsonl(root / "dev.jsonl", rows[100:130], 100)
+    _write_jsonl(root / "test.jsonl", rows[130:], 130)
     return root
 
 
-def _params(tmp: Path, sentiment: Path, topic: Path, base_model: Path, **distill) -> dict:
-    def data(root: Path, n: int, names=None) -> dict:
-        return {"train": str(root / "train.csv"), "dev": str(root / "dev.csv"), "test": str(root / "test.csv"),
-                "num_labels": n, **({"label_names": names} if names else {})}
-
+def _params(tmp: Path, sentiment: Path, ner: Path, base_model: Path, **distill) -> dict:
     return {
-        "tasks": [{"name": "sentiment", "data": data(sentiment, 2)},
-                  {"name": "topic", "data": data(topic, 3, list(_TOPICS)), "weight": 0.5}],
+        "tasks": [{"name": "sentiment",
+                   "data": {"train": str(sentiment / "train.csv"), "dev": str(sentiment / "dev.csv"),
+                            "test": str(sentiment / "test.csv")}},
+                  {"name": "ner", "weight": 0.5, "kd": {"temperature": 2.0},
+                   "data": {"task": "token_classification", "train": str(ner / "train.jsonl"),
+                            "dev": str(ner / "dev.jsonl"), "test": str(ner / "test.jsonl"),
+                            "num_labels": len(TAGS), "label_names": TAGS}}],
         "train_teacher": {"model": str(base_model), "output": str(tmp / "teachers"), "epochs": 1, "batch_size": 16,
                           "max_length": 32, "lr": 1e-3, "metrics": str(tmp / "m_teacher.json")},
         "precompute": {"cache_root": str(tmp / "caches"), "batch_size": 32, "max_length": 32, "dtype": "float32"},
@@ -117,40 +104,40 @@ def _params(tmp: Path, sentiment: Path, topic: Path, base_model: Path, **distill
 
 
 @pytest.fixture()
-def two_tasks(tmp_path, tiny_data_dir, tiny_texts, tiny_model_dir):
-    params = _params(tmp_path, tiny_data_dir, _topic_data(tmp_path / "topic", tiny_texts), tiny_model_dir)
+def two_tasks(tmp_path, tiny_data_dir, tiny_model_dir):
+    params = _params(tmp_path, tiny_data_dir, _ner_data(tmp_path / "ner"), tiny_model_dir)
     cfg = config_from_dict(params)
     teachers = train_teacher(cfg)
-    assert [r.output for r in teachers] == [tmp_path / "teachers" / "sentiment", tmp_path / "teachers" / "topic"]
+    assert [r.output for r in teachers] == [tmp_path / "teachers" / "sentiment", tmp_path / "teachers" / "ner"]
     caches = precompute(cfg)
     assert len({r.path for r in caches}) == 2 and all(r.status == "written" for r in caches)
     return params
 
 
 def _heads(out: Path) -> dict[str, dict[str, torch.Tensor]]:
-    return {name: AutoModelForSequenceClassification.from_pretrained(out / name).state_dict()
-            for name in ("sentiment", "topic")}
+    return {"sentiment": AutoModelForSequenceClassification.from_pretrained(out / "sentiment").state_dict(),
+            "ner": AutoModelForTokenClassification.from_pretrained(out / "ner").state_dict()}
 
 
-def test_two_tasks_share_an_encoder_and_report_per_task_metrics(tmp_path, two_tasks):
+def test_two_kinds_share_an_encoder_and_report_per_task_metrics(tmp_path, two_tasks):
     res = distill(config_from_dict(two_tasks))
     # 200 + 100 rows in batches of 16: 13 + 7 batches per epoch, 2 epochs.
     assert res.fit.steps == 40 and len(res.caches) == 2
-    assert set(res.fit.dev) == {"sentiment/accuracy", "sentiment/macro_f1", "topic/accuracy", "topic/macro_f1"}
+    assert {"sentiment/accuracy", "ner/f1", "ner/accuracy"} <= set(res.fit.dev)
     heads = _heads(tmp_path / "student")
-    encoder = [k for k in heads["sentiment"] if k.startswith("bert.")]
-    assert encoder and all(torch.equal(heads["sentiment"][k], heads["topic"][k]) for k in encoder)
-    assert heads["sentiment"]["classifier.weight"].shape[0] == 2 and heads["topic"]["classifier.weight"].shape[0] == 3
-    topic = AutoModelForSequenceClassification.from_pretrained(tmp_path / "student" / "topic")
-    assert topic.config.id2label == {0: "plot", 1: "music", 2: "cast"}
+    encoder = [k for k in heads["ner"] if k.startswith("bert.")]
+    assert encoder and all(torch.equal(heads["sentiment"][k], heads["ner"][k]) for k in encoder)
+    assert heads["sentiment"]["classifier.weight"].shape[0] == 2 and heads["ner"]["classifier.weight"].shape[0] == 5
+    ner = AutoModelForTokenClassification.from_pretrained(tmp_path / "student" / "ner")
+    assert ner.config.id2label == dict(enumerate(TAGS))
     assert (tmp_path / "student" / RUN_FILE).exists() and not (tmp_path / "student" / "checkpoint").exists()
 
     results = evaluate(config_from_dict(two_tasks))
-    assert set(results) == {"sentiment", "topic"}
-    for name, n in (("sentiment", 50), ("topic", 30)):
+    assert set(results) == {"sentiment", "ner"}
+    for name, key, n in (("sentiment", "accuracy", 50), ("ner", "f1", 30)):
         assert set(results[name]) == {"teacher", "student"}
         for model in results[name].values():
-            assert 0 <= model["accuracy"] <= 1 and model["examples"] == n
+            assert 0 <= model[key] <= 1 and model["examples"] == n
     assert json.loads((tmp_path / "m_eval.json").read_text()) == results
 
 
@@ -162,7 +149,7 @@ def test_multi_task_resume_gives_the_uninterrupted_student(tmp_path, two_tasks):
         if step == 26:
             raise KeyboardInterrupt
 
-    interrupted = {**two_tasks, "distill": {**two_tasks["distill"], "checkpoint_every": 3}}  # the last checkpoint: step 24, mid-epoch
+    interrupted = {**two_tasks, "distill": {**two_tasks["distill"], "checkpoint_every": 3}}  # last: step 24, mid-epoch
     with pytest.raises(KeyboardInterrupt):
         distill(config_from_dict(interrupted), on_step=crash)
     assert (tmp_path / "student" / "checkpoint" / "state.pt").exists()
@@ -186,10 +173,9 @@ def test_task_settings_errors(tiny_data_dir):
         config_from_dict({"distill": {"task_tau": -1}})
 
 
-def test_tasks_with_a_different_head_count_than_their_teacher_are_refused(tmp_path, tiny_data_dir, tiny_texts,
-                                                                          tiny_model_dir):
-    params = _params(tmp_path, tiny_data_dir, _topic_data(tmp_path / "topic", tiny_texts), tiny_model_dir)
+def test_a_task_whose_teacher_has_another_head_is_refused(tmp_path, tiny_data_dir, tiny_model_dir):
+    params = _params(tmp_path, tiny_data_dir, _ner_data(tmp_path / "ner"), tiny_model_dir)
     params["tasks"][0]["teachers"] = [str(tiny_model_dir)]
-    params["tasks"][1]["teachers"] = [str(tiny_model_dir)]  # a 2-label model for the 3-label task
-    with pytest.raises(ModelError, match=r"2-label classification head but data.num_labels is 3"):
+    params["tasks"][1]["teachers"] = [str(tiny_model_dir)]  # a sentence classifier for the token task
+    with pytest.raises(ModelError, match=r"is a BertForSequenceClassification, not the token-classification model"):
         precompute(config_from_dict(params))
