@@ -489,14 +489,16 @@ class Config(_Section):
         """
         t = next(t for t in self.tasks if t.name == name)
         teachers = t.teachers or [f"{self.train_teacher.output}/{name}"]
-        d = self.distill
+        d, p = self.distill, self.precompute
+        if TASK_KINDS[t.data.task].token_axis == "words":  # the layers other tasks cache do not apply to this one
+            p = p.model_copy(update={"hidden_layers": [], "attention_layers": []})
         return self.model_copy(update={
             "data": t.data,
             "tasks": [],
             "train_teacher": self.train_teacher.model_copy(update={
                 "output": f"{self.train_teacher.output}/{name}",
                 "metrics": _suffixed(self.train_teacher.metrics, name)}),
-            "precompute": self.precompute.model_copy(update={"teachers": teachers}),
+            "precompute": p.model_copy(update={"teachers": teachers}),
             "distill": d.model_copy(update={"matches": t.matches, "match_preset": t.match_preset, "kd": t.kd or d.kd,
                                             "teachers": teachers if d.teacher_signal == "online" else [],
                                             "caches": [], "output": f"{d.output}/{name}"}),

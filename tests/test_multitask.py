@@ -15,7 +15,8 @@ from stages import distill, evaluate, precompute, train_teacher
 from stages._train import RUN_FILE, TaskMix, TaskSampler
 from stages.config import ConfigError, config_from_dict
 from stages.data import Encoded
-from stages.models import ModelError
+from stages.models import ModelError, make_tiny_classifier
+from stages.multitask import MultiTaskObjective
 from tests.test_task_token_classification import TAGS, _sentences, _write_jsonl
 
 
@@ -159,6 +160,34 @@ def test_multi_task_resume_gives_the_uninterrupted_student(tmp_path, two_tasks):
     for name in expected:
         for key, value in expected[name].items():
             torch.testing.assert_close(got[name][key], value, rtol=0, atol=1e-6)
+
+
+def test_several_teachers_and_matches_per_task(tmp_path, tiny_data_dir, tiny_model_dir, monkeypatch):
+    params = _params(tmp_path, tiny_data_dir, _ner_data(tmp_path / "ner"), tiny_model_dir)
+    second = make_tiny_classifier(tmp_path / "ner2", num_labels=len(TAGS), layers=2, hidden=32, heads=2,
+                                  intermediate=64, vocab_texts=[" ".join(w for s, _ in _sentences(50) for w in s)],
+                                  seed=7, auto_model=AutoModelForTokenClassification)
+    params["tasks"][0]["matches"] = [{"kind": "hidden_mse", "teacher_layer": 2, "student_layer": 1,
+                                      "projection": "linear"}]
+    params["tasks"][1]["teachers"] = [str(tmp_path / "teachers" / "ner"), str(second)]
+    params["precompute"]["hidden_layers"] = [2]  # for the sentence task's match (a token task caches logits only)
+    cfg = config_from_dict(params)
+    train_teacher(cfg)
+    caches = precompute(cfg)
+    assert len(caches) == 3
+    assert "hidden.2" in str(json.loads((caches[0].path / "manifest.json").read_text())["fields"])
+    terms: set[str] = set()
+    orig = MultiTaskObjective.losses
+
+    def losses(self, *args):
+        out = orig(self, *args)
+        terms.update(out)
+        return out
+
+    monkeypatch.setattr(MultiTaskObjective, "losses", losses)
+    res = distill(cfg)
+    assert len(res.caches) == 3
+    assert terms == {"sentiment/kd", "sentiment/hard", "sentiment/hidden_mse.t2.s1", "ner/kd", "ner/hard"}
 
 
 def test_task_settings_errors(tiny_data_dir):
