@@ -408,10 +408,10 @@ def _real_params(tmp: Path, source: str, labels: list[str], epochs: float, max_e
                  "label_names": labels},
         "prepare": {"source": source, "out_dir": str(data), "max_examples": max_examples},
         "train_teacher": {"model": "bundled:all-MiniLM-L6-v2", "output": str(tmp / "teacher"), "epochs": epochs,
-                          "lr": 1e-4, "max_length": 64, "metrics": str(tmp / "m_teacher.json")},
+                          "lr": 1e-4, "batch_size": 8, "max_length": 64, "metrics": str(tmp / "m_teacher.json")},
         "precompute": {"teachers": [str(tmp / "teacher")], "cache_root": str(tmp / "caches"), "max_length": 64},
         "distill": {"student": {"from_teacher": str(tmp / "teacher"), "keep_layers": [0, 5]}, "epochs": epochs,
-                    "lr": 1e-4, "max_length": 64, "output": str(tmp / "student"), "log_dir": str(tmp / "live"),
+                    "lr": 2e-4, "batch_size": 8, "max_length": 64, "output": str(tmp / "student"), "log_dir": str(tmp / "live"),
                     "metrics": str(tmp / "m_distill.json")},
         "evaluate": {"models": {"teacher": str(tmp / "teacher"), "student": str(tmp / "student")},
                      "max_length": 64, "throughput_batches": 1, "output": str(tmp / "m_eval.json"),
@@ -437,16 +437,17 @@ def _run_real(tmp: Path, source: str, epochs: float, max_examples: int | None) -
 
 @pytest.mark.slow
 def test_minilm_on_wnut16_ner(tmp_path):
-    results = _run_real(tmp_path, "bundled:wnut16_ner", epochs=2, max_examples=800)
+    # As examples/ner_wnut16.yaml: fewer or larger steps leave the teacher predicting only "O" (F1 0).
+    results = _run_real(tmp_path, "bundled:wnut16_ner", epochs=3, max_examples=1000)
     for r in results.values():
         assert {"precision", "recall", "f1", "accuracy"} <= set(r)
-    # Most WNUT words are "O": a model that learnt anything beats the 21-tag chance level by far.
-    assert results["teacher"]["accuracy"] > 0.8 and results["student"]["accuracy"] > 0.8
+    # Chance (or all-"O") entity F1 is 0; the example's run reaches about 0.35 on its 100 test tweets.
+    assert results["teacher"]["f1"] > 0.1 and results["student"]["f1"] > 0.1
 
 
 @pytest.mark.slow
 def test_minilm_on_wsj_pos(tmp_path):
-    results = _run_real(tmp_path, "bundled:pos_wsj", epochs=2, max_examples=None)
+    results = _run_real(tmp_path, "bundled:pos_wsj", epochs=3, max_examples=400)
     for r in results.values():
         assert "f1" not in r and {"accuracy", "macro_f1"} <= set(r)
     # 44 tags: chance is ~2%, always-NN ~13%.
