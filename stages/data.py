@@ -42,6 +42,7 @@ __all__ = [
     "load_examples",
     "with_transfer",
     "where",
+    "check_ids",
     "content_ids",
     "data_fingerprint",
     "encode",
@@ -175,7 +176,7 @@ def load_examples(
         # str(), not an Arrow cast, so ids of existing caches keep their spelling (e.g. a float id 1.0 -> "1.0").
         column = _flat_column(table, id_field, path, "id_field", "ids must be strings or numbers")
         ids = [str(v) if v is not None else None for v in column.to_pylist()]
-        _check_ids(ids, id_field, path)
+        check_ids(ids, id_field, path)
     else:
         ids = content_ids(texts, pairs)
     for column, values in (("text", texts), ("text pair", pairs or [])):
@@ -236,7 +237,8 @@ def where(ids: Sequence[str], row: int) -> str:
     return f"example {ids[row]} (row {row + 1})"
 
 
-def _check_ids(ids: list[str | None], id_field: str, path: Path) -> None:
+def check_ids(ids: list[str | None], id_field: str, path: Path) -> None:
+    """Every id present, unique and within the cache's size limit, else a DataError naming the row."""
     for row, i in enumerate(ids, start=1):
         if i is None or not i.strip():
             raise DataError(f"row {row} of {path} has an empty {id_field!r}; every example needs an id")

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 from transformers import AutoModelForTokenClassification
 
-from stages.data import IGNORE_LABEL, DataError, Encoded, Examples, _check_ids, content_ids, read_table, where
+from stages.data import IGNORE_LABEL, DataError, Encoded, Examples, check_ids, content_ids, read_table, where
 from stages.losses import hard_ce_loss, kd_loss
 from stages.tasks.base import Task
 
@@ -143,7 +143,7 @@ class TokenClassification(Task):
         tags = table.column(self.tags_field).to_pylist()
         if d.id_field:
             ids = [str(v) if v is not None else None for v in table.column(d.id_field).to_pylist()]
-            _check_ids(ids, d.id_field, path)
+            check_ids(ids, d.id_field, path)
         else:
             ids = content_ids([" ".join(w or []) for w in words])
         for row, (w, t) in enumerate(zip(words, tags)):
