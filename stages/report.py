@@ -116,6 +116,9 @@ def load_results(path: str | Path) -> dict[str, dict]:
     for name, r in results.items():
         missing = [k for k in ("accuracy", "macro_f1", "parameters", "examples_per_second")
                    if not isinstance(r, dict) or k not in r]
+        if missing and isinstance(r, dict) and "accuracy" not in r:  # another task kind, or a multi-task file
+            raise ReportError(f"{path}: model {name!r} has no accuracy ({', '.join(map(str, r)) or 'no metrics'}): "
+                              "`kd report` compares classifiers; read the other task kinds' metrics in the file")
         if missing:
             raise ReportError(f"{path}: model {name!r} lacks {', '.join(missing)}; rerun `kd evaluate`")
     return results

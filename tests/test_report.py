@@ -300,3 +300,17 @@ def test_evaluate_writes_predictions(tmp_path, tiny_data_dir, tiny_teacher_dir):
     r = _report("--params", str(params_file))
     assert r.exit_code == 0, r.output
     assert _row(r.output, "teacher")[5:] == ["+0.0000", "[+0.0000, +0.0000]", "1.0000"]
+
+
+def test_report_on_a_regression_or_multi_task_file_says_what_it_compares(tmp_path):
+    from stages.report import ReportError, load_results
+
+    path = tmp_path / "evaluate.json"
+    path.write_text(json.dumps({"teacher": {"pearson": 0.5, "spearman": 0.4, "parameters": 1,
+                                            "examples_per_second": 2.0}}))
+    with pytest.raises(ReportError, match=r"model 'teacher' has no accuracy \(pearson, spearman, parameters, "
+                                          r"examples_per_second\): `kd report` compares classifiers"):
+        load_results(path)
+    path.write_text(json.dumps({"ner": {"teacher": {"f1": 0.5}}}))
+    with pytest.raises(ReportError, match=r"model 'ner' has no accuracy \(teacher\)"):
+        load_results(path)
