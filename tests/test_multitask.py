@@ -142,6 +142,24 @@ def test_two_kinds_share_an_encoder_and_report_per_task_metrics(tmp_path, two_ta
     assert json.loads((tmp_path / "m_eval.json").read_text()) == results
 
 
+def test_multi_task_cached_equals_online_and_labels_only_differs(tmp_path, two_tasks):
+    distill(config_from_dict(two_tasks))
+    cached = _heads(tmp_path / "student")
+    online = {**two_tasks, "distill": {**two_tasks["distill"], "teacher_signal": "online",
+                                       "output": str(tmp_path / "online")}}
+    distill(config_from_dict(online))
+    got = _heads(tmp_path / "online")
+    for name in cached:
+        for key, value in cached[name].items():
+            torch.testing.assert_close(got[name][key], value, rtol=0, atol=1e-5)
+    labels_only = {**two_tasks, "distill": {**two_tasks["distill"], "teacher_signal": "none",
+                                            "output": str(tmp_path / "baseline")}}
+    res = distill(config_from_dict(labels_only))
+    assert res.caches == [] and res.fit.steps == 40
+    baseline = _heads(tmp_path / "baseline")
+    assert not torch.allclose(baseline["ner"]["classifier.weight"], cached["ner"]["classifier.weight"])
+
+
 def test_multi_task_resume_gives_the_uninterrupted_student(tmp_path, two_tasks):
     whole = distill(config_from_dict(two_tasks))
     expected = _heads(tmp_path / "student")
