@@ -29,7 +29,6 @@ class Task:
 
     name: ClassVar[str]
     auto_model: ClassVar[type] = AutoModelForSequenceClassification
-    metric: ClassVar[str] = "accuracy"  # the main metric (higher is better)
     class_per_example: ClassVar[bool] = False  # predictions are one class id per example (`kd report` pairs them)
 
     def __init__(self, data: DataConfig):

@@ -50,7 +50,6 @@ _START, _END = "qa_start_char", "qa_end_char"  # token fields: each context toke
 class ExtractiveQA(Task):
     name = "extractive_qa"
     auto_model = AutoModelForQuestionAnswering
-    metric = "f1"
 
     @property
     def num_labels(self) -> int:

@@ -35,7 +35,6 @@ DEFAULT_THRESHOLD = 0.5
 
 class MultiLabel(Task):
     name = "multi_label"
-    metric = "micro_f1"
 
     @property
     def threshold(self) -> float:

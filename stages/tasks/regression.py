@@ -31,7 +31,6 @@ __all__ = ["Regression", "pearson", "spearman"]
 
 class Regression(Task):
     name = "regression"
-    metric = "pearson"
 
     @property
     def num_labels(self) -> int:

@@ -83,7 +83,6 @@ def read_conll(path: str | Path) -> list[tuple[list[str], list[str]]]:
 class TokenClassification(Task):
     name = "token_classification"
     auto_model = AutoModelForTokenClassification
-    metric = "accuracy"  # "f1" (entity-level) is the main metric when the tags are BIO/BIOES; see `score`
 
     @property
     def tokens_field(self) -> str:
