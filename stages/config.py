@@ -511,6 +511,18 @@ class Config(_Section):
         for i, name in enumerate(names):
             if name in names[:i]:
                 errs.append((f"tasks[{i}].name", f"task name {name!r} is used twice; give every task its own name"))
+        if self.tasks:
+            # Settings a multi-task run replaces by each task's own: set there, they would be silently ignored.
+            ignored = [("data", self.data != DataConfig(), "tasks[i].data"),
+                       ("precompute.teachers", self.precompute.teachers != PrecomputeConfig().teachers,
+                        "tasks[i].teachers"),
+                       ("distill.teachers", bool(self.distill.teachers), "tasks[i].teachers"),
+                       ("distill.matches", bool(self.distill.matches or self.distill.match_preset),
+                        "tasks[i].matches / tasks[i].match_preset")]
+            for key, given, instead in ignored:
+                if given:
+                    errs.append((key, f"is not read when tasks: is set (each task has its own); move it to "
+                                 f"{instead} and remove it here"))
         if self.tasks and self.distill.caches:
             errs.append(("distill.caches", "multi-task runs find each task's cache from its data and teachers; "
                          "remove distill.caches (or list the task's teachers in tasks[].teachers)"))

@@ -216,6 +216,9 @@ def test_task_settings_errors(tiny_data_dir):
         config_from_dict({"tasks": [{"name": "a/b", "data": data}]})
     with pytest.raises(ConfigError, match=r"tasks\[0\].kd.loss: task r: 'kl' .* set tasks\[0\].kd.loss: mse"):
         config_from_dict({"tasks": [{"name": "r", "data": {**data, "task": "regression"}}]})
+    with pytest.raises(ConfigError, match=r"data: is not read when tasks: is set \(each task has its own\); move "
+                                          r"it to tasks\[i\].data[^\n]*\n  precompute.teachers: is not read"):
+        config_from_dict({"data": data, "precompute": {"teachers": ["t"]}, "tasks": [{"name": "a", "data": data}]})
     with pytest.raises(ConfigError, match=r"distill.task_tau: must be >= 0"):
         config_from_dict({"distill": {"task_tau": -1}})
 
