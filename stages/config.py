@@ -450,6 +450,7 @@ class TaskConfig(_Section):
 
     name: str
     data: DataConfig
+    prepare: PrepareConfig | None = None  # `kd prepare` writes this task's split files (None: they exist already)
     teachers: list[str] = []  # default: [<train_teacher.output>/<name>], what `kd train-teacher` writes
     weight: Float = 1.0
     kd: KDConfig | None = None  # this task's KD settings (default: distill.kd)
@@ -495,6 +496,7 @@ class Config(_Section):
         return self.model_copy(update={
             "data": t.data,
             "tasks": [],
+            "prepare": t.prepare or self.prepare,
             "train_teacher": self.train_teacher.model_copy(update={
                 "output": f"{self.train_teacher.output}/{name}",
                 "metrics": _suffixed(self.train_teacher.metrics, name)}),

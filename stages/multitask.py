@@ -3,7 +3,8 @@
 TextBrewer's MultiTaskDistiller, built from the single-task pieces: each task is run through the single-task
 code with its own view of the settings (`Config.for_task`: its data, teachers, cache, kd and matches), so
 every task kind, cached or online teachers, several teachers and matches work per task as they do alone.
-What is added here: the student (the first task's student; every other task's head is put on that encoder),
+What is added here: the student (the first task's student; every other task gets a new head of its kind on that
+encoder),
 the objective that routes a batch to its task's losses (times the task's weight), and the saving of one
 complete model per head (`<distill.output>/<task name>`, loadable with `from_pretrained`). Batches are drawn
 by `stages._train.TaskSampler` (a task per batch, probability |D_task|^distill.task_tau), whose state is part
@@ -12,6 +13,7 @@ of every checkpoint, so --resume continues the exact stream.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -27,6 +29,7 @@ from cache_format._errors import KDError
 from stages._io import check_outputs
 from stages._train import RUN_FILE, TaskMix, fit, pick_device, save_model, set_seed
 from stages.config import Config
+from stages.models import student_from_config
 from stages.distill import (DistillObjective, DistillResult, _distill_settings, build_student, distill_objective,
                             load_distill_data, write_metrics)
 from stages.tasks import get_task
@@ -95,14 +98,17 @@ def distill_tasks(cfg: Config, *, on_step: Callable[[int], None] | None = None) 
     loaded = {name: load_distill_data(view) for name, view in views.items()}
     device = pick_device()
     set_seed(d.seed)
-    heads, tokenizer = {}, None
-    for name, view in views.items():
-        model, tok = build_student(view)
-        if tokenizer is None:
-            tokenizer, first = tok, model
-        else:
-            share_encoder(model, first)
-        heads[name] = model
+    # The first task's student (as distill.student describes it) brings the encoder; every other task gets a new
+    # head of its kind in the same architecture on that encoder (from_teacher / pretrained name one model, whose
+    # head fits one task only).
+    first_name = cfg.tasks[0].name
+    first, tokenizer = build_student(views[first_name])
+    heads = {first_name: first}
+    for name, task in list(tasks.items())[1:]:
+        config = copy.deepcopy(first.config)
+        config.problem_type = None
+        heads[name] = student_from_config(config, task.num_labels, auto_model=task.auto_model)
+        share_encoder(heads[name], first)
     student = MultiTaskStudent(heads)
     objectives, train, dev = {}, {}, {}
     for name, view in views.items():

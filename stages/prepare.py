@@ -31,8 +31,12 @@ def prepare(cfg: Config) -> dict[str, Path]:
     """Write `prepare.out_dir`/{train,dev,test}.csv and split.json (+ transfer.csv if set) from the sources.
 
     The bundled token-classification and regression sets (`stages.bundled.BUNDLED_SOURCES`) go to
-    `stages.bundled.write_bundled` instead (.jsonl for token sets).
+    `stages.bundled.write_bundled` instead (.jsonl for token sets). With `tasks:`, every task that has its own
+    `prepare` section, into its `out_dir` (keys `<task>/<split>`).
     """
+    if cfg.tasks:
+        return {f"{t.name}/{split}": path for t in cfg.tasks if t.prepare is not None
+                for split, path in prepare(cfg.for_task(t.name)).items()}
     p = cfg.prepare
     if p.source.startswith("bundled:") and p.source != BUNDLED_DATA:
         # Imported here: stages.bundled imports this module's split helpers.
