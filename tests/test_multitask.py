@@ -229,3 +229,17 @@ def test_a_task_whose_teacher_has_another_head_is_refused(tmp_path, tiny_data_di
     params["tasks"][1]["teachers"] = [str(tiny_model_dir)]  # a sentence classifier for the token task
     with pytest.raises(ModelError, match=r"is a BertForSequenceClassification, not the token-classification model"):
         precompute(config_from_dict(params))
+
+
+def test_prepare_writes_each_task_that_has_its_own_prepare_section(tmp_path, tiny_data_dir):
+    from stages import prepare
+
+    source = tiny_data_dir / "train.csv"
+    cfg = config_from_dict({"tasks": [
+        {"name": "a", "data": {}, "prepare": {"source": str(source), "out_dir": str(tmp_path / "a"), "seed": 1}},
+        {"name": "b", "data": {}},  # its files exist already: nothing to prepare
+    ]})
+    paths = prepare(cfg)
+    assert set(paths) == {"a/train", "a/dev", "a/test"}
+    assert all(p.parent == tmp_path / "a" and p.exists() for p in paths.values())
+    assert json.loads((tmp_path / "a" / "split.json").read_text())["seed"] == 1
