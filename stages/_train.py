@@ -34,7 +34,7 @@ from stages.config import TrainingConfig
 from stages.data import DataError, Encoded, collate
 
 __all__ = ["EpochSampler", "TaskMix", "TaskSampler", "Objective", "FitResult", "fit", "pick_device", "set_seed", "save_model",
-           "NonFiniteLossError", "ResumeError", "RUN_FILE"]
+           "write_model", "write_run_record", "replace_folder", "NonFiniteLossError", "ResumeError", "RUN_FILE"]
 
 RUN_FILE = "kd_run.json"  # written into every finished model folder: the run's settings and final metrics
 # Training settings that do not change what the run computes (so a resume may change them).
@@ -68,6 +68,7 @@ class EpochSampler:
             raise DataError(f"EpochSampler: {len(self.lengths)} lengths for {n} rows; give one length per row")
         self.epoch = 0
         self.position = 0  # rows of the current epoch already handed out
+        self._taken: tuple[tuple[int, int], np.ndarray] | None = None  # `take`'s (epoch, seed) and its order
 
     @property
     def batches_per_epoch(self) -> int:
@@ -116,9 +117,9 @@ class EpochSampler:
         end = self.n - self.n % self.batch_size if self.drop_last else self.n
         if self.position >= end:
             self.epoch, self.position = self.epoch + 1, 0
-        if getattr(self, "_cached", (None,))[0] != (self.epoch, self.seed):
-            self._cached = ((self.epoch, self.seed), self._order())  # one permutation per epoch, not per batch
-        batch = self._cached[1][self.position : self.position + self.batch_size]
+        if self._taken is None or self._taken[0] != (self.epoch, self.seed):
+            self._taken = ((self.epoch, self.seed), self._order())  # one permutation per epoch, not per batch
+        batch = self._taken[1][self.position : self.position + self.batch_size]
         self.position += len(batch)
         return batch
 
@@ -552,21 +553,40 @@ def save_model(model: nn.Module, tokenizer, projections: nn.Module, output: Path
     swap also drops `output/checkpoint`: a finished run has nothing to resume, and optimizer
     state would triple the size of every DVC experiment's output.
     """
+    replace_folder(output, lambda folder: write_model(model, tokenizer, projections, folder, result=result,
+                                                      label_names=label_names, head_config=head_config))
+
+
+def write_model(model: nn.Module, tokenizer, projections: nn.Module, folder: Path, *,
+                result: FitResult | None = None, label_names: Sequence[str] | None = None,
+                head_config: Mapping[str, Any] | None = None) -> None:
+    """What `save_model` saves, written straight into `folder` (which `replace_folder` then swaps in)."""
     if label_names:
         model.config.id2label = dict(enumerate(label_names))
         model.config.label2id = {name: i for i, name in enumerate(label_names)}
     for key, value in (head_config or {}).items():
         setattr(model.config, key, value)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    if len(projections):
+        torch.save(projections.state_dict(), folder / "projections.pt")
+    if result is not None:
+        write_run_record(folder, result)
+
+
+def write_run_record(folder: Path, result: FitResult) -> None:
+    """`RUN_FILE` in `folder`: the run's steps, dev metrics (`dev_<name>`) and settings."""
+    run = {"steps": result.steps, "epochs_done": result.epochs_done,
+           **{f"dev_{k}": v for k, v in (result.dev or {}).items()}, "settings": result.settings}
+    atomic_write_text(folder / RUN_FILE, json.dumps(run, indent=2) + "\n")
+
+
+def replace_folder(output: Path, fill: Callable[[Path], None]) -> None:
+    """Make `output` what `fill(folder)` writes into a new sibling folder, swapped in whole once it is done."""
     tmp = output.with_name(f"{output.name}.{uuid.uuid4().hex}.partial")
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if len(projections):
-            torch.save(projections.state_dict(), tmp / "projections.pt")
-        if result is not None:
-            run = {"steps": result.steps, "epochs_done": result.epochs_done,
-                   **{f"dev_{k}": v for k, v in (result.dev or {}).items()}, "settings": result.settings}
-            atomic_write_text(tmp / RUN_FILE, json.dumps(run, indent=2) + "\n")
+        tmp.mkdir(parents=True)
+        fill(tmp)
         old = output.with_name(f"{output.name}.{uuid.uuid4().hex}.old")
         if output.exists():
             os.replace(output, old)

@@ -25,8 +25,8 @@ from stages.schedules import combine_teachers, cwsm_temperature, flsw_temperatur
 from stages.tasks import Task, get_task
 from stages.teacher import (CachedTeachers, OnlineTeachers, TeacherSpec, cache_target, load_split, resolve_model)
 
-__all__ = ["DistillResult", "DistillObjective", "build_student", "distill", "distill_objective", "load_distill_data",
-           "write_metrics"]
+__all__ = ["DistillResult", "DistillObjective", "build_student", "distill", "distill_objective", "distill_settings",
+           "load_distill_data", "write_metrics"]
 
 
 @dataclass(frozen=True)
@@ -216,7 +216,7 @@ def _check_rows(readers: Sequence[cf.CacheReader], ids: Sequence[str]) -> None:
             )
 
 
-def _distill_settings(cfg: Config, readers: Sequence[cf.CacheReader]) -> dict:
+def distill_settings(cfg: Config, readers: Sequence[cf.CacheReader]) -> dict:
     """What, besides the optimisation settings, defines a distillation run (a resume must not change it)."""
     d = cfg.distill
     return {
@@ -255,7 +255,7 @@ def distill(cfg: Config, *, on_step: Callable[[int], None] | None = None) -> Dis
     dev = task.encode(tokenizer, dev_ex, d.max_length) if dev_ex is not None else None
     objective = distill_objective(cfg, student, train_ex, train, readers, device)
     result = fit(student, objective, train, dev, d, output=output, log_dir=Path(d.log_dir), device=device,
-                 desc=f"distill ({d.teacher_signal})", on_step=on_step, run_settings=_distill_settings(cfg, readers),
+                 desc=f"distill ({d.teacher_signal})", on_step=on_step, run_settings=distill_settings(cfg, readers),
                  evaluate=lambda m, data: task.evaluate(m, data, d.eval_batch_size, device))
     save_model(student, tokenizer, objective.modules, output, result=result, label_names=task.label_names,
                head_config=task.head_config())

@@ -14,23 +14,19 @@ of every checkpoint, so --resume continues the exact stream.
 from __future__ import annotations
 
 import copy
-import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
-import cache_format as cf
 from cache_format._errors import KDError
 from stages._io import check_outputs
-from stages._train import RUN_FILE, TaskMix, fit, pick_device, save_model, set_seed
+from stages._train import (FitResult, TaskMix, fit, pick_device, replace_folder, set_seed, write_model,
+                           write_run_record)
 from stages.config import Config
 from stages.models import student_from_config
-from stages.distill import (DistillObjective, DistillResult, _distill_settings, build_student, distill_objective,
+from stages.distill import (DistillObjective, DistillResult, distill_settings, build_student, distill_objective,
                             load_distill_data, write_metrics)
 from stages.tasks import get_task
 
@@ -123,7 +119,7 @@ def distill_tasks(cfg: Config, *, on_step: Callable[[int], None] | None = None) 
         return {f"{name}/{k}": v for name, enc in data.items()
                 for k, v in tasks[name].evaluate(model.heads[name], enc, d.eval_batch_size, device).items()}
 
-    settings = {"tasks": {name: _distill_settings(view, loaded[name][2]) for name, view in views.items()},
+    settings = {"tasks": {name: distill_settings(view, loaded[name][2]) for name, view in views.items()},
                 "task_weights": objective.weights, "task_tau": d.task_tau}
     result = fit(student, objective, TaskMix(list(train), list(train.values())), dev or None, d, output=output,
                  log_dir=Path(d.log_dir), device=device, desc=f"distill {len(tasks)} tasks ({d.teacher_signal})",
@@ -135,20 +131,13 @@ def distill_tasks(cfg: Config, *, on_step: Callable[[int], None] | None = None) 
 
 
 def _save_heads(student: MultiTaskStudent, tokenizer, objective: MultiTaskObjective, tasks: dict, output: Path,
-                result) -> None:
+                result: FitResult) -> None:
     """Every head as a complete model in `<output>/<name>`, written aside and swapped in as one folder."""
-    staging = output.with_name(f"{output.name}.{uuid.uuid4().hex}.partial")
-    try:
+
+    def fill(folder: Path) -> None:
         for name, model in student.heads.items():
-            save_model(model, tokenizer, objective.modules[name], staging / name, result=result,
-                       label_names=tasks[name].label_names, head_config=tasks[name].head_config())
-        run = {"steps": result.steps, "epochs_done": result.epochs_done,
-               **{f"dev_{k}": v for k, v in (result.dev or {}).items()}, "settings": result.settings}
-        cf.atomic_write_text(staging / RUN_FILE, json.dumps(run, indent=2) + "\n")
-        old = output.with_name(f"{output.name}.{uuid.uuid4().hex}.old")
-        if output.exists():
-            os.replace(output, old)
-        os.replace(staging, output)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            write_model(model, tokenizer, objective.modules[name], folder / name, result=result,
+                        label_names=tasks[name].label_names, head_config=tasks[name].head_config())
+        write_run_record(folder, result)  # marks the whole run finished (--resume has nothing to do)
+
+    replace_folder(output, fill)

@@ -104,6 +104,7 @@ def _precompute_one(cfg: Config, teacher: str, examples: Examples, device: torch
     model.to(device).eval()
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
                 if device.type == "cuda" else torch.autocast("cpu", enabled=False))
+    store_label = task.cache_label() is not None
     bg = _BackgroundWriter(writer)
     try:
         with progress_bar(total=len(enc), initial=len(enc) - len(todo),
@@ -116,7 +117,7 @@ def _precompute_one(cfg: Config, teacher: str, examples: Examples, device: torch
                 lengths = outs.pop("length").to(torch.int32)
                 # One device-to-host copy per tensor; the writer converts and checks on its thread.
                 arrays = {k: v.cpu() for k, v in outs.items()}
-                if "labels" in batch and task.cache_label() is not None:
+                if store_label and "labels" in batch:
                     arrays["label"] = batch["labels"].cpu()
                 bg.put(list(ids), lengths.cpu().numpy(), arrays)
                 bar.update(len(rows))

@@ -242,3 +242,10 @@ def test_a_head_trained_on_other_label_names_is_refused(tmp_path):
                                          r"\['pos', 'neg'\]; list the same names in the same order"):
         check_head(config, "m", 2, label_names=["pos", "neg"])
     assert check_head(config, "m", 2, head="new", label_names=["pos", "neg"]) == {}  # train-teacher re-learns it
+    # The stages load through load_classifier, which must pass the names on to the check.
+    model = AutoModelForSequenceClassification.from_pretrained(path)
+    model.config.id2label, model.config.label2id = {0: "neg", 1: "pos"}, {"neg": 0, "pos": 1}
+    model.save_pretrained(tmp_path / "named")
+    assert load_classifier(str(tmp_path / "named"), 2, label_names=["neg", "pos"]) is not None
+    with pytest.raises(ModelError, match=r"trained on labels \['neg', 'pos'\] but data.label_names"):
+        load_classifier(str(tmp_path / "named"), 2, label_names=["pos", "neg"])

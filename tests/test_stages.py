@@ -19,25 +19,13 @@ from stages.config import config_from_dict
 from stages import distill, evaluate, precompute, train_teacher
 from stages.distill import DistillObjective
 from stages.tasks import get_task
+from tests.helpers import stage_params
 
 
 def _params(tmp: Path, data: Path, teacher: Path, **sections) -> dict:
-    p = {
-        "data": {"train": str(data / "train.csv"), "dev": str(data / "dev.csv"), "test": str(data / "test.csv")},
-        "train_teacher": {"model": str(teacher), "output": str(tmp / "teacher"), "epochs": 1, "batch_size": 16,
-                          "max_length": 32, "lr": 1e-3, "metrics": str(tmp / "m_teacher.json")},
-        "precompute": {"teachers": [str(teacher)], "cache_root": str(tmp / "caches"), "batch_size": 16,
-                       "max_length": 32, "dtype": "float32"},
-        "distill": {"student": {"from_teacher": str(teacher), "keep_layers": [0, 3]}, "epochs": 1,
-                    "batch_size": 16, "max_length": 32, "lr": 1e-3, "output": str(tmp / "student"),
-                    "log_dir": str(tmp / "live"), "metrics": str(tmp / "m_distill.json")},
-        "evaluate": {"models": {"teacher": str(teacher), "student": str(tmp / "student")}, "max_length": 32,
-                     "throughput_batches": 2, "output": str(tmp / "m_eval.json"),
-                     "predictions": str(tmp / "m_preds.json")},
-    }
-    for section, values in sections.items():
-        p.setdefault(section, {}).update(values)
-    return p
+    files = {split: str(data / f"{split}.csv") for split in ("train", "dev", "test")}
+    evaluate = {"throughput_batches": 2, **sections.pop("evaluate", {})}
+    return stage_params(tmp, teacher, files, evaluate=evaluate, **sections)
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:

@@ -19,6 +19,7 @@ from stages.config import config_from_dict
 from stages.data import DataError
 from stages.tasks import get_task
 from stages.tasks.multi_label import MultiLabel, multi_label_kd_loss, multi_label_scores
+from tests.helpers import stage_params
 
 NAMES = ["animal", "color", "vehicle"]
 _GROUPS = {"animal": ["cat", "dog", "bird", "horse"], "color": ["red", "blue", "green", "yellow"],
@@ -71,23 +72,8 @@ def _data(**extra) -> dict:
 
 
 def _params(tmp: Path, data: Path, teacher: Path, **sections) -> dict:
-    p = {
-        "data": _data(train=str(data / "train.csv"), dev=str(data / "dev.csv"), test=str(data / "test.csv")),
-        "train_teacher": {"model": str(teacher), "output": str(tmp / "teacher"), "epochs": 1, "batch_size": 16,
-                          "max_length": 32, "lr": 1e-3, "metrics": str(tmp / "m_teacher.json")},
-        "precompute": {"teachers": [str(teacher)], "cache_root": str(tmp / "caches"), "batch_size": 16,
-                       "max_length": 32, "dtype": "float32"},
-        "distill": {"student": {"from_teacher": str(teacher), "keep_layers": [0, 3]}, "epochs": 1,
-                    "batch_size": 16, "max_length": 32, "lr": 1e-3, "output": str(tmp / "student"),
-                    "log_dir": str(tmp / "live"), "metrics": str(tmp / "m_distill.json"),
-                    "kd": {"hard_weight": 0.5, "temperature": 2.0}},
-        "evaluate": {"models": {"teacher": str(teacher), "student": str(tmp / "student")}, "max_length": 32,
-                     "throughput_batches": 1, "output": str(tmp / "m_eval.json"),
-                     "predictions": str(tmp / "m_preds.json")},
-    }
-    for section, values in sections.items():
-        p.setdefault(section, {}).update(values)
-    return p
+    files = {split: str(data / f"{split}.csv") for split in ("train", "dev", "test")}
+    return stage_params(tmp, teacher, _data(**files), kd={"hard_weight": 0.5, "temperature": 2.0}, **sections)
 
 
 def _task(**extra) -> MultiLabel:

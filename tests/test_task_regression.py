@@ -21,6 +21,7 @@ from stages.data import DataError
 from stages.losses import LossInputError
 from stages.tasks import get_task
 from stages.tasks.regression import Regression, pearson, spearman
+from tests.helpers import stage_params
 
 _WORDS = ["red", "blue", "green", "cat", "dog", "bird", "runs", "sleeps", "eats", "big", "small", "old", "new",
           "house", "tree", "river", "car", "road", "sun", "moon"]
@@ -66,24 +67,9 @@ def reg_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _params(tmp: Path, data: Path, teacher: Path, **sections) -> dict:
-    p = {
-        "data": {"task": "regression", "train": str(data / "train.csv"), "dev": str(data / "dev.csv"),
-                 "test": str(data / "test.csv"), "text_pair_field": "text_pair"},
-        "train_teacher": {"model": str(teacher), "output": str(tmp / "teacher"), "epochs": 1, "batch_size": 16,
-                          "max_length": 32, "lr": 1e-3, "metrics": str(tmp / "m_teacher.json")},
-        "precompute": {"teachers": [str(teacher)], "cache_root": str(tmp / "caches"), "batch_size": 16,
-                       "max_length": 32, "dtype": "float32"},
-        "distill": {"student": {"from_teacher": str(teacher), "keep_layers": [0, 3]}, "epochs": 1,
-                    "batch_size": 16, "max_length": 32, "lr": 1e-3, "output": str(tmp / "student"),
-                    "log_dir": str(tmp / "live"), "metrics": str(tmp / "m_distill.json"),
-                    "kd": {"loss": "mse", "hard_weight": 0.5}},
-        "evaluate": {"models": {"teacher": str(teacher), "student": str(tmp / "student")}, "max_length": 32,
-                     "throughput_batches": 1, "output": str(tmp / "m_eval.json"),
-                     "predictions": str(tmp / "m_preds.json")},
-    }
-    for section, values in sections.items():
-        p.setdefault(section, {}).update(values)
-    return p
+    files = {split: str(data / f"{split}.csv") for split in ("train", "dev", "test")}
+    return stage_params(tmp, teacher, {"task": "regression", **files, "text_pair_field": "text_pair"},
+                        kd={"loss": "mse", "hard_weight": 0.5}, **sections)
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:

@@ -15,11 +15,12 @@ from transformers import AutoModelForTokenClassification
 import cache_format as cf
 from stages import distill, evaluate, precompute, train_teacher
 from stages.config import config_from_dict
-from stages.data import IGNORE_LABEL, DataError, collate
+from stages.data import DataError, collate
 from stages.losses import hard_ce_loss
 from stages.models import load_tokenizer, make_tiny_classifier
 from stages.tasks import get_task
 from stages.tasks.token_classification import TokenClassification
+from tests.helpers import stage_params
 
 TAGS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
 _FIRST = ["alice", "bob", "carol", "dave"]
@@ -91,24 +92,10 @@ def other_student(tmp_path_factory) -> Path:
 
 
 def _params(tmp: Path, data: Path, teacher: Path, **sections) -> dict:
-    p = {
-        "data": {"task": "token_classification", "train": str(data / "train.jsonl"), "dev": str(data / "dev.jsonl"),
-                 "test": str(data / "test.jsonl"), "num_labels": len(TAGS), "label_names": TAGS},
-        "train_teacher": {"model": str(teacher), "output": str(tmp / "teacher"), "epochs": 1, "batch_size": 16,
-                          "max_length": 32, "lr": 1e-3, "metrics": str(tmp / "m_teacher.json")},
-        "precompute": {"teachers": [str(teacher)], "cache_root": str(tmp / "caches"), "batch_size": 16,
-                       "max_length": 32, "dtype": "float32"},
-        "distill": {"student": {"from_teacher": str(teacher), "keep_layers": [0, 2]}, "epochs": 1,
-                    "batch_size": 16, "max_length": 32, "lr": 1e-3, "output": str(tmp / "student"),
-                    "log_dir": str(tmp / "live"), "metrics": str(tmp / "m_distill.json"),
-                    "kd": {"hard_weight": 0.5, "temperature": 2.0}},
-        "evaluate": {"models": {"teacher": str(teacher), "student": str(tmp / "student")}, "max_length": 32,
-                     "throughput_batches": 1, "output": str(tmp / "m_eval.json"),
-                     "predictions": str(tmp / "m_preds.json")},
-    }
-    for section, values in sections.items():
-        p.setdefault(section, {}).update(values)
-    return p
+    files = {split: str(data / f"{split}.jsonl") for split in ("train", "dev", "test")}
+    return stage_params(tmp, teacher, {"task": "token_classification", **files, "num_labels": len(TAGS),
+                                       "label_names": TAGS},
+                        keep_layers=(0, 2), kd={"hard_weight": 0.5, "temperature": 2.0}, **sections)
 
 
 def _task(**data) -> TokenClassification:

@@ -13,7 +13,6 @@ from transformers import AutoModelForSequenceClassification
 import cache_format as cf
 from stages.config import DataConfig
 from stages.data import Encoded, Examples, collate, model_inputs
-from stages.kinds import TASK_KINDS, TaskKind
 
 __all__ = ["Task"]
 
@@ -33,11 +32,6 @@ class Task:
 
     def __init__(self, data: DataConfig):
         self.data = data
-
-    @property
-    def kind(self) -> TaskKind:
-        """The kind's settings entry (stages/kinds.py)."""
-        return TASK_KINDS[self.name]
 
     # -- the head ---------------------------------------------------------------------------------------------
 
