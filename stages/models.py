@@ -30,6 +30,7 @@ __all__ = [
     "load_model_config",
     "check_head",
     "load_classifier",
+    "load_causal_lm",
     "student_from_teacher",
     "student_from_config",
     "num_layers",
@@ -38,6 +39,7 @@ __all__ = [
     "model_fingerprint",
     "teacher_fingerprint",
     "make_tiny_classifier",
+    "make_tiny_causal_lm",
 ]
 
 
@@ -178,6 +180,18 @@ def load_classifier(name_or_path: str, num_labels: int, *, eager_attention: bool
     except (OSError, ValueError) as e:
         raise _load_error(name_or_path, "model", e) from e
 
+
+
+def load_causal_lm(name_or_path: str, *, eager_attention: bool = False) -> PreTrainedModel:
+    """Load an `AutoModelForCausalLM` (a language-model teacher or student) from a folder or hub name."""
+    from transformers import AutoModelForCausalLM
+
+    _check_source(name_or_path, "model")
+    options = {"attn_implementation": "eager"} if eager_attention else {}
+    try:
+        return AutoModelForCausalLM.from_pretrained(name_or_path, **options)
+    except (OSError, ValueError) as e:
+        raise _load_error(name_or_path, "model", e) from e
 
 # ----------------------------------------------------------------------------------------------------------------
 # Building students
