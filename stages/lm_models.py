@@ -16,8 +16,9 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -70,20 +71,19 @@ def bundled_lm_folder(name: str = BUNDLED_LM) -> Path:
     if name != BUNDLED_LM:
         raise ModelError(f"unknown bundled language model {name!r}; the bundled one is {BUNDLED_LM}")
     target = models_home() / _SMOLLM2_FOLDER
-    if (target / _DONE).is_file():
+    if _finished(target):
         return target
-    if target.exists():
-        raise ModelError(f"{target} exists but is not a finished conversion (no {_DONE}); delete it and rerun")
     gguf_dir = _smollm2_package_dir()
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(target) + ".lock"):
-            if (target / _DONE).is_file():  # another process converted it while we waited for the lock
+            if _finished(target):  # another process converted it while we waited for the lock
                 return target
             # Leftovers of killed conversions (only the lock holder writes a temporary folder).
             for stale in target.parent.glob(f".{target.name}.tmp-*"):
                 shutil.rmtree(stale, ignore_errors=True)
-            print(f"converting {BUNDLED_LM} ({_SMOLLM2_GGUF}) to safetensors in {target} (once, about a minute)", flush=True)
+            print(f"converting {BUNDLED_LM} ({_SMOLLM2_GGUF}) to safetensors in {target} (once, about a minute)",
+                  flush=True)
             tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             tmp.mkdir()  # not mkdtemp: its 0700 mode would stay on the finished folder
             try:
@@ -96,6 +96,15 @@ def bundled_lm_folder(name: str = BUNDLED_LM) -> Path:
         raise ModelError(f"cannot write the converted {BUNDLED_LM} into {target.parent} ({e}); "
                          "set KD_CACHE_HOME to a writable folder") from e
     return target
+
+
+def _finished(target: Path) -> bool:
+    """Whether `target` is a finished conversion; a folder there that is not one is refused, never overwritten."""
+    if (target / _DONE).is_file():
+        return True
+    if target.exists():
+        raise ModelError(f"{target} exists but is not a finished conversion (no {_DONE}); delete it and rerun")
+    return False
 
 
 def _smollm2_package_dir() -> Path:
@@ -128,8 +137,12 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     # The GGUF reports no length limit; the model's own one keeps truncation warnings meaningful.
     tokenizer.model_max_length = int(config.max_position_embeddings)
     tokenizer.save_pretrained(out_dir)
-    record = {"source": f"{_SMOLLM2_PACKAGE}=={importlib.metadata.version(_SMOLLM2_PACKAGE)}", "file": gguf.name,
-              "gguf_bytes": gguf.stat().st_size, "dtype": "float32"}
+    try:
+        version = importlib.metadata.version(_SMOLLM2_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:  # imported from a source tree, not installed
+        version = "unknown"
+    record = {"source": f"{_SMOLLM2_PACKAGE}=={version}", "file": gguf.name, "gguf_bytes": gguf.stat().st_size,
+              "dtype": "float32"}
     (out_dir / _DONE).write_text(json.dumps(record, indent=2) + "\n")
 
 

@@ -171,7 +171,7 @@ def test_ece_and_perplexity_on_a_crafted_model():
     p0, p1 = [0.7, 0.1, 0.1, 0.1], [0.2, 0.45, 0.2, 0.15]
     model = _TableLM([p0, p1, p1, p1])
     ids = [[0, 0, 0, 0, 1], [1, 1, 2]]  # 3 of 4 right at 0.7; 1 of 2 right at 0.45
-    rows = Encoded(ids=["a", "b"], input_ids=np.array(sum(ids, []), np.int32), offsets=np.array([0, 5, 8]),
+    rows = Encoded(ids=["a", "b"], input_ids=np.concatenate(ids).astype(np.int32), offsets=np.array([0, 5, 8]),
                    token_type_ids=None, labels=None, pad_token_id=3, extras={"words": np.array([2, 1])})
     got = lm_metrics(model, rows, batch_size=2, device="cpu", chunk_tokens=2)
     assert got["ece"] == pytest.approx((4 * abs(0.75 - 0.7) + 2 * abs(0.5 - 0.45)) / 6, abs=1e-6)
