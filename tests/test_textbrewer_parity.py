@@ -287,7 +287,8 @@ def test_tiny_distill_with_a_new_preset_and_a_projection_lr_resumes_exactly(tmp_
                                                                              tiny_teacher_dir, monkeypatch):
     files = {split: str(tiny_data_dir / f"{split}.csv") for split in ("train", "dev", "test")}
     # A narrower student with half the teacher's heads (4 blocks, 64 wide, 4 heads): attention_ce_mean
-    # compares head-averaged maps, the hidden match needs a projection, trained at its own lr.
+    # compares head-averaged maps, mmd ([T, T] similarities) needs no projection, hidden_mse does, trained
+    # at its own lr.
     student = {"config": str(tiny_teacher_dir), "num_layers": 2, "hidden_size": 32, "intermediate_size": 64,
                "num_heads": 2}
     hidden = {"kind": "hidden_mse", "teacher_layer": 4, "student_layer": 2, "projection": "linear",
@@ -295,8 +296,8 @@ def test_tiny_distill_with_a_new_preset_and_a_projection_lr_resumes_exactly(tmp_
 
     def params(name: str, resume: bool = False) -> dict:
         return stage_params(tmp_path, tiny_teacher_dir, files,
-                            precompute={"hidden_layers": [4], "attention_layers": [1, 3]},
-                            distill={"student": student, "match_preset": "L3_attention_ce_mean", "matches": [hidden],
+                            precompute={"hidden_layers": [0, 4], "attention_layers": [1, 3]},
+                            distill={"student": student, "match_preset": "L3_attention_ce_mean+small_hidden_smmd", "matches": [hidden],
                                      "epochs": 2, "checkpoint_every": 3, "output": str(tmp_path / name),
                                      "resume": resume})
 
@@ -315,7 +316,8 @@ def test_tiny_distill_with_a_new_preset_and_a_projection_lr_resumes_exactly(tmp_
     monkeypatch.setattr(DistillObjective, "losses", spy)
     distill(config_from_dict(params("full")))
     assert len(terms) == 26
-    assert set(terms[0]) == {"kd", "hard", "hidden_mse.t4.s2", "attention_ce_mean.t1.s0", "attention_ce_mean.t3.s1"}
+    assert set(terms[0]) == {"kd", "hard", "hidden_mse.t4.s2", "attention_ce_mean.t1.s0", "attention_ce_mean.t3.s1",
+                             "mmd.t0-0.s0-0", "mmd.t4-4.s2-2"}
     assert all(math.isfinite(v) and v > 0 for t in terms for v in t.values())
 
     terms.clear()
