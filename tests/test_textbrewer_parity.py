@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from stages import distill, precompute
 from stages.config import ConfigError, config_from_dict, config_to_dict
+from stages._train import ResumeError
 from stages.distill import DistillObjective
 from stages.losses import (
     LossInputError,
@@ -294,7 +295,8 @@ def test_tiny_distill_with_a_new_preset_and_a_projection_lr_resumes_exactly(tmp_
     hidden = {"kind": "hidden_mse", "teacher_layer": 4, "student_layer": 2, "projection": "linear",
               "projection_lr": 0.02}
 
-    def params(name: str, resume: bool = False) -> dict:
+    def params(name: str, resume: bool = False, lr: float = 0.02) -> dict:
+        hidden["projection_lr"] = lr
         return stage_params(tmp_path, tiny_teacher_dir, files,
                             precompute={"hidden_layers": [0, 4], "attention_layers": [1, 3]},
                             distill={"student": student, "match_preset": "L3_attention_ce_mean+small_hidden_smmd", "matches": [hidden],
@@ -332,7 +334,8 @@ def test_tiny_distill_with_a_new_preset_and_a_projection_lr_resumes_exactly(tmp_
     assert groups[2]["lr"] == pytest.approx(0.02 * groups[0]["lr"] / 1e-3)  # the same warm-up/decay schedule
 
     crash_at["call"] = None
-    terms.clear()
+    with pytest.raises(ResumeError, match=r"'projection_lr': 0\.02}\] -> .*'projection_lr': 0\.03}\]"):
+        distill(config_from_dict(params("part", resume=True, lr=0.03)))
     distill(config_from_dict(params("part", resume=True)))
     for name in ("model.safetensors", "projections.pt"):
         a, b = (_state(tmp_path / run / name) for run in ("full", "part"))
