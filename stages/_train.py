@@ -266,7 +266,7 @@ class CallbackError(KDError, RuntimeError):
 class FitResult:
     steps: int
     epochs_done: float
-    dev: dict[str, float] | None  # the task's metrics on the dev split after the last epoch (None: no dev split)
+    dev: dict[str, float] | None  # the returned model's dev metrics (the last or the keep_best evaluation's)
     seconds: float
     examples_per_second: float
     settings: dict = field(default_factory=dict)  # what defines the run (checked on resume, saved in RUN_FILE)

@@ -253,3 +253,26 @@ def test_multi_task_snapshots_hold_every_head(tmp_path, tiny_data_dir, tiny_mode
     assert _same(_weights(out / "ner", AutoModelForTokenClassification),
                  _weights(best / "ner", AutoModelForTokenClassification))
     assert _same(_weights(out / "sentiment"), _weights(best / "sentiment"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# On the real bundled model (opt in: `pytest -m slow`); the stage fixtures are tests/test_slow.py's.
+
+from tests.test_slow import cache, cfg, prepared, teacher  # noqa: E402,F401  (module-scoped stage fixtures)
+
+
+@pytest.mark.slow
+def test_bundled_model_eval_every_keep_best_snapshots_and_a_callback(cfg, cache, tmp_path):
+    d = cfg.distill.model_copy(update={"output": str(tmp_path / "student"), "log_dir": str(tmp_path / "live"),
+                                       "metrics": str(tmp_path / "m.json"), "eval_every": 5, "snapshots": True,
+                                       "keep_best": "accuracy", "callbacks": ["tests.test_callbacks:record"]})
+    res = distill(cfg.model_copy(update={"distill": d}))
+    steps = [e["step"] for e in res.fit.evaluations]
+    assert steps == [*range(5, res.fit.steps, 5), res.fit.steps] and [c["step"] for c in CALLS] == steps
+    out = tmp_path / "student"
+    for s in steps:
+        AutoModelForSequenceClassification.from_pretrained(out / "snapshots" / f"gs{s}")
+    assert _same(_weights(out), _weights(out / "snapshots" / f"gs{res.fit.best_step}"))
+    assert res.fit.dev["accuracy"] == max(e["dev"]["accuracy"] for e in res.fit.evaluations)
+    assert all(e["callbacks"]["tests.test_callbacks:record"]["double_accuracy"] == 2 * e["dev"]["accuracy"]
+               for e in res.fit.evaluations)
