@@ -15,7 +15,7 @@ import cache_format as cf
 from cache_format._errors import CacheMismatchError, CacheMissError, KDError
 from stages.config import Config, DistillConfig, config_to_dict
 from stages._io import check_outputs
-from stages._train import FitResult, fit, pick_device, save_model, set_seed
+from stages._train import FitResult, fit, pick_device, save_model, set_seed, write_model
 from stages.data import Encoded, Examples, data_fingerprint, model_inputs
 from stages.losses import (Match, MatchError, build_projections, check_matches, feature_map, match_loss,
                            needed_teacher_layers, preset_matches)
@@ -254,11 +254,12 @@ def distill(cfg: Config, *, on_step: Callable[[int], None] | None = None) -> Dis
     train = task.encode(tokenizer, train_ex, d.max_length)
     dev = task.encode(tokenizer, dev_ex, d.max_length) if dev_ex is not None else None
     objective = distill_objective(cfg, student, train_ex, train, readers, device)
+    saved = {"label_names": task.label_names, "head_config": task.head_config()}
     result = fit(student, objective, train, dev, d, output=output, log_dir=Path(d.log_dir), device=device,
                  desc=f"distill ({d.teacher_signal})", on_step=on_step, run_settings=distill_settings(cfg, readers),
-                 evaluate=lambda m, data: task.evaluate(m, data, d.eval_batch_size, device))
-    save_model(student, tokenizer, objective.modules, output, result=result, label_names=task.label_names,
-               head_config=task.head_config())
+                 evaluate=lambda m, data: task.evaluate(m, data, d.eval_batch_size, device),
+                 write=lambda folder: write_model(student, tokenizer, objective.modules, folder, **saved))
+    save_model(student, tokenizer, objective.modules, output, result=result, **saved)
     write_metrics(cfg, result)
     return DistillResult(output, d.teacher_signal, [str(r.path) for r in readers], result)
 
@@ -336,6 +337,7 @@ def write_metrics(cfg: Config, result: FitResult) -> None:
     """distill.metrics: the dev metrics, steps, time and speed of a finished run."""
     d = cfg.distill
     metrics = {"teacher_signal": d.teacher_signal, **{f"dev_{k}": v for k, v in (result.dev or {}).items()},
+               **({"best_step": result.best_step} if result.best_step is not None else {}),
                "steps": result.steps, "seconds": round(result.seconds, 2),
                "train_examples_per_second": round(result.examples_per_second, 1)}
     cf.atomic_write_text(Path(d.metrics), json.dumps(metrics, indent=2) + "\n")
