@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping, Sequence
 
 import yaml
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, ValidationError, ValidatorFunctionWrapHandler,
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, JsonValue, ValidationError, ValidatorFunctionWrapHandler,
                       WrapValidator, field_validator, model_validator)
 from pydantic_core import PydanticCustomError
 
@@ -284,13 +284,14 @@ class PrecomputeConfig(_Section):
         return errs
 
 
-_STUDENT_MODES = ("from_teacher", "pretrained", "config")
+_STUDENT_MODES = ("from_teacher", "pretrained", "config", "module")
 _STUDENT_SIZES = ("num_layers", "hidden_size", "intermediate_size", "num_heads")
 
 
 class StudentConfig(_Section):
-    """How the student is built: exactly one of from_teacher (with keep_layers), pretrained, or
-    config (random init, resized by num_layers, hidden_size, intermediate_size, num_heads).
+    """How the student is built: exactly one of from_teacher (with keep_layers), pretrained,
+    config (random init, resized by num_layers, hidden_size, intermediate_size, num_heads), or
+    module (any torch.nn.Module class by import path, built with module_kwargs; stages/any_student.py).
 
     A key that the chosen way ignores is an error, so a leftover size never silently does nothing.
     """
@@ -303,13 +304,20 @@ class StudentConfig(_Section):
     hidden_size: int | None = None
     intermediate_size: int | None = None
     num_heads: int | None = None
+    module: str | None = None  # `package.module:Class`, a torch.nn.Module (README "Students that are not ...")
+    module_kwargs: dict[str, JsonValue] = {}  # the class's keyword arguments (JSON values: saved with the model)
 
     def _check(self) -> list[Problem]:
         chosen = [k for k in _STUDENT_MODES if getattr(self, k)]
         if len(chosen) != 1:
-            return [("", "set exactly one of from_teacher (keep_layers of a teacher), pretrained "
-                     f"(a model path) or config (a config path/name, random init); got {chosen or 'none'}")]
+            return [("", "set exactly one of from_teacher (keep_layers of a teacher), pretrained (a model path), "
+                     "config (a config path/name, random init) or module (package.module:Class, any "
+                     f"torch.nn.Module); got {chosen or 'none'}")]
         mode, errs = chosen[0], []
+        if mode == "module" and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", self.module):
+            errs.append(("module", f"{self.module!r} is not an import path; write package.module:Class"))
+        if mode != "module" and self.module_kwargs:
+            errs.append(("module_kwargs", f"only applies to module, not to {mode}; remove it"))
         if mode == "from_teacher" and not self.keep_layers:
             errs.append(("keep_layers", "from_teacher needs the teacher blocks to keep, e.g. [0, 5]"))
         if mode != "from_teacher" and self.keep_layers is not None:
@@ -560,6 +568,10 @@ class Config(_Section):
                 if given:
                     errs.append((key, f"is not read when tasks: is set (each task has its own); move it to "
                                  f"{instead} and remove it here"))
+        if self.tasks and self.distill.student.module:
+            errs.append(("distill.student.module", "a multi-task student is a transformer encoder with a head per "
+                         "task; a module student is single-task: remove tasks: or use from_teacher, pretrained "
+                         "or config"))
         if self.tasks and self.distill.caches:
             errs.append(("distill.caches", "multi-task runs find each task's cache from its data and teachers; "
                          "remove distill.caches (or list the task's teachers in tasks[].teachers)"))

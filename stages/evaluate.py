@@ -18,7 +18,8 @@ from stages.config import Config
 from stages._io import check_outputs
 from stages._train import pick_device
 from stages.data import DataError, Examples, collate, model_inputs
-from stages.models import load_classifier, load_tokenizer, num_parameters
+from stages.any_student import load_trained
+from stages.models import load_tokenizer, num_parameters
 from stages.report import save_predictions
 from stages.tasks import get_task
 from stages.teacher import load_split, resolve_model
@@ -90,7 +91,7 @@ def _score_models(cfg: Config, device: torch.device) -> tuple[dict[str, dict], d
     for name, path in e.models.items():
         src = resolve_model(path)
         tokenizer = load_tokenizer(src)
-        model = load_classifier(src, task.num_labels, auto_model=task.auto_model, label_names=task.label_names).to(device)
+        model = load_trained(src, task).to(device)  # a save_pretrained model or a module student
         data = task.encode(tokenizer, examples, e.max_length)
         preds = task.predict(model, data, e.batch_size, device)
         if task.class_per_example:  # what `kd report`'s paired statistics compare
