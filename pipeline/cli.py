@@ -98,6 +98,10 @@ def distill(params: str, overrides: tuple[str, ...], resume: bool) -> None:
     keep_best (save the best model by a dev metric, e.g. accuracy or min:loss), snapshots (keep
     <output>/snapshots/gs<step> at each evaluation), callbacks (package.module:function list, called as
     fn(step=, metrics=, model=) after each evaluation).
+
+    Any torch.nn.Module as the student: distill.student.module (package.module:Class, e.g.
+    stages.any_student:BiLSTMClassifier) with distill.student.module_kwargs, in place of
+    from_teacher/pretrained/config: --set 'distill.student={"module": "stages.any_student:BiLSTMClassifier"}'.
     """
     from stages.distill import distill as run
 
