@@ -150,7 +150,8 @@ def module_student(path: str, kwargs: Mapping[str, Any] | None = None, *, num_la
     try:
         module = cls(**built)
     except Exception as e:
-        raise ConfigError(f"{setting}: {path}(**{built}) failed ({_one_line(e)}); fix {setting}_kwargs") from None
+        raise ConfigError(f"{setting}: {path}(**{built}) failed ({_one_line(e)}); fix the keyword arguments "
+                          "(distill.student.module_kwargs)") from None
     student = ModuleStudent(module, path, built)
     student.config.num_labels = num_labels
     return student
