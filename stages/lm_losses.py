@@ -73,9 +73,9 @@ def _check_temperature(temperature: float) -> float:
 
 
 def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """sum_x p (log p - log q) over the last axis; p = 0 terms count 0 (no 0 * -inf = NaN)."""
-    terms = log_p.exp() * (log_p - log_q)
-    return torch.where(log_p > -math.inf, terms, torch.zeros_like(terms)).sum(-1)
+    """sum_x p (log p - log q) over the last axis; p = 0 terms count 0 (no 0 * -inf = NaN, in value or grad)."""
+    finite_log_p = torch.where(log_p > -math.inf, log_p, torch.zeros_like(log_p))
+    return (log_p.exp() * (finite_log_p - log_q)).sum(-1)
 
 
 def _log1mexp(a: Tensor) -> Tensor:
@@ -120,21 +120,23 @@ def chunked_loss(hidden: Tensor, head: nn.Module, fn: Callable[..., Tensor], tar
                                    f"per-token loss must return [{h.shape[0]}]")
         return per_token.float().sum()
 
-    total = hidden.float().sum() * 0.0  # 0 for N = 0, still attached to the graph
+    parts = []
     for start in range(0, n, chunk_tokens):
         h = hidden[start:start + chunk_tokens]
         chunk_targets = {k: v[start:start + chunk_tokens] for k, v in targets.items()}
-        if torch.is_grad_enabled():
-            try:
-                total = total + checkpoint(chunk_sum, h, chunk_targets, use_reentrant=False)
-            except BaseException as e:
-                # torch before 2.13 (2.11 seen) leaves the chunk's saved-tensor hooks installed for as long as
-                # the traceback lives, which breaks every later backward; clearing its frames removes them.
-                traceback.clear_frames(e.__traceback__)
-                raise
-        else:
-            total = total + chunk_sum(h, chunk_targets)
-    return total
+        if not torch.is_grad_enabled():
+            parts.append(chunk_sum(h, chunk_targets))
+            continue
+        try:
+            parts.append(checkpoint(chunk_sum, h, chunk_targets, use_reentrant=False))
+        except BaseException as e:
+            # torch before 2.13 (2.11 seen) leaves the chunk's saved-tensor hooks installed for as long as the
+            # traceback lives, which breaks every later backward; clearing its frames removes them.
+            traceback.clear_frames(e.__traceback__)
+            raise
+    if not parts:  # no tokens: 0, still attached to the graph
+        return hidden.float().sum()
+    return torch.stack(parts).sum()
 
 
 # --------------------------------------------------------------------------- losses on labels and cached teachers
@@ -210,11 +212,11 @@ def sampled_kl(logits: Tensor, sample_ids: Tensor, sample_counts: Tensor, sample
         raise LMLossInputError(f"sampled_kl: samples must be >= 1, got {samples}; pass precompute.lm.samples")
     tau = _check_temperature(proposal_temperature)
     log_s = F.log_softmax(logits.float(), dim=-1).gather(-1, sample_ids.long())
-    log_p = sample_logprobs.float()
+    # empty slots may hold any log-probability (-inf too): 0 keeps their zero terms finite, gradients too
+    log_p = torch.where(sample_counts > 0, sample_logprobs.float(), torch.zeros((), device=logits.device))
     # log(p/q) = log p - (log p / tau - log Z)
     log_w = log_p * (1.0 - 1.0 / tau) + proposal_lognorm.float().unsqueeze(-1)
-    terms = sample_counts.float() / samples * log_w.exp() * (log_p - log_s)
-    return torch.where(sample_counts > 0, terms, torch.zeros_like(terms)).sum(-1)
+    return (sample_counts.float() / samples * log_w.exp() * (log_p - log_s)).sum(-1)
 
 
 # --------------------------------------------------------------------------- online references (full vocabulary)

@@ -205,11 +205,25 @@ def test_sampled_kl_empty_slots_count_zero():
     ids = torch.tensor([[1, 0, 0], [4, 2, 0]])
     counts = torch.tensor([[3, 0, 0], [1, 2, 0]], dtype=torch.uint8)
     lp = torch.tensor([[-0.5, -math.inf, 0.0], [-1.0, -2.0, -math.inf]]).half()
+    z_s.requires_grad_(True)
     out = sampled_kl(z_s, ids, counts, lp, torch.zeros(2), samples=3)
-    ls = torch.log_softmax(z_s, dim=-1)
+    out.sum().backward()
+    ls = torch.log_softmax(z_s, dim=-1).detach()
     ref = torch.tensor([-0.5 - ls[0, 1], (-1.0 - ls[1, 4]) / 3 + 2 * (-2.0 - ls[1, 2]) / 3])
-    assert torch.isfinite(out).all()
+    assert torch.isfinite(z_s.grad).all()
     _close(out, ref)
+
+
+def test_teacher_zero_probabilities_count_zero_in_value_and_gradient():
+    z_s, z_t = _logits(21), _logits(22)
+    z_t[:, :5] = -math.inf  # ids the teacher rules out
+    z_s.requires_grad_(True)
+    for loss in (forward_kl(z_s, z_t), generalized_jsd(z_s, z_t, 0.3), dense_kl(z_s, torch.log_softmax(z_t, -1))):
+        z_s.grad = None
+        loss.sum().backward()
+        assert torch.isfinite(loss).all() and torch.isfinite(z_s.grad).all()
+    p, s = _probs(z_t), _probs(z_s.detach())
+    _close(forward_kl(z_s, z_t), _kl_ref(p, s))
 
 
 # --------------------------------------------------------------------------- chunked == unchunked
