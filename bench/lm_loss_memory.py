@@ -122,7 +122,7 @@ def main() -> None:
     for v in args.vocab:
         runs = {}
         for mode in MODES:
-            mode_chunk = chunk if mode == "chunked" else max(1, chunk * min(args.vocab) // v)
+            mode_chunk = {"unchunked": None, "chunked": chunk}.get(mode, max(1, chunk * min(args.vocab) // v))
             spec = {"mode": mode, "n": n, "hidden": args.hidden, "vocab": v, "k": args.k, "chunk": mode_chunk,
                     "repeats": repeats, "device": args.device}
             if mode != "unchunked" and mode_chunk == chunk and "chunked" in runs:
