@@ -27,16 +27,16 @@ from cache_format._errors import KDError
 
 __all__ = [
     "LMLossInputError",
-    "chunked_loss",
-    "next_token_ce",
-    "dense_kl",
-    "topk_kl",
-    "sampled_kl",
-    "forward_kl",
-    "reverse_kl",
-    "generalized_jsd",
-    "uld_loss",
     "align_by_offsets",
+    "chunked_loss",
+    "dense_kl",
+    "forward_kl",
+    "generalized_jsd",
+    "next_token_ce",
+    "reverse_kl",
+    "sampled_kl",
+    "topk_kl",
+    "uld_loss",
 ]
 
 TOPK_TAILS = ("bucket", "renormalize")
