@@ -28,9 +28,9 @@ class Task:
 
     The stages call only these methods, never `if kind == ...`: reading and validating the data (`load`),
     tokenizing it (`encode`), the head (`auto_model`, `num_labels`, `head_config`), the teacher and the signal
-    that is cached and compared (`check_teacher`, `load_teacher`, `teacher_forward`, `teacher_signal`,
-    `teacher_fields`, `logits`, `lengths`, `logits_shape`), the losses (`hard_loss`, `kd_loss`) and the metrics
-    (`predict`, `score`).
+    that is cached and compared (`check_teacher`, `check_rows`, `load_teacher`, `teacher_forward`,
+    `teacher_signal`, `teacher_fields`, `signal_settings`, `logits`, `lengths`, `logits_shape`), the losses
+    (`hard_loss`, `kd_loss`) and the metrics (`predict`, `score`).
     """
 
     name: ClassVar[str]
