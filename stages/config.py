@@ -19,7 +19,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, ValidationError, V
 from pydantic_core import PydanticCustomError
 
 from cache_format._errors import KDError
-from stages.kinds import KD_KINDS, MATCH_KINDS, PRESETS, PROJECTIONS, TASK_KINDS
+from stages.kinds import KD_KINDS, MATCH_ALIASES, MATCH_KINDS, PRESETS, PROJECTIONS, TASK_KINDS
 
 __all__ = [
     "ConfigError",
@@ -219,6 +219,11 @@ class TrainingConfig(_Section):
     group_by_length: bool = True
     checkpoint_every: int = 0
     resume: bool = False
+    # Evaluation, snapshots and callbacks (README "Callbacks, evaluation steps and snapshots").
+    eval_every: int = 0  # dev evaluation every N optimizer steps and at the end (0: end of each epoch)
+    keep_best: str | None = None  # save the model with the best dev metric: `accuracy` (higher), `min:loss` (lower)
+    snapshots: bool = False  # a save_pretrained folder <output>/snapshots/gs{step} at each evaluation
+    callbacks: list[str] = []  # `package.module:function`s called as fn(step=, metrics=, model=) after each one
 
     def _check(self) -> list[Problem]:
         errs = []
@@ -233,6 +238,14 @@ class TrainingConfig(_Section):
             errs.append(("warmup_ratio", f"must be in [0, 1) (got {self.warmup_ratio})"))
         if self.checkpoint_every < 0:
             errs.append(("checkpoint_every", "must be >= 0 steps, 0 = end of each epoch only"))
+        if self.eval_every < 0:
+            errs.append(("eval_every", "must be >= 0 steps, 0 = end of each epoch only"))
+        if self.keep_best is not None and not re.fullmatch(r"(min:)?[^:\s]+", self.keep_best):
+            errs.append(("keep_best", f"{self.keep_best!r} is not a metric name; write a dev metric (higher is "
+                         "better, e.g. accuracy) or min:<metric> (lower is better, e.g. min:loss)"))
+        for i, path in enumerate(self.callbacks):
+            if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", path):
+                errs.append((f"callbacks[{i}]", f"{path!r} is not an import path; write package.module:function"))
         return errs
 
 
@@ -383,13 +396,30 @@ class KDConfig(_Section):
 
 
 class MatchConfig(_Section):
-    """One intermediate match between a teacher layer and a student layer (kinds: stages/kinds.py)."""
+    """One intermediate match between a teacher layer and a student layer (kinds: stages/kinds.py).
+
+    TextBrewer's aliases (`gram`, `nst`) become their kind's one name here, on load.
+    """
 
     kind: Literal[tuple(MATCH_KINDS)]  # type: ignore[valid-type]
     teacher_layer: Layer
     student_layer: Layer
     weight: Float = 1.0
     projection: Literal[PROJECTIONS] | None = None  # type: ignore[valid-type]
+    projection_lr: Float | None = None  # the projection's own learning rate (None: the student's distill.lr)
+
+    @field_validator("kind", mode="before")
+    @classmethod
+    def _resolve_alias(cls, value: Any) -> Any:
+        if isinstance(value, str) and value not in MATCH_KINDS:
+            if value not in MATCH_ALIASES:
+                kinds = [repr(k) for k in MATCH_KINDS]
+                aliases = ", ".join(f"{a!r} = {k!r}" for a, k in MATCH_ALIASES.items())
+                # The literal error's wording, plus the aliases.
+                raise PydanticCustomError("match_kind", "{got} is not one of {kinds} (aliases: {aliases})", {
+                    "got": repr(value), "kinds": ", ".join(kinds[:-1]) + " or " + kinds[-1], "aliases": aliases})
+            return MATCH_ALIASES[value]
+        return value
 
     def _check(self) -> list[Problem]:
         kind, errs = MATCH_KINDS[self.kind], []
@@ -406,6 +436,11 @@ class MatchConfig(_Section):
         if self.projection is not None and kind.feature == "attention":
             errs.append(("projection", f"{self.kind} compares attention maps, which have no width to "
                          "project; remove projection"))
+        if self.projection_lr is not None and self.projection is None:
+            errs.append(("projection_lr", "only applies with a projection; set projection: linear (or relu/tanh) "
+                         "or remove projection_lr"))
+        if self.projection_lr is not None and self.projection_lr <= 0:
+            errs.append(("projection_lr", f"must be > 0 (got {self.projection_lr}), or null for the student's lr"))
         return errs
 
 
