@@ -18,10 +18,10 @@ float32: the full [B, T, V] logits never exist at once. A row's draws come from 
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 import cache_format as cf
 from cache_format._errors import KDError
@@ -101,17 +101,18 @@ def _chunk_tokens(vocab_size: int) -> int:
 
 
 @torch.no_grad()
-def encode_rows(hidden: Tensor, head: nn.Module, lengths: Tensor, ids: Sequence[str], lm: Any,
-                chunk_tokens: int | None = None) -> dict[str, Tensor]:
-    """The codec's fields for a batch: `hidden` [B, T, H] last hidden states, `head` the output layer (hidden ->
-    vocabulary logits), `lengths` [B] tokens per row, `ids` the row ids (they seed the sampled codec).
+def encode_rows(hidden: Tensor, head: Callable[[Tensor], Tensor], vocab_size: int, lengths: Tensor,
+                ids: Sequence[str], lm: Any, chunk_tokens: int | None = None) -> dict[str, Tensor]:
+    """The codec's fields for a batch: `hidden` [B, T, H] last hidden states, `head` maps hidden states [n, H] to
+    float32 logits [n, vocab_size] (`lm_models.head_logits`), `lengths` [B] tokens per row, `ids` the row ids
+    (they seed the sampled codec).
 
     Returns padded [B, T, ...] tensors on `hidden`'s device (float16 log-probabilities, int32 ids, uint8 counts,
     float32 normalisers); positions past a row's length are zeros. `chunk_tokens` (tokens per chunk; default
     CHUNK_ELEMENTS // V) bounds the logits held at once.
     """
     b, t = hidden.shape[:2]
-    vocab = _output_size(head)
+    vocab = vocab_size
     chunk = chunk_tokens or _chunk_tokens(vocab)
     out = {f.name: torch.zeros((b, t, *f.shape[1:]), dtype=_TORCH[f.dtype], device=hidden.device)
            for f in codec_fields(lm, vocab)}
@@ -122,8 +123,7 @@ def encode_rows(hidden: Tensor, head: nn.Module, lengths: Tensor, ids: Sequence[
             gen.manual_seed(row_seed(lm.seed, ids[r]))
         for start in range(0, n, chunk):
             stop = min(start + chunk, n)
-            # The head in the model's own precision (as its forward runs it); the softmax in float32.
-            logits = head(hidden[r, start:stop]).float()
+            logits = head(hidden[r, start:stop]).float()  # the softmax below in float32
             for name, value in _encode_chunk(logits, lm, gen).items():
                 out[name][r, start:stop] = value
     return out
@@ -131,14 +131,6 @@ def encode_rows(hidden: Tensor, head: nn.Module, lengths: Tensor, ids: Sequence[
 
 _TORCH = {"float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8, "uint16": torch.int32,
           "int32": torch.int32}
-
-
-def _output_size(head: nn.Module) -> int:
-    weight = getattr(head, "weight", None)
-    if weight is None:
-        raise CodecError(f"the teacher's output layer {type(head).__name__} has no weight; causal_lm needs a "
-                         "linear head (get_output_embeddings)")
-    return int(weight.shape[0])
 
 
 def _encode_chunk(logits: Tensor, lm: Any, gen: torch.Generator | None) -> dict[str, Tensor]:

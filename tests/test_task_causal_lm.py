@@ -204,12 +204,10 @@ def test_sampled_cache_holds_unique_ids_counts_and_what_the_estimator_needs(cach
 def test_sampled_draws_follow_the_proposal(lm_dir):
     """Many draws of one position: the frequencies match q ~ p^(1/tau)."""
     logits = torch.randn(1, 1, 32) * 2
-    head = torch.nn.Identity()
-    head.weight = torch.zeros(32, 1)  # the codec reads the vocabulary size from the head's weight
     lm = LMCacheConfig(codec="sampled", samples=255, proposal_temperature=0.5)
     counts = torch.zeros(32)
     for k in range(60):
-        out = encode_rows(logits, head, torch.tensor([1]), [f"row{k}"], lm)
+        out = encode_rows(logits, lambda h: h, 32, torch.tensor([1]), [f"row{k}"], lm)
         counts.index_add_(0, out["sample_ids"][0, 0].long(), out["sample_counts"][0, 0].float())
     q = (logits[0, 0] / 0.5).softmax(-1)
     assert torch.allclose(counts / counts.sum(), q, atol=0.02)
@@ -218,10 +216,10 @@ def test_sampled_draws_follow_the_proposal(lm_dir):
 def test_chunking_does_not_change_topk_or_dense(lm_dir):
     model = load_causal_lm(str(lm_dir / "teacher")).eval()
     hidden = torch.randn(2, 7, 32)
+    head = model.get_output_embeddings()
     for lm in (LMCacheConfig(codec="topk", k=5), LMCacheConfig(codec="dense")):
-        whole = encode_rows(hidden, model.get_output_embeddings(), torch.tensor([7, 5]), ["a", "b"], lm)
-        parts = encode_rows(hidden, model.get_output_embeddings(), torch.tensor([7, 5]), ["a", "b"], lm,
-                            chunk_tokens=2)
+        whole = encode_rows(hidden, head, 300, torch.tensor([7, 5]), ["a", "b"], lm)
+        parts = encode_rows(hidden, head, 300, torch.tensor([7, 5]), ["a", "b"], lm, chunk_tokens=2)
         for name in whole:  # the same up to float rounding (a matmul's result may depend on its row count)
             assert torch.allclose(whole[name].float(), parts[name].float(), rtol=1e-5, atol=1e-5), name
         assert all((v[1, 5:] == 0).all() for v in whole.values())  # padding past a row's length
@@ -294,7 +292,7 @@ def test_k_above_the_vocabulary_is_refused(lm_dir, tmp_path):
     assert code == 1
     assert line == (f"Error: precompute.lm.k is 301 but teacher {lm_dir / 'teacher'} has a vocabulary of 300 tokens; "
                     "set k <= 300")
-    assert not (tmp_path / "caches").exists()
+    assert not list(tmp_path.glob("caches/teacher-*"))  # no cache folder was made
 
 
 def test_dense_above_max_dense_vocab_is_refused_with_its_size(lm_dir, tmp_path):
@@ -304,7 +302,7 @@ def test_dense_above_max_dense_vocab_is_refused_with_its_size(lm_dir, tmp_path):
     msg = str(err.value)
     assert "takes 600 bytes per token (vocabulary 300 > precompute.lm.max_dense_vocab 256)" in msg
     assert f"{cf.human_bytes(600 * tokens)} for these {tokens:,} tokens; use codec topk or sampled" in msg
-    assert "\n" not in msg and not (tmp_path / "caches").exists()
+    assert "\n" not in msg and not list(tmp_path.glob("caches/teacher-*"))
 
 
 def test_empty_or_too_short_text_is_refused_from_the_cli(lm_dir, tmp_path):

@@ -22,6 +22,7 @@ from the teacher's last hidden state and output layer without building the [B, T
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import sys
@@ -38,6 +39,7 @@ from cache_format._errors import KDError
 from stages.config import LMCacheConfig
 from stages.data import DataError, Encoded, Examples, read_table, string_column
 from stages.lm_codecs import check_codec, check_dense_size, codec_fields, codec_settings, encode_rows
+from stages.lm_models import head_logits
 from stages.models import ModelError, load_causal_lm
 from stages.tasks.base import Task
 
@@ -161,7 +163,8 @@ class CausalLM(Task):
 
     def teacher_signal(self, model: nn.Module, out: Any, batch: dict[str, Tensor], ids: Sequence[str],
                        spec: Any) -> dict[str, Tensor]:
-        res = encode_rows(out.last_hidden_state, model.get_output_embeddings(), self.lengths(batch), ids, _lm(spec))
+        res = encode_rows(out.last_hidden_state, functools.partial(head_logits, model), _vocab_size(model.config),
+                          self.lengths(batch), ids, _lm(spec))
         res["char_offsets"] = torch.stack([batch["char_start"], batch["char_end"]], dim=-1).int()
         return res
 
