@@ -322,7 +322,7 @@ class PrecomputeConfig(_Section):
 
 
 _STUDENT_MODES = ("from_teacher", "pretrained", "config")
-_STUDENT_SIZES = ("num_layers", "hidden_size", "intermediate_size", "num_heads")
+_STUDENT_SIZES = ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads")
 
 
 class StudentConfig(_Section):
@@ -340,6 +340,7 @@ class StudentConfig(_Section):
     hidden_size: int | None = None
     intermediate_size: int | None = None
     num_heads: int | None = None
+    num_kv_heads: int | None = None  # causal LMs with grouped-query attention: key/value heads (divides num_heads)
 
     def _check(self) -> list[Problem]:
         chosen = [k for k in _STUDENT_MODES if getattr(self, k)]
