@@ -24,8 +24,8 @@ from stages._io import check_outputs
 from stages._train import fit, pick_device, save_model, set_seed
 from stages.data import Encoded, Examples
 from stages.distill import DistillResult, distill_settings, load_distill_data, write_metrics
-from stages.lm_losses import (align_by_offsets, chunked_loss, dense_kl, forward_kl, generalized_jsd, next_token_ce,
-                              reverse_kl, sampled_kl, topk_kl, uld_loss)
+from stages.lm_losses import (align_by_offsets, auto_chunk_tokens, chunked_loss, dense_kl, forward_kl,
+                              generalized_jsd, next_token_ce, reverse_kl, sampled_kl, topk_kl, uld_loss)
 from stages.lm_models import causal_lm_student, lm_metrics
 from stages.models import load_causal_lm, load_tokenizer
 from stages.tasks import get_task
@@ -147,8 +147,9 @@ class LMObjective:
         if use_kd:
             n_kd = max(float(kd_mask.sum()), 1.0)
             targets["kd_weight"] = kd_mask * (kd.weight * scale / n_kd)
-        total = chunked_loss(hidden, model.get_output_embeddings(), per_token, targets,
-                             chunk_tokens=self.cfg.distill.lm.chunk_tokens)
+        head = model.get_output_embeddings()
+        chunk = self.cfg.distill.lm.chunk_tokens or auto_chunk_tokens(head.weight.shape[0])
+        total = chunked_loss(hidden, head, per_token, targets, chunk_tokens=chunk)
         if not use_kd:
             return {"hard": total}
         kd_value = torch.stack(kd_parts).sum() if kd_parts else total.new_zeros(())
@@ -236,7 +237,8 @@ def distill_lm(cfg: Config, *, on_step: Callable[[int], None] | None = None) -> 
                  desc=f"distill LM ({d.teacher_signal})", on_step=on_step,
                  run_settings={**distill_settings(cfg, readers), "lm": d.lm.model_dump()},
                  evaluate=lambda m, data: lm_metrics(m, data, batch_size=d.eval_batch_size, device=device,
-                                                     chunk_tokens=d.lm.chunk_tokens))
+                                                     chunk_tokens=d.lm.chunk_tokens or auto_chunk_tokens(
+                                                         student.config.vocab_size)))
     save_model(student, student_tok, objective.modules, output, result=result)
     write_metrics(cfg, result)
     return DistillResult(output, d.teacher_signal, [str(r.path) for r in readers], result)

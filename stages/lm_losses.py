@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from cache_format._errors import KDError
 
 __all__ = [
+    "auto_chunk_tokens",
     "LMLossInputError",
     "align_by_offsets",
     "chunked_loss",
@@ -89,6 +90,12 @@ def _log1mexp(a: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------- chunking
+
+
+def auto_chunk_tokens(vocab_size: int, elements: int = 1 << 23) -> int:
+    """Tokens per chunk so that one chunk's float32 logits hold `elements` values (32 MiB by default): the
+    peak memory of `chunked_loss` then stays flat as the vocabulary grows."""
+    return max(1, elements // max(1, vocab_size))
 
 
 def chunked_loss(hidden: Tensor, head: nn.Module, fn: Callable[..., Tensor], targets: dict[str, Tensor],
