@@ -37,7 +37,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 import cache_format as cf
 from stages._train import _one_line, import_object
 from stages.config import ConfigError
-from stages.models import ModelError, _check_label_names, load_classifier
+from stages.models import ModelError, _check_label_names
 from stages.tasks import Task
 
 __all__ = ["MODULE_FILE", "WEIGHTS_FILE", "ModuleStudent", "BiLSTMClassifier", "as_output", "import_module_class",
@@ -186,12 +186,12 @@ def load_module_student(folder: str | Path) -> ModuleStudent:
 
 
 def load_trained(name_or_path: str, task: Task) -> nn.Module:
-    """A trained model for `task`: a module student's folder, or a `save_pretrained` model with the task's head.
+    """A trained model for `task`: a module student's folder, or what the task kind loads (`Task.load_model`:
+    a `save_pretrained` model with the task's head).
 
     Either must have been trained for the task's label count (and label names, when both name them)."""
     if not is_module_folder(name_or_path):
-        return load_classifier(name_or_path, task.num_labels, auto_model=task.auto_model,
-                               label_names=task.label_names)
+        return task.load_model(name_or_path)
     model = load_module_student(name_or_path)
     n = model.config.num_labels
     if n is not None and n != task.num_labels:

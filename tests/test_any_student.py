@@ -108,6 +108,11 @@ def test_a_multi_task_run_refuses_a_module_student(tiny_data_dir):
                           "distill": {"student": {"module": BILSTM}}})
 
 
+def test_a_causal_lm_run_refuses_a_module_student():
+    with pytest.raises(ConfigError, match="distill.student.module: data.task causal_lm trains a Hugging Face"):
+        config_from_dict({"data": {"task": "causal_lm"}, "distill": {"student": {"module": BILSTM}}})
+
+
 @pytest.mark.parametrize("path, kwargs, message", [
     ("tests.no_such_module:Net", {}, "'tests.no_such_module:Net' does not import (ModuleNotFoundError"),
     ("tests.test_any_student:Nope", {}, "'tests.test_any_student:Nope' does not import (AttributeError"),
