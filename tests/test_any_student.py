@@ -127,6 +127,12 @@ def test_a_bad_module_is_a_one_line_error(cached, path, kwargs, message):
     assert str(e.value).startswith(f"distill.student.module: '{path}'" if not kwargs else "distill.student.module: ")
 
 
+def test_logits_of_another_width_are_a_one_line_error(cached):
+    with pytest.raises(ModelError, match="returns 3 logits per row but the task has 2 labels") as e:
+        distill(config_from_dict(cached({"module": BILSTM, "module_kwargs": {**SMALL, "num_labels": 3}})))
+    assert "\n" not in str(e.value)
+
+
 def test_the_cli_reports_a_bad_module_in_one_line(cached, tmp_path):
     import yaml
 
