@@ -17,8 +17,8 @@ import cache_format as cf
 from cache_format._errors import CacheMissError
 from pipeline.cli import cli
 from stages import distill, evaluate, precompute
-from stages.any_student import (MODULE_FILE, WEIGHTS_FILE, ModuleStudent, load_module_student, load_trained,
-                                module_student)
+from stages.any_student import (MODULE_FILE, WEIGHTS_FILE, ModuleStudent, as_output, load_module_student,
+                                load_trained, module_student)
 from stages.config import ConfigError, KDConfig, config_from_dict
 from stages.distill import DistillObjective, distill_batches
 from stages.losses import MatchError, hard_ce_loss, kd_loss
@@ -99,6 +99,24 @@ def cached(tmp_path, tiny_data_dir, tiny_teacher_dir):
 def test_student_settings_are_checked(student, message):
     with pytest.raises(ConfigError, match=message):
         config_from_dict({"distill": {"student": student}})
+
+
+def test_outputs_are_read_as_the_stages_read_a_hugging_face_output():
+    from collections import namedtuple
+    from types import SimpleNamespace
+
+    from transformers.modeling_outputs import SequenceClassifierOutput
+
+    x = torch.ones(2, 3)
+    assert as_output(x).logits is x and as_output(x).hidden_states is None
+    assert as_output({"logits": x, "hidden_states": (x,)}).hidden_states == (x,)
+    assert as_output(SequenceClassifierOutput(logits=x)).logits is x
+    assert as_output(namedtuple("Out", "logits")(x)).logits is x
+    qa = as_output(SimpleNamespace(start_logits=x, end_logits=x))  # what extractive QA reads
+    assert qa.start_logits is x and qa.attentions is None
+    for bad, message in (((x,), "returned a tuple"), ({"scores": x}, "has no logits")):
+        with pytest.raises(ModelError, match=message):
+            as_output(bad)
 
 
 def test_a_multi_task_run_refuses_a_module_student(tiny_data_dir):
