@@ -181,7 +181,7 @@ def augment_examples(examples: Examples, ops: dict[str, dict], *, views: int, se
                 new, positions = OPS[op](words[row], row_tags, rng, ops[op], vocab)
                 new_pair = OPS[op](pairs[row], None, rng, ops[op], vocab)[0] if pairs is not None else None
                 key = _key(new, new_pair)
-                if not new or key in seen:
+                if key in seen:
                     dropped += 1
                     continue
                 seen.add(key)
