@@ -86,7 +86,11 @@ def precompute(params: str, overrides: tuple[str, ...]) -> None:
 @_common
 @_resume
 def distill(params: str, overrides: tuple[str, ...], resume: bool) -> None:
-    """Train a student from cached (or live) teacher outputs."""
+    """Train a student from cached (or live) teacher outputs.
+
+    With distill.method=theseus (and distill.teacher_signal=online): BERT-of-Theseus module replacing, set by
+    distill.theseus.groups, replace_prob, curriculum (constant or linear), curriculum_k and successor_epochs.
+    """
     from stages.distill import distill as run
 
     res = _run("distill", params, overrides + (("distill.resume=true",) if resume else ()), run)
