@@ -230,7 +230,8 @@ class TaskSampler:
 
 
 class Objective(Protocol):
-    """What a training run optimises. `modules` are extra trainable parts (projections)."""
+    """What a training run optimises. `modules` are extra trainable parts (projections); a submodule
+    with a non-None `lr` attribute trains at that learning rate instead of the run's."""
 
     modules: nn.ModuleDict
 
@@ -336,12 +337,19 @@ def _atomic_torch_save(obj: object, path: Path) -> None:
         torch.save(obj, f)
 
 
-def _decay_groups(params: Sequence[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
+def _decay_groups(params: Sequence[tuple[str, nn.Parameter]], weight_decay: float,
+                  lrs: Mapping[int, float] | None = None) -> list[dict]:
+    """AdamW param groups; a parameter whose id is in `lrs` goes to a group of its own lr, after the default ones."""
     # Biases and LayerNorm weights are not decayed (the BERT recipe every toolkit follows).
     no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
-    decay = [p for n, p in params if p.requires_grad and not n.endswith(no_decay)]
-    rest = [p for n, p in params if p.requires_grad and n.endswith(no_decay)]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    lrs = lrs or {}
+    groups = []
+    for lr in [None, *sorted(set(lrs.values()))]:
+        own = [(n, p) for n, p in params if p.requires_grad and lrs.get(id(p)) == lr]
+        extra = {} if lr is None else {"lr": lr}
+        groups += [{"params": [p for n, p in own if not n.endswith(no_decay)], "weight_decay": weight_decay, **extra},
+                   {"params": [p for n, p in own if n.endswith(no_decay)], "weight_decay": 0.0, **extra}]
+    return groups
 
 
 def _remaining_batches(sampler: EpochSampler, ids: np.ndarray) -> tuple[list[np.ndarray], list[list[str]]]:
@@ -391,7 +399,10 @@ def fit(
     model.to(device).train()
     objective.modules.to(device).train()
     named = list(model.named_parameters()) + [("proj." + n, p) for n, p in objective.modules.named_parameters()]
-    optimizer = torch.optim.AdamW(_decay_groups(named, cfg.weight_decay), lr=cfg.lr, fused=True)  # ~30% faster step
+    # Modules with their own `lr` (a match's projection_lr) train at it, in groups of their own.
+    lrs = {id(p): m.lr for m in objective.modules.modules() if getattr(m, "lr", None) for p in m.parameters()}
+    groups = _decay_groups(named, cfg.weight_decay, lrs)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, fused=True)  # fused: ~30% faster step
     if isinstance(train, TaskMix):
         sampler: EpochSampler | TaskSampler = TaskSampler(train, cfg.batch_size, seed=cfg.seed, tau=task_tau,
                                                           group_by_length=cfg.group_by_length)

@@ -19,7 +19,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, ValidationError, V
 from pydantic_core import PydanticCustomError
 
 from cache_format._errors import KDError
-from stages.kinds import KD_KINDS, MATCH_KINDS, PRESETS, PROJECTIONS, TASK_KINDS
+from stages.kinds import KD_KINDS, MATCH_ALIASES, MATCH_KINDS, PRESETS, PROJECTIONS, TASK_KINDS
 
 __all__ = [
     "ConfigError",
@@ -347,13 +347,30 @@ class KDConfig(_Section):
 
 
 class MatchConfig(_Section):
-    """One intermediate match between a teacher layer and a student layer (kinds: stages/kinds.py)."""
+    """One intermediate match between a teacher layer and a student layer (kinds: stages/kinds.py).
+
+    TextBrewer's aliases (`gram`, `nst`) become their kind's one name here, on load.
+    """
 
     kind: Literal[tuple(MATCH_KINDS)]  # type: ignore[valid-type]
     teacher_layer: Layer
     student_layer: Layer
     weight: Float = 1.0
     projection: Literal[PROJECTIONS] | None = None  # type: ignore[valid-type]
+    projection_lr: Float | None = None  # the projection's own learning rate (None: the student's distill.lr)
+
+    @field_validator("kind", mode="before")
+    @classmethod
+    def _resolve_alias(cls, value: Any) -> Any:
+        if isinstance(value, str) and value not in MATCH_KINDS:
+            if value not in MATCH_ALIASES:
+                kinds = [repr(k) for k in MATCH_KINDS]
+                aliases = ", ".join(f"{a!r} = {k!r}" for a, k in MATCH_ALIASES.items())
+                # The literal error's wording, plus the aliases.
+                raise PydanticCustomError("match_kind", "{got} is not one of {kinds} (aliases: {aliases})", {
+                    "got": repr(value), "kinds": ", ".join(kinds[:-1]) + " or " + kinds[-1], "aliases": aliases})
+            return MATCH_ALIASES[value]
+        return value
 
     def _check(self) -> list[Problem]:
         kind, errs = MATCH_KINDS[self.kind], []
@@ -370,6 +387,11 @@ class MatchConfig(_Section):
         if self.projection is not None and kind.feature == "attention":
             errs.append(("projection", f"{self.kind} compares attention maps, which have no width to "
                          "project; remove projection"))
+        if self.projection_lr is not None and self.projection is None:
+            errs.append(("projection_lr", "only applies with a projection; set projection: linear (or relu/tanh) "
+                         "or remove projection_lr"))
+        if self.projection_lr is not None and self.projection_lr <= 0:
+            errs.append(("projection_lr", f"must be > 0 (got {self.projection_lr}), or null for the student's lr"))
         return errs
 
 

@@ -60,7 +60,7 @@ def _matches(d: DistillConfig, teacher_layers: int, student_layers: int) -> list
     """The configured matches plus the preset's, adapted to the real layer counts."""
     out = [Match(m.kind, tuple(m.teacher_layer) if isinstance(m.teacher_layer, list) else m.teacher_layer,
                  tuple(m.student_layer) if isinstance(m.student_layer, list) else m.student_layer,
-                 m.weight, m.projection) for m in d.matches]
+                 m.weight, m.projection, m.projection_lr) for m in d.matches]
     if d.match_preset:
         out += preset_matches(d.match_preset, teacher_layers, student_layers)
     return out
@@ -328,7 +328,8 @@ def distill_objective(cfg: Config, student: nn.Module, train_ex: Examples, train
         student.set_attn_implementation("eager")  # only eager attention returns attention maps
     s_width = hidden_size(student)
     for m in matches:
-        if m.feature == "hidden" and not m.projection and t_width is not None and t_width != s_width:
+        if (m.feature == "hidden" and not m.projection and not m.spec.any_width and t_width is not None
+                and t_width != s_width):
             raise MatchError(f"match {m.label} compares student width {s_width} with teacher width {t_width}; "
                              "set projection: linear (or relu/tanh) on that match")
     projections = build_projections(matches, s_width, t_width or s_width)
