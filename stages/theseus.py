@@ -11,8 +11,9 @@ paper's section 4.3 do). Dev evaluation, in both phases, runs the successor mode
 
 The run is one `fit` (one optimizer and learning-rate schedule over both phases, as the reference's), so
 checkpoints and --resume work as for any distillation; the replacement draws depend only on (seed, step), so a
-resumed run draws the same ones. The saved student is the successor model: the teacher's class with `groups`
-blocks, a normal `save_pretrained` folder.
+resumed run draws the same ones. The saved student (and every snapshot) is the successor model: the teacher's
+class with `groups` blocks, a normal `save_pretrained` folder. Callbacks receive the `TheseusModel`
+(`model.student` is the successor model).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from stages._io import check_outputs
-from stages._train import EpochSampler, fit, pick_device, save_model, set_seed
+from stages._train import EpochSampler, fit, pick_device, save_model, set_seed, write_model
 from stages.config import Config, DistillConfig, TheseusConfig, config_to_dict
 from stages.data import model_inputs
 from stages.distill import DistillResult, write_metrics
@@ -160,10 +161,11 @@ def distill_theseus(cfg: Config, *, on_step: Callable[[int], None] | None = None
     settings = {"method": "theseus", "teacher": name, "theseus": config_to_dict(t), **task.cache_settings()}
     # One run over both phases: distill.epochs of replacing, then successor_epochs of the successors alone.
     both = d.model_copy(update={"epochs": d.epochs + t.successor_epochs})
+    saved = {"label_names": task.label_names, "head_config": task.head_config()}
     result = fit(model, objective, train, dev, both, output=output, log_dir=Path(d.log_dir), device=device,
                  desc="distill (theseus)", on_step=on_step, run_settings=settings,
-                 evaluate=lambda m, data: task.evaluate(m, data, d.eval_batch_size, device))
-    save_model(model.student, tokenizer, objective.modules, output, result=result, label_names=task.label_names,
-               head_config=task.head_config())
+                 evaluate=lambda m, data: task.evaluate(m, data, d.eval_batch_size, device),
+                 write=lambda folder: write_model(model.student, tokenizer, objective.modules, folder, **saved))
+    save_model(model.student, tokenizer, objective.modules, output, result=result, **saved)
     write_metrics(cfg, result)
     return DistillResult(output, d.teacher_signal, [], result)

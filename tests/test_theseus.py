@@ -193,9 +193,14 @@ def _state(path: Path) -> dict[str, torch.Tensor]:
 
 def test_distill_saves_a_student_of_groups_blocks_with_the_teacher_frozen(tmp_path, tiny_data_dir, tiny_teacher_dir):
     cfg = config_from_dict(_params(tmp_path, tiny_data_dir, tiny_teacher_dir,
-                                   {"replace_prob": 0.5, "successor_epochs": 1.0}, epochs=1))
+                                   {"replace_prob": 0.5, "successor_epochs": 1.0}, epochs=1,
+                                   eval_every=13, snapshots=True, keep_best="accuracy"))
     res = distill(cfg)
     assert res.fit.steps == 26  # 1 epoch of replacing + 1 of the successors alone, 13 batches each
+    for step in (13, 26):  # snapshots are successor models too
+        snap = AutoModelForSequenceClassification.from_pretrained(tmp_path / "student" / "snapshots" / f"gs{step}")
+        assert snap.config.num_hidden_layers == 2
+    assert res.fit.best_step in (13, 26)
     student = AutoModelForSequenceClassification.from_pretrained(tmp_path / "student")
     assert student.config.num_hidden_layers == 2 and len(student.bert.encoder.layer) == 2
     s, t = student.state_dict(), _state(tiny_teacher_dir)
