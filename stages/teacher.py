@@ -12,7 +12,7 @@ import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from stages.lm_models import BUNDLED_LM, bundled_lm_folder
 from stages.models import (TEACHER_MEMOS, ModelError, load_model_config, missing_folder, recorded_teachers,
                            teacher_fingerprint)
 from stages.tasks import Task, get_task
+from stages.tasks.base import TORCH_DTYPES
 
 __all__ = [
     "TeacherSpec",
@@ -40,8 +41,6 @@ __all__ = [
     "CachedTeachers",
     "OnlineTeachers",
 ]
-
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def resolve_model(name: str) -> str:
@@ -71,11 +70,12 @@ class TeacherSpec:
     attention_layers: tuple[int, ...] = ()
     dtype: str = "float32"
     store_input_ids: bool = False
+    lm: Any = None  # precompute.lm (LMCacheConfig): what a causal_lm teacher's signal holds
 
     @classmethod
     def from_config(cls, p: PrecomputeConfig) -> "TeacherSpec":
         return cls(p.logits, tuple(sorted(set(p.hidden_layers))), p.hidden_tokens,
-                   tuple(sorted(set(p.attention_layers))), p.dtype, p.store_input_ids)
+                   tuple(sorted(set(p.attention_layers))), p.dtype, p.store_input_ids, p.lm)
 
     def check_layers(self, n: int, teacher: str) -> None:
         """Raise if a cached layer index does not exist in a teacher with `n` layers."""
@@ -93,19 +93,16 @@ class TeacherSpec:
                 )
 
 
-def teacher_outputs(model: torch.nn.Module, batch: dict[str, torch.Tensor], spec: TeacherSpec,
-                    task: Task) -> dict[str, torch.Tensor]:
-    """Run the teacher on a padded batch; return `logits` (the task's signal), `hidden.{i}`, `attention.{i}`
-    (padded, on the device, in the spec's dtype) and `length` (per row, the positions of the ragged axis)."""
-    out = model(
-        **model_inputs(batch),
-        output_hidden_states=bool(spec.hidden_layers),
-        output_attentions=bool(spec.attention_layers),
-    )
-    dtype = _TORCH_DTYPES[spec.dtype]
+def teacher_outputs(model: torch.nn.Module, batch: dict[str, torch.Tensor], spec: TeacherSpec, task: Task,
+                    ids: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Run the teacher on a padded batch of rows `ids`; return the task's signal (`logits` for most kinds,
+    `Task.teacher_signal`), `hidden.{i}`, `attention.{i}` (padded, on the device, in the spec's dtype) and
+    `length` (per row, the positions of the ragged axis)."""
+    out = task.teacher_forward(model, batch, hidden=bool(spec.hidden_layers), attentions=bool(spec.attention_layers))
+    dtype = TORCH_DTYPES[spec.dtype]
     res: dict[str, torch.Tensor] = {"length": task.lengths(batch)}
     if spec.logits:
-        res["logits"] = task.logits(out, batch).float().to(dtype)
+        res.update(task.teacher_signal(model, out, batch, ids, spec))
     for i in spec.hidden_layers:
         h = out.hidden_states[i]
         res[f"hidden.{i}"] = (h[:, 0] if spec.hidden_tokens == "first" else h).float().to(dtype)
@@ -121,7 +118,7 @@ def cache_fields(spec: TeacherSpec, cfg, labelled: bool, task: Task) -> list[cf.
     label = task.cache_label()
     fields = [label] if labelled and label is not None else []
     if spec.logits:
-        fields.append(cf.FieldSpec("logits", spec.dtype, task.logits_shape()))
+        fields += task.teacher_fields(spec, cfg)
     for i in spec.hidden_layers:
         shape = (cfg.hidden_size,) if spec.hidden_tokens == "first" else ("T", cfg.hidden_size)
         fields.append(cf.FieldSpec(f"hidden.{i}", spec.dtype, shape))
@@ -146,6 +143,7 @@ def cache_settings(spec: TeacherSpec, max_length: int, split: str, teacher_layer
         "attention_layers": list(spec.attention_layers),
         "dtype": spec.dtype,
         "store_input_ids": spec.store_input_ids,
+        **task.signal_settings(spec),
     }
 
 
@@ -315,7 +313,7 @@ class OnlineTeachers:
         for model, enc, rows in zip(self.models, self.encodings, self.rows):
             batch, _ = collate(enc, np.fromiter((rows[i] for i in ids), dtype=np.int64, count=len(ids)))
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            outs = teacher_outputs(model, batch, self.spec, self.task)
+            outs = teacher_outputs(model, batch, self.spec, self.task, ids)
             outs = {k: _pad_time(v, seq_len, _time_axes(k)) if v.dim() > 2 else v for k, v in outs.items()}
             outs["length"] = outs["length"].cpu()
             res.append(outs)

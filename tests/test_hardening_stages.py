@@ -418,8 +418,10 @@ def test_data_errors_come_before_model_loads(tmp_path, tiny_data_dir, tiny_teach
     bad = tmp_path / "bad.csv"
     bad.write_text("id,text,label\nex1,a fine film,1\nex2,,0\n")  # an empty text
     calls = []
-    for module in ("train_teacher", "precompute", "distill"):
-        for name in ("load_classifier", "load_tokenizer"):
+    # precompute loads its teacher through the task (Task.load_teacher, stages/tasks/base.py).
+    for module, names in (("train_teacher", ("load_classifier", "load_tokenizer")), ("precompute", ("load_tokenizer",)),
+                          ("tasks.base", ("load_classifier",)), ("distill", ("load_classifier", "load_tokenizer"))):
+        for name in names:
             monkeypatch.setattr(_module(module), name, lambda *a, _n=name, **k: calls.append(_n))
     monkeypatch.setattr(_module("distill"), "build_student", lambda *a: calls.append("build_student"))
     p = _params(tmp_path, tiny_data_dir, tiny_teacher_dir)

@@ -167,6 +167,10 @@ def test_theseus_settings_are_checked(tmp_path, tiny_data_dir, tiny_teacher_dir)
     assert "curriculum_k: only applies to curriculum: linear" in problems(theseus={"curriculum_k": 0.01})
     assert "distill.matches: method theseus trains" in problems(match_preset="L3_hidden_mse")
     p = _params(tmp_path, tiny_data_dir, tiny_teacher_dir)
+    p["data"]["task"], p["data"]["label_field"] = "causal_lm", None
+    with pytest.raises(ConfigError, match="distill.method: theseus is not supported for data.task causal_lm"):
+        config_from_dict(p)
+    p = _params(tmp_path, tiny_data_dir, tiny_teacher_dir)
     p["distill"]["method"] = "kd"
     with pytest.raises(ConfigError, match="distill.theseus: only read when distill.method is theseus"):
         config_from_dict(p)
