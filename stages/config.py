@@ -323,7 +323,7 @@ class PrecomputeConfig(_Section):
 
 
 _STUDENT_MODES = ("from_teacher", "pretrained", "config")
-_STUDENT_SIZES = ("num_layers", "hidden_size", "intermediate_size", "num_heads")
+_STUDENT_SIZES = ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads")
 
 
 class StudentConfig(_Section):
@@ -341,6 +341,7 @@ class StudentConfig(_Section):
     hidden_size: int | None = None
     intermediate_size: int | None = None
     num_heads: int | None = None
+    num_kv_heads: int | None = None  # causal LMs with grouped-query attention: key/value heads (divides num_heads)
 
     def _check(self) -> list[Problem]:
         chosen = [k for k in _STUDENT_MODES if getattr(self, k)]
@@ -488,7 +489,7 @@ class LMDistillConfig(_Section):
     loss: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
     jsd_beta: Float = 0.5
     topk_tail: Literal["bucket", "renormalize"] = "bucket"
-    chunk_tokens: int = 1024
+    chunk_tokens: int | None = None  # tokens per chunk of the loss; None: 2**23 // V (32 MiB of logits, flat in V)
     cross_tokenizer: bool = False  # Universal Logit Distillation over a cached top-k (another tokenizer)
 
     def _check(self) -> list[Problem]:
@@ -497,7 +498,7 @@ class LMDistillConfig(_Section):
             errs.append(("jsd_beta", f"must be in (0, 1) (got {self.jsd_beta})"))
         elif self.loss != "jsd" and self.jsd_beta != type(self).model_fields["jsd_beta"].default:
             errs.append(("jsd_beta", f"only applies to loss: jsd, not {self.loss}; remove it"))
-        if self.chunk_tokens < 1:
+        if self.chunk_tokens is not None and self.chunk_tokens < 1:
             errs.append(("chunk_tokens", f"must be >= 1 (got {self.chunk_tokens})"))
         return errs
 
