@@ -29,9 +29,12 @@ __all__ = [
     "TrainingConfig",
     "TrainTeacherConfig",
     "PrecomputeConfig",
+    "LMCacheConfig",
+    "LMDistillConfig",
     "StudentConfig",
     "KDConfig",
     "MatchConfig",
+    "TheseusConfig",
     "DistillConfig",
     "EvaluateConfig",
     "AugmentConfig",
@@ -150,7 +153,12 @@ class DataConfig(_Section):
                 errs.append((key, f"only applies to data.task: {' or '.join(users)}, not {self.task}; remove it"))
         if kind.regression and self.label_names is not None:
             errs.append(("label_names", "a regression target is a number, it has no label names; remove it"))
-        if kind.windows and self.label_names is not None:
+        if kind.language_model:
+            for key in ("label_names", "text_pair_field"):
+                if getattr(self, key) is not None:
+                    errs.append((key, f"{self.task} predicts the next token of one text, it reads no "
+                                 f"{key}; remove it"))
+        elif kind.windows and self.label_names is not None:
             errs.append(("label_names", f"{self.task} predicts spans, it has no label names; remove it"))
         if self.transfer is not None and not kind.transfer:
             errs.append(("transfer", f"an unlabelled transfer set is not supported for data.task: {self.task} "
@@ -253,6 +261,35 @@ class TrainTeacherConfig(TrainingConfig):
     metrics: str = "metrics/teacher_train.json"
 
 
+class LMCacheConfig(_Section):
+    """`precompute.lm`: what a causal_lm cache stores per token (data.task causal_lm only; stages/lm_codecs.py)."""
+
+    codec: Literal["dense", "topk", "sampled"] = "topk"
+    k: int = 32  # topk: ids kept per token
+    samples: int = 12  # sampled: ids drawn per token (stored as unique ids with counts)
+    proposal_temperature: Float = 1.0  # sampled: draw from q ~ p^(1/proposal_temperature)
+    max_dense_vocab: int = 4096  # dense: refused for a larger vocabulary
+    seed: int = 0  # sampled: with the row id, seeds each row's draws
+
+    def _check(self) -> list[Problem]:
+        errs = []
+        for name in ("k", "max_dense_vocab"):
+            if getattr(self, name) < 1:
+                errs.append((name, f"must be >= 1 (got {getattr(self, name)})"))
+        if not 1 <= self.samples <= 255:  # counts are stored as uint8
+            errs.append(("samples", f"must be in [1, 255] (got {self.samples})"))
+        if self.proposal_temperature <= 0:
+            errs.append(("proposal_temperature", f"must be > 0 (got {self.proposal_temperature})"))
+        # A setting another codec reads would silently do nothing (compared with the default: a dumped
+        # config that lists every key must parse again).
+        users = {"k": "topk", "samples": "sampled", "proposal_temperature": "sampled", "seed": "sampled",
+                 "max_dense_vocab": "dense"}
+        for key, codec in users.items():
+            if self.codec != codec and getattr(self, key) != type(self).model_fields[key].default:
+                errs.append((key, f"only applies to codec: {codec}, not {self.codec}; remove it"))
+        return errs
+
+
 class PrecomputeConfig(_Section):
     """`kd precompute`: run each teacher once over a split and cache its outputs."""
 
@@ -270,6 +307,7 @@ class PrecomputeConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     commit_examples: int = 20000
     commit_seconds: Float = 60.0
+    lm: LMCacheConfig = LMCacheConfig()  # data.task causal_lm only
 
     def _check(self) -> list[Problem]:
         errs = []
@@ -287,7 +325,7 @@ class PrecomputeConfig(_Section):
 
 
 _STUDENT_MODES = ("from_teacher", "pretrained", "config")
-_STUDENT_SIZES = ("num_layers", "hidden_size", "intermediate_size", "num_heads")
+_STUDENT_SIZES = ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads")
 
 
 class StudentConfig(_Section):
@@ -305,6 +343,7 @@ class StudentConfig(_Section):
     hidden_size: int | None = None
     intermediate_size: int | None = None
     num_heads: int | None = None
+    num_kv_heads: int | None = None  # causal LMs with grouped-query attention: key/value heads (divides num_heads)
 
     def _check(self) -> list[Problem]:
         chosen = [k for k in _STUDENT_MODES if getattr(self, k)]
@@ -418,10 +457,60 @@ DEFAULT_STUDENT = StudentConfig(config="models/teacher", num_layers=2, hidden_si
                                 intermediate_size=768, num_heads=3)
 
 
+class TheseusConfig(_Section):
+    """BERT-of-Theseus (`distill.method: theseus`, stages/theseus.py): groups of teacher blocks replaced at random
+    by one successor block each, the replacement probability constant or growing linearly, then the successors
+    trained alone."""
+
+    groups: int | None = None  # successor blocks; each stands in for teacher_layers / groups blocks
+    replace_prob: Float = 0.5  # p (constant), or the base rate b of the linear curriculum
+    curriculum: Literal["constant", "linear"] = "constant"
+    curriculum_k: Float | None = None  # linear: p_t = min(1, k * t + b) at optimizer step t
+    successor_epochs: Float = 1.0  # phase 2: epochs of the successors alone, after distill.epochs of replacing
+
+    def _check(self) -> list[Problem]:
+        errs = []
+        if self.groups is not None and self.groups < 1:
+            errs.append(("groups", f"must be >= 1 (got {self.groups})"))
+        if not 0 < self.replace_prob <= 1:
+            errs.append(("replace_prob", f"must be in (0, 1] (got {self.replace_prob})"))
+        if self.curriculum == "linear" and (self.curriculum_k is None or self.curriculum_k <= 0):
+            errs.append(("curriculum_k", "the linear curriculum needs k > 0, the growth of p per optimizer step "
+                         "(e.g. (1 - replace_prob) / 1000 reaches p = 1 after 1000 steps)"))
+        if self.curriculum == "constant" and self.curriculum_k is not None:
+            errs.append(("curriculum_k", "only applies to curriculum: linear; remove it or set curriculum: linear"))
+        if self.successor_epochs < 0:
+            errs.append(("successor_epochs", f"must be >= 0 (got {self.successor_epochs})"))
+        return errs
+
+
+class LMDistillConfig(_Section):
+    """`distill.lm`: the KD loss of a causal_lm student (data.task causal_lm only; kd.weight, kd.hard_weight and
+    kd.temperature are read as for every kind, the hard term being next-token cross-entropy)."""
+
+    loss: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    jsd_beta: Float = 0.5
+    topk_tail: Literal["bucket", "renormalize"] = "bucket"
+    chunk_tokens: int | None = None  # tokens per chunk of the loss; None: 2**23 // V (32 MiB of logits, flat in V)
+    cross_tokenizer: bool = False  # Universal Logit Distillation over a cached top-k (another tokenizer)
+
+    def _check(self) -> list[Problem]:
+        errs = []
+        if not 0 < self.jsd_beta < 1:
+            errs.append(("jsd_beta", f"must be in (0, 1) (got {self.jsd_beta})"))
+        elif self.loss != "jsd" and self.jsd_beta != type(self).model_fields["jsd_beta"].default:
+            errs.append(("jsd_beta", f"only applies to loss: jsd, not {self.loss}; remove it"))
+        if self.chunk_tokens is not None and self.chunk_tokens < 1:
+            errs.append(("chunk_tokens", f"must be >= 1 (got {self.chunk_tokens})"))
+        return errs
+
+
 class DistillConfig(TrainingConfig):
     """`kd distill`: train a student from cached (or live) teacher outputs."""
 
     lr: Float = 5e-4
+    method: Literal["kd", "theseus"] = "kd"  # theseus: BERT-of-Theseus module replacing (stages/theseus.py)
+    theseus: TheseusConfig = TheseusConfig()
     teacher_signal: Literal["cached", "online", "none"] = "cached"
     caches: list[str] = []
     teachers: list[str] = []
@@ -433,6 +522,7 @@ class DistillConfig(TrainingConfig):
     prefetch: int = 4
     check_cache_teacher: bool = True
     task_tau: Float = 1.0  # multi-task: a batch's task is drawn with probability |D_task|^tau / sum (0 = uniform)
+    lm: LMDistillConfig = LMDistillConfig()  # data.task causal_lm only
     output: str = "models/student"
     log_dir: str = "dvclive/distill"
     metrics: str = "metrics/distill.json"
@@ -459,6 +549,19 @@ class DistillConfig(TrainingConfig):
                          "remove matches and match_preset or set teacher_signal: cached"))
         if self.teacher_signal == "none" and self.kd.hard_weight <= 0:
             errs.append(("kd.hard_weight", "must be > 0 when teacher_signal is 'none' (nothing to learn)"))
+        if self.method == "kd" and self.theseus != TheseusConfig():
+            errs.append(("theseus", "only read when distill.method is theseus; set method: theseus or remove it"))
+        if self.method == "theseus":
+            if self.theseus.groups is None:
+                errs.append(("theseus.groups", "method theseus needs the number of successor blocks, a divisor "
+                             "of the teacher's layer count (e.g. 3 for a 6-layer teacher)"))
+            if self.teacher_signal != "online":
+                errs.append(("teacher_signal", f"is {self.teacher_signal!r}, but method theseus runs the teacher's "
+                             "own blocks live (cached outputs cannot stand in for them); set "
+                             "distill.teacher_signal: online"))
+            if self.matches or self.match_preset:
+                errs.append(("matches", "method theseus trains on the task's own loss alone; remove matches "
+                             "and match_preset"))
         if self.prefetch < 1:
             errs.append(("prefetch", f"must be >= 1 batch (got {self.prefetch})"))
         if self.task_tau < 0:
@@ -664,6 +767,10 @@ class Config(_Section):
         for i, t in enumerate(self.tasks):
             if names.index(t.name) != i:
                 continue  # a second task of the same name is reported above
+            if TASK_KINDS[t.data.task].language_model:
+                errs.append((f"tasks[{i}].data.task", f"task {t.name}: {t.data.task} cannot be part of a "
+                             "multi-task run yet; distil it on its own (top-level data:)"))
+                continue
             # A task's data and kd settings live in tasks[i]; report them there.
             here = {"data.": f"tasks[{i}].data.", "distill.kd.": f"tasks[{i}].kd."}
             for key, problem in _task_rules(self.for_task(t.name)):
@@ -671,6 +778,15 @@ class Config(_Section):
                     key, problem = key.replace(old, new), problem.replace(old, new)
                 errs.append((key, f"task {t.name}: {problem}"))
         d, p = self.distill, self.precompute
+        if d.method == "theseus" and self.tasks:
+            errs.append(("distill.method", "theseus distils one task at a time; remove tasks: or set method: kd"))
+        if d.method == "theseus" and TASK_KINDS[self.data.task].language_model:
+            errs.append(("distill.method", f"theseus is not supported for data.task {self.data.task} yet (it is for "
+                         "the classification, regression and QA kinds); set method: kd"))
+        if d.method == "theseus" and len(d.teachers or p.teachers) != 1:
+            key = "distill.teachers" if d.teachers else "precompute.teachers"
+            errs.append((key, f"method theseus replaces the blocks of one teacher, but {len(d.teachers or p.teachers)} "
+                         "are listed; list exactly one"))
         if d.teacher_signal != "none" and d.kd.teacher_weights is not None:
             names = d.caches if d.teacher_signal == "cached" else d.teachers
             n = len(names or p.teachers)
@@ -725,6 +841,7 @@ def _task_rules(cfg: "Config") -> list[Problem]:
         errs.append(("distill.max_length", f"{d.max_length} differs from precompute.max_length {p.max_length}; "
                      f"data.task {task} caches one teacher output per token of each window, so the student must "
                      "cut the same windows: use the same max_length (and the teacher's tokenizer)"))
+    errs += _lm_rules(cfg)
     if kind.token_axis == "words":
         why = (f"data.task {task} caches one teacher output per word, and per-word hidden states and attention "
                "are not supported yet")
@@ -752,6 +869,44 @@ def _augment_rules(cfg: "Config") -> list[Problem]:
     if tokens and Path(a.output).suffix.lower() != ".jsonl":
         errs.append(("augment.output", f"{a.output!r}: token_classification views are lists of words and tags, "
                      "which CSV cannot hold; write a .jsonl file"))
+    return errs
+
+
+def _lm_rules(cfg: "Config") -> list[Problem]:
+    """precompute.lm and distill.lm: only for a language-model kind, and what each choice needs."""
+    task, d, p = cfg.data.task, cfg.distill, cfg.precompute
+    errs: list[Problem] = []
+    if not TASK_KINDS[task].language_model:
+        for key, value, default in (("precompute.lm", p.lm, LMCacheConfig()), ("distill.lm", d.lm, LMDistillConfig())):
+            if value != default:
+                errs.append((key, f"only applies to data.task: causal_lm, not {task}; remove it"))
+        return errs
+    if not p.logits:
+        errs.append(("precompute.logits", f"data.task {task} caches the teacher's next-token distribution (as "
+                     "precompute.lm.codec says); set logits: true"))
+    if not p.store_input_ids:
+        errs.append(("precompute.store_input_ids", f"a {task} cache always holds the teacher's token ids (the "
+                     "student trains on them); set it to true"))
+    if d.lm.loss != "forward_kl" and d.teacher_signal != "online":
+        errs.append(("distill.lm.loss", f"{d.lm.loss} needs the teacher's full distribution at every step, so "
+                     f"distill.teacher_signal: online (now {d.teacher_signal}); or use loss: forward_kl"))
+    cached_topk = d.teacher_signal == "cached" and p.lm.codec == "topk"
+    if d.lm.cross_tokenizer and not cached_topk:
+        errs.append(("distill.lm.cross_tokenizer", "Universal Logit Distillation reads a cached top-k: set "
+                     "distill.teacher_signal: cached and precompute.lm.codec: topk"))
+    if d.lm.topk_tail != "bucket" and not cached_topk:
+        errs.append(("distill.lm.topk_tail", "only applies to a cached top-k (distill.teacher_signal: cached, "
+                     "precompute.lm.codec: topk); remove it"))
+    if d.teacher_signal == "cached" and not d.lm.cross_tokenizer and d.max_length != p.max_length:
+        errs.append(("distill.max_length", f"{d.max_length} differs from precompute.max_length {p.max_length}; "
+                     f"data.task {task} caches blocks of precompute.max_length teacher tokens and a student with "
+                     "the teacher's tokenizer trains on the same blocks: use the same max_length"))
+    if d.kd.loss != "kl":
+        errs.append(("distill.kd.loss", f"data.task {task} takes its KD loss from distill.lm.loss; leave "
+                     "distill.kd.loss at kl"))
+    if d.matches or d.match_preset:
+        errs.append(("distill.matches", f"intermediate matches are not supported for data.task {task}; "
+                     "remove matches and match_preset"))
     return errs
 
 

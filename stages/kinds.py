@@ -107,6 +107,7 @@ class TaskKind:
     transfer: bool = False
     regression: bool = False  # one float target: data.num_labels and label_names do not apply
     windows: bool = False  # long inputs are cut into windows of teacher tokens: the student must tokenise alike
+    language_model: bool = False  # next-token prediction over packed blocks of text: precompute.lm, distill.lm
 
 
 TASK_KINDS: dict[str, TaskKind] = {
@@ -117,4 +118,5 @@ TASK_KINDS: dict[str, TaskKind] = {
                                      token_axis="words"),
     "extractive_qa": TaskKind(options=("question_field", "context_field", "answers_field", "doc_stride",
                                        "max_answer_length"), windows=True),
+    "causal_lm": TaskKind(language_model=True),
 }

@@ -38,6 +38,7 @@ __all__ = [
     "load_causal_lm",
     "causal_lm_student",
     "lm_metrics",
+    "head_logits",
 ]
 
 BUNDLED_LM = "bundled:smollm2-135m"
@@ -225,7 +226,7 @@ def _resized_config(config: Any, source: str, *, num_layers: int | None, hidden_
 # Metrics
 
 
-def _head_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+def head_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
     """float32 next-token logits of `hidden` [n, H] through the model's output layer."""
     logits = model.get_output_embeddings()(hidden).float()
     cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma-2 style capping, part of the model
@@ -281,7 +282,7 @@ def lm_metrics(model: PreTrainedModel, rows: Encoded, *, batch_size: int, device
             hidden = _scored_hidden(model, batch, keep)
             preds = []
             for c in range(0, targets.numel(), chunk_tokens):
-                logp = torch.log_softmax(_head_logits(model, hidden[c:c + chunk_tokens]), dim=-1)
+                logp = torch.log_softmax(head_logits(model, hidden[c:c + chunk_tokens]), dim=-1)
                 target = targets[c:c + chunk_tokens]
                 nll_sum += float(-logp.gather(1, target[:, None]).sum(dtype=torch.float64))
                 top_logp, pred = logp.max(dim=-1)
@@ -297,7 +298,7 @@ def lm_metrics(model: PreTrainedModel, rows: Encoded, *, batch_size: int, device
                 t_hidden = _scored_hidden(teacher, batch, keep)
                 pred = torch.cat(preds)
                 for c in range(0, targets.numel(), chunk_tokens):
-                    t_pred = _head_logits(teacher, t_hidden[c:c + chunk_tokens]).argmax(dim=-1)
+                    t_pred = head_logits(teacher, t_hidden[c:c + chunk_tokens]).argmax(dim=-1)
                     agree += int((t_pred == pred[c:c + chunk_tokens]).sum())
     finally:
         for m, mode in zip(models, modes):
