@@ -341,3 +341,45 @@ def test_views_as_the_transfer_set_are_labelled_once_and_distilled(tmp_path, tin
     other = config_from_dict({**params, "distill": {**params["distill"], "seed": 7,
                                                     "output": str(tmp_path / "student2")}})
     assert distill(other).fit.steps == steps
+
+
+@pytest.mark.slow
+def test_bundled_model_and_data_views_through_precompute_and_distill(tmp_path):
+    """The real Rotten Tomatoes split and the bundled MiniLM: the views with the tokenizer's own mask token."""
+    import yaml
+
+    from stages import prepare, train_teacher
+    from stages.teacher import resolve_model
+
+    repo = Path(__file__).resolve().parents[1]
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    data, models = tmp_path / "data", tmp_path / "models"
+    params["data"].update({s: str(data / f"{s}.csv") for s in ("train", "dev", "test")},
+                          transfer=str(tmp_path / "views.csv"))
+    params["prepare"].update(max_examples=400, transfer_source=None, out_dir=str(data))
+    params["augment"].update(input=str(data / "train.csv"), output=str(tmp_path / "views.csv"), ops={
+        "mask": {"token": f"tokenizer:{resolve_model(params['train_teacher']['model'])}"}, "delete": {},
+        "ngram": {}, "shuffle": {}})
+    params["train_teacher"].update(output=str(models / "teacher"), epochs=1, metrics=str(tmp_path / "t.json"))
+    params["precompute"].update(teachers=[str(models / "teacher")], cache_root=str(tmp_path / "caches"))
+    params["distill"].update(student={"config": str(models / "teacher"), "num_layers": 2, "hidden_size": 192,
+                                      "intermediate_size": 768, "num_heads": 3}, epochs=1,
+                             output=str(models / "student"), log_dir=str(tmp_path / "live"),
+                             metrics=str(tmp_path / "d.json"))
+    cfg = config_from_dict(params)
+    prepare(cfg)
+    res = augment(cfg)
+    first = Path(cfg.augment.output).read_bytes()
+    assert res.examples == 320 and 4 * 320 * 0.9 < sum(res.views.values()) <= 4 * 320
+    assert augment(cfg) == res and Path(cfg.augment.output).read_bytes() == first
+    train_teacher(cfg)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(models / "teacher")
+    views = load_examples(cfg.augment.output, text_field="text")
+    masked = [t for t in views.texts if tok.mask_token in t]
+    assert tok.mask_token == "[MASK]" and len(masked) == res.views["mask"]
+    assert tok.mask_token_id in tok(masked[0])["input_ids"]
+    [cache] = precompute(cfg)
+    assert cache.examples == 320 + len(views)
+    assert distill(cfg).fit.steps == math.ceil(cache.examples / cfg.distill.batch_size)
