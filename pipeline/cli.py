@@ -77,10 +77,10 @@ def augment(params: str, overrides: tuple[str, ...]) -> None:
     from stages.augment import augment as run
 
     res = _run("augment", params, overrides, run)
-    per_op = ", ".join(f"{op} {n}" for op, n in res.views.items()) or "augmentation is off: name an operation in augment.ops"
-    click.echo(f"{sum(res.views.values())} views of {res.examples} examples ({per_op}; {res.duplicates} dropped as "
-               f"repeats{f'; {res.included_input} input examples first' if res.included_input else ''}) "
-               f"written to {res.output}")
+    per_op = ", ".join(f"{op} {n}" for op, n in res.views.items()) or "augmentation is off: set augment.ops"
+    first = f"; {res.included_input} input examples first" if res.included_input else ""
+    click.echo(f"{sum(res.views.values())} views of {res.examples} examples ({per_op}; {res.duplicates} dropped "
+               f"as repeats{first}) written to {res.output}")
 
 
 _resume = click.option("--resume", is_flag=True, help="Continue from the last checkpoint (same as --set <stage>.resume=true).")
