@@ -86,7 +86,12 @@ def precompute(params: str, overrides: tuple[str, ...]) -> None:
 @_common
 @_resume
 def distill(params: str, overrides: tuple[str, ...], resume: bool) -> None:
-    """Train a student from cached (or live) teacher outputs."""
+    """Train a student from cached (or live) teacher outputs.
+
+    With --set distill.method=fastbert: FastBERT instead. Branch classifiers (distill.fastbert.branch_width,
+    branch_heads) after every block of a fine-tuned backbone (distill.fastbert.backbone; default: the first
+    teacher) learn from its final classifier; the saved folder exits early in `kd evaluate`.
+    """
     from stages.distill import distill as run
 
     res = _run("distill", params, overrides + (("distill.resume=true",) if resume else ()), run)
@@ -99,6 +104,8 @@ def evaluate(params: str, overrides: tuple[str, ...]) -> None:
     """The task's metrics, parameters and inference speed of saved models, side by side.
 
     Writes evaluate.output and each model's prediction per example to evaluate.predictions (for `kd report`).
+    A FastBERT model is also measured at each of evaluate.fastbert_speeds (accuracy, average blocks run,
+    examples/s); the curve of all the models goes to evaluate.fastbert_curve (CSV) and a PNG next to it.
     """
     from stages.evaluate import evaluate as run
 

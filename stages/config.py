@@ -33,6 +33,7 @@ __all__ = [
     "KDConfig",
     "MatchConfig",
     "DistillConfig",
+    "FastBertConfig",
     "EvaluateConfig",
     "TaskConfig",
     "load_config",
@@ -376,6 +377,24 @@ def _layers(layer: int | list[int]) -> list[int]:
     return layer if isinstance(layer, list) else [layer]
 
 
+class FastBertConfig(_Section):
+    """`distill.method: fastbert`: branch classifiers on a fine-tuned backbone (FastBERT, arXiv 2004.02178)."""
+
+    backbone: str | None = None  # the fine-tuned classifier that gets branches (None: the first teacher)
+    branch_width: int = 128  # the paper's student classifier: 128 wide, 2 attention heads
+    branch_heads: int = 2
+
+    def _check(self) -> list[Problem]:
+        errs = []
+        for name in ("branch_width", "branch_heads"):
+            if getattr(self, name) < 1:
+                errs.append((name, f"must be >= 1 (got {getattr(self, name)})"))
+        if not errs and self.branch_width % self.branch_heads:
+            errs.append(("branch_width", f"{self.branch_width} is not divisible by branch_heads "
+                         f"{self.branch_heads}; pick a multiple of the head count"))
+        return errs
+
+
 # The demo's student: a narrow 2-layer model in the teacher's architecture, randomly initialised.
 DEFAULT_STUDENT = StudentConfig(config="models/teacher", num_layers=2, hidden_size=192,
                                 intermediate_size=768, num_heads=3)
@@ -385,6 +404,10 @@ class DistillConfig(TrainingConfig):
     """`kd distill`: train a student from cached (or live) teacher outputs."""
 
     lr: Float = 5e-4
+    # kd: train distill.student from the teacher signal; fastbert: self-distil branch classifiers onto a
+    # fine-tuned backbone (distill.fastbert; stages/fastbert.py).
+    method: Literal["kd", "fastbert"] = "kd"
+    fastbert: FastBertConfig = FastBertConfig()
     teacher_signal: Literal["cached", "online", "none"] = "cached"
     caches: list[str] = []
     teachers: list[str] = []
@@ -422,6 +445,9 @@ class DistillConfig(TrainingConfig):
                          "remove matches and match_preset or set teacher_signal: cached"))
         if self.teacher_signal == "none" and self.kd.hard_weight <= 0:
             errs.append(("kd.hard_weight", "must be > 0 when teacher_signal is 'none' (nothing to learn)"))
+        if self.method != "fastbert" and self.fastbert != FastBertConfig():
+            errs.append(("fastbert", "is only read when distill.method is fastbert; set method: fastbert or "
+                         "remove the section"))
         if self.prefetch < 1:
             errs.append(("prefetch", f"must be >= 1 batch (got {self.prefetch})"))
         if self.task_tau < 0:
@@ -440,6 +466,19 @@ class EvaluateConfig(_Section):
     throughput_batches: int = 20
     output: str = "metrics/evaluate.json"
     predictions: str = "metrics/predictions.json"
+    # FastBERT models (folders `kd distill` wrote with distill.method: fastbert) are also measured at each speed,
+    # and the speed/accuracy curve of every model goes to fastbert_curve (CSV) and a PNG next to it.
+    fastbert_speeds: list[Float] = [0.1, 0.2, 0.3, 0.5, 0.7, 0.9]
+    fastbert_curve: str = "metrics/fastbert_curve.csv"
+
+    def _check(self) -> list[Problem]:
+        bad = [s for s in self.fastbert_speeds if not 0 < s <= 1]
+        if bad:
+            return [("fastbert_speeds", f"speeds must be in (0, 1] (got {bad}); 1 = every example leaves at the "
+                     "first branch, near 0 = none leaves early")]
+        if not self.fastbert_speeds:
+            return [("fastbert_speeds", "list at least one speed in (0, 1], e.g. [0.1, 0.5, 0.9]")]
+        return []
 
 
 class TaskConfig(_Section):
@@ -525,6 +564,11 @@ class Config(_Section):
                 if given:
                     errs.append((key, f"is not read when tasks: is set (each task has its own); move it to "
                                  f"{instead} and remove it here"))
+        if self.tasks and self.distill.method == "fastbert":
+            errs.append(("distill.method", "fastbert is single-task; remove tasks: or use method: kd"))
+        elif self.distill.method == "fastbert" and not TASK_KINDS[self.data.task].sequence_kd:
+            errs.append(("distill.method", f"fastbert exits on the entropy of one class distribution per example, "
+                         f"and data.task is {self.data.task}; use it with sequence_classification"))
         if self.tasks and self.distill.caches:
             errs.append(("distill.caches", "multi-task runs find each task's cache from its data and teachers; "
                          "remove distill.caches (or list the task's teachers in tasks[].teachers)"))

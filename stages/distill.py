@@ -235,12 +235,17 @@ def distill_settings(cfg: Config, readers: Sequence[cf.CacheReader]) -> dict:
 def distill(cfg: Config, *, on_step: Callable[[int], None] | None = None) -> DistillResult:
     """Train the student described by `cfg.distill` and save it with `save_pretrained`.
 
-    With `tasks:` in the params, one student with a head per task (stages/multitask.py).
+    With `tasks:` in the params, one student with a head per task (stages/multitask.py); with
+    `distill.method: fastbert`, FastBERT's self-distilled branches on a fine-tuned backbone (stages/fastbert.py).
     `on_step(step)` is called after every optimizer step (the benchmarks time steps with it)."""
     if cfg.tasks:
         from stages.multitask import distill_tasks  # it builds on this module
 
         return distill_tasks(cfg, on_step=on_step)
+    if cfg.distill.method == "fastbert":
+        from stages.fastbert import distill_fastbert  # self-distillation: the branches learn from their backbone
+
+        return DistillResult(Path(cfg.distill.output), "fastbert", [], distill_fastbert(cfg, on_step=on_step))
     d = cfg.distill
     output = Path(d.output)
     check_outputs({"distill.output": (output, "model"), "distill.metrics": (d.metrics, "file"),
