@@ -145,6 +145,10 @@ class FastBert(nn.Module):
         self.backbone.eval()  # frozen: its dropout must not make the final classifier's targets noisy
         return self
 
+    def _block_mask(self, hidden: Tensor, mask: Tensor) -> Tensor | None:
+        """The attention mask the blocks take, as the backbone builds it for its attention implementation."""
+        return create_bidirectional_mask(config=self.backbone.config, inputs_embeds=hidden, attention_mask=mask)
+
     def _head(self, hidden: Tensor) -> Tensor:
         """The backbone's own classifier on the last block's output."""
         model, base = self.backbone, self.backbone.base_model
@@ -174,9 +178,8 @@ class FastBert(nn.Module):
         rows = torch.arange(n, device=device)  # the batch rows still running
         mask = attention_mask
         hidden = self.backbone.base_model.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+        block_mask = self._block_mask(hidden, mask)
         for i, block in enumerate(blocks):
-            block_mask = create_bidirectional_mask(config=self.backbone.config, inputs_embeds=hidden,
-                                                   attention_mask=mask)
             hidden = block(hidden, block_mask)
             if i == len(blocks) - 1:
                 logits[rows] = self._head(hidden).float()
@@ -194,6 +197,7 @@ class FastBert(nn.Module):
                 break
             # Only the staying rows go on: the next blocks run on a smaller batch.
             rows, hidden, mask = rows[stay], hidden.index_select(0, stay), mask.index_select(0, stay)
+            block_mask = self._block_mask(hidden, mask)
         return FastBertOutput(logits=logits, layers=layers)
 
 

@@ -242,3 +242,52 @@ def test_without_matplotlib_the_csv_is_written_and_the_note_says_how(tmp_path, m
         "model,speed,accuracy,macro_f1,average_layers,examples_per_second", "fastbert,0.5,0.8,0.8,2.5,100.0"]
     assert not (tmp_path / "c.png").exists()
     assert "pip install matplotlib" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_fastbert_on_the_bundled_model_and_data(tmp_path):
+    """The real bundled MiniLM (6 blocks) on 400 Rotten Tomatoes sentences: fine-tune, self-distil, evaluate.
+
+    Behaviour only (one short epoch each is too little for quality): exactness, exits, KL, the curve files."""
+    from stages import prepare
+
+    data, models = tmp_path / "data", tmp_path / "models"
+    params = {
+        "data": {s: str(data / f"{s}.csv") for s in ("train", "dev", "test")},
+        "prepare": {"max_examples": 400, "out_dir": str(data)},
+        "train_teacher": {"output": str(models / "teacher"), "epochs": 1, "metrics": str(tmp_path / "t.json")},
+        "distill": {"method": "fastbert", "fastbert": {"backbone": str(models / "teacher")}, "epochs": 1,
+                    "output": str(models / "fastbert"), "log_dir": str(tmp_path / "live"),
+                    "metrics": str(tmp_path / "d.json")},
+        "evaluate": {"models": {"teacher": str(models / "teacher"), "fastbert": str(models / "fastbert")},
+                     "throughput_batches": 2, "output": str(tmp_path / "e.json"),
+                     "predictions": str(tmp_path / "p.json"), "fastbert_curve": str(tmp_path / "curve.csv"),
+                     "fastbert_speeds": [0.5, 0.99, 1.0]},
+    }
+    cfg = config_from_dict(params)
+    prepare(cfg)
+    train_teacher(cfg)
+    task = get_task(cfg.data)
+    dev = task.encode(load_tokenizer(str(models / "teacher")), task.load(cfg.data.dev), 64)
+    torch.manual_seed(0)
+    untrained = FastBert(load_classifier(str(models / "teacher"), 2))
+    before = exit_scores(untrained, dev, task, 64, torch.device("cpu"))
+    distill(cfg)
+    model = load_fastbert(models / "fastbert", 2)
+    after = exit_scores(model, dev, task, 64, torch.device("cpu"))
+    assert after["kl"] < before["kl"], (before, after)
+    assert after["exit6_accuracy"] == before["exit6_accuracy"]  # the backbone's head: untouched
+
+    inputs = _inputs(models / "teacher")
+    full = model.backbone(**inputs).logits
+    torch.testing.assert_close(model(**inputs).logits, full, rtol=1e-5, atol=1e-5)  # speed None: every block
+    model.speed = 1.0
+    assert model(**inputs).layers.tolist() == [1] * len(TEXTS)
+
+    results = evaluate(cfg)
+    curve = results["fastbert"]["fastbert"]
+    layers = [r["average_layers"] for r in curve]
+    # One short epoch on 320 sentences leaves the backbone unsure (entropy near 1): only speed 1 is sure to exit.
+    assert layers == sorted(layers, reverse=True) and layers[-1] == 1.0 < layers[0] <= 6.0
+    assert results["fastbert"]["accuracy"] == results["teacher"]["accuracy"]
+    assert (tmp_path / "curve.csv").is_file() and (tmp_path / "curve.png").is_file()
