@@ -291,3 +291,34 @@ def test_fastbert_on_the_bundled_model_and_data(tmp_path):
     assert layers == sorted(layers, reverse=True) and layers[-1] == 1.0 < layers[0] <= 6.0
     assert results["fastbert"]["accuracy"] == results["teacher"]["accuracy"]
     assert (tmp_path / "curve.csv").is_file() and (tmp_path / "curve.png").is_file()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fastbert_on_cuda_with_autocast(tmp_path, tiny_data_dir, tiny_teacher_dir):
+    """On CUDA: the exits match the backbone, rows really leave, and bf16 self-distillation lowers the KL."""
+    from stages._train import fit
+    from stages.config import DistillConfig
+    from stages.fastbert import SelfDistillation, speed_curve
+
+    cuda = torch.device("cuda")
+    torch.manual_seed(0)
+    model = FastBert(load_classifier(str(tiny_teacher_dir), 2)).to(cuda)
+    inputs = {k: v.to(cuda) for k, v in _inputs(tiny_teacher_dir).items()}
+    torch.testing.assert_close(model(**inputs).logits, model.backbone(**inputs).logits, rtol=1e-4, atol=1e-4)
+    model.speed = 1.0
+    assert model(**inputs).layers.tolist() == [1] * len(TEXTS)
+    model.speed = None
+
+    task = get_task(config_from_dict({}).data.model_copy(update={"train": str(tiny_data_dir / "train.csv")}))
+    tokenizer = load_tokenizer(str(tiny_teacher_dir))
+    train = task.encode(tokenizer, task.load(tiny_data_dir / "train.csv"), 32)
+    dev = task.encode(tokenizer, task.load(tiny_data_dir / "dev.csv"), 32)
+    before = exit_scores(model, dev, task, 64, cuda)["kl"]
+    cfg = DistillConfig(epochs=2.0, batch_size=16, lr=3e-3, max_length=32, mixed_precision="bf16")
+    fit(model, SelfDistillation(), train, dev, cfg, output=tmp_path / "fb", log_dir=None, device=cuda,
+        evaluate=lambda m, data: exit_scores(m, data, task, 64, cuda))
+    after = exit_scores(model, dev, task, 64, cuda)["kl"]
+    assert after < before, (before, after)
+    curve = speed_curve(model, dev, task, [0.5, 1.0], 16, lambda m: 1.0, cuda)
+    assert curve[-1]["average_layers"] == 1.0 and curve[0]["average_layers"] >= 1.0
