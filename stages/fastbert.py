@@ -47,8 +47,9 @@ from stages.tasks import Task, get_task
 from stages.teacher import load_split, resolve_model
 
 __all__ = ["FastBertError", "BranchClassifier", "FastBert", "FastBertOutput", "normalized_entropy", "check_speed",
-           "SelfDistillation", "exit_scores", "predict_exits", "speed_curve", "save_fastbert", "load_fastbert",
-           "is_fastbert", "distill_fastbert", "curve_rows", "write_curve", "CONFIG_FILE", "BRANCHES_FILE"]
+           "SelfDistillation", "exit_scores", "predict_exits", "speed_curve", "write_fastbert", "save_fastbert",
+           "load_fastbert", "is_fastbert", "distill_fastbert", "curve_rows", "write_curve", "CONFIG_FILE",
+           "BRANCHES_FILE"]
 
 CONFIG_FILE = "fastbert.json"
 BRANCHES_FILE = "fastbert_branches.safetensors"
@@ -210,20 +211,21 @@ def is_fastbert(path: str | Path) -> bool:
     return (Path(path) / CONFIG_FILE).is_file()
 
 
-def save_fastbert(model: FastBert, tokenizer: Any, output: Path, *, result: FitResult | None = None,
-                  label_names: Sequence[str] | None = None, head_config: dict | None = None) -> None:
-    """The backbone (`save_pretrained` + tokenizer) and the branches next to it, swapped in as one folder."""
+def write_fastbert(model: FastBert, tokenizer: Any, folder: Path, *, result: FitResult | None = None,
+                   label_names: Sequence[str] | None = None, head_config: dict | None = None) -> None:
+    """The backbone (`save_pretrained` + tokenizer) and the branches next to it, written into `folder`."""
+    write_model(model.backbone, tokenizer, nn.ModuleDict(), folder, result=result, label_names=label_names,
+                head_config=head_config)
+    save_file({k: v.contiguous() for k, v in model.branches.state_dict().items()}, str(folder / BRANCHES_FILE))
+    info = {"format": _FORMAT, "branches": len(model.branches), "branch_width": model.branch_width,
+            "branch_heads": model.branch_heads, "num_labels": model.num_labels,
+            "exits_after_blocks": list(range(1, len(model.branches) + 2))}
+    atomic_write_text(folder / CONFIG_FILE, json.dumps(info, indent=2) + "\n")
 
-    def fill(folder: Path) -> None:
-        write_model(model.backbone, tokenizer, nn.ModuleDict(), folder, result=result, label_names=label_names,
-                    head_config=head_config)
-        save_file({k: v.contiguous() for k, v in model.branches.state_dict().items()}, str(folder / BRANCHES_FILE))
-        info = {"format": _FORMAT, "branches": len(model.branches), "branch_width": model.branch_width,
-                "branch_heads": model.branch_heads, "num_labels": model.num_labels,
-                "exits_after_blocks": list(range(1, len(model.branches) + 2))}
-        atomic_write_text(folder / CONFIG_FILE, json.dumps(info, indent=2) + "\n")
 
-    replace_folder(output, fill)
+def save_fastbert(model: FastBert, tokenizer: Any, output: Path, **saved: Any) -> None:
+    """`write_fastbert` into a sibling folder, swapped in as `output` once complete (never half a model)."""
+    replace_folder(output, lambda folder: write_fastbert(model, tokenizer, folder, **saved))
 
 
 def load_fastbert(path: str | Path, num_labels: int | None = None, *,
@@ -361,11 +363,11 @@ def distill_fastbert(cfg: Config, *, on_step: Callable[[int], None] | None = Non
     dev = task.encode(tokenizer, dev_ex, d.max_length) if dev_ex is not None else None
     settings = {"method": "fastbert", "backbone": name, "backbone_fingerprint": teacher_fingerprint(src),
                 "fastbert": config_to_dict(d.fastbert), **task.cache_settings()}
+    saved = {"label_names": task.label_names, "head_config": task.head_config()}
     result = fit(model, SelfDistillation(), train, dev, d, output=output, log_dir=Path(d.log_dir), device=device,
                  desc="distill (fastbert)", on_step=on_step, run_settings=settings,
                  evaluate=lambda m, data: exit_scores(m, data, task, d.eval_batch_size, device))
-    save_fastbert(model, tokenizer, output, result=result, label_names=task.label_names,
-                  head_config=task.head_config())
+    save_fastbert(model, tokenizer, output, result=result, **saved)
     metrics = {"method": "fastbert", "backbone": name, **{f"dev_{k}": v for k, v in (result.dev or {}).items()},
                "steps": result.steps, "seconds": round(result.seconds, 2),
                "train_examples_per_second": round(result.examples_per_second, 1)}
