@@ -123,7 +123,7 @@ def _teacher_forward(t: Teacher, csv: Path, hidden: bool, warmup: int) -> float:
     spec = TeacherSpec(hidden_layers=tuple(tl for tl, _ in _hidden(t)) if hidden else ())
     times = [time.perf_counter()]
     for batch in Batches(enc, BATCH, SEED, labels=False):
-        teacher_outputs(model, batch, spec, SequenceClassification(DataConfig()))
+        teacher_outputs(model, batch, spec, SequenceClassification(DataConfig()), [])
         times.append(time.perf_counter())
     return (times[-1] - times[warmup]) / (len(times) - 1 - warmup)
 

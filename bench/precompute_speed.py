@@ -64,8 +64,8 @@ def _bare(cfg_dict: dict) -> tuple[float, float, int]:
     order = np.argsort(-enc.lengths, kind="stable")
     with torch.inference_mode():
         for start in range(0, len(order), p.batch_size):
-            batch, _ = collate(enc, order[start : start + p.batch_size])
-            outs = teacher_outputs(model, batch, spec, task)
+            batch, ids = collate(enc, order[start : start + p.batch_size])
+            outs = teacher_outputs(model, batch, spec, task, ids)
             lengths = outs.pop("length").to(torch.int32)
             _ = lengths.numpy(), {k: v.cpu() for k, v in outs.items()}
     end = time.perf_counter()

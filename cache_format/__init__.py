@@ -28,7 +28,7 @@ from cache_format._manifest import (
     file_hash,
 )
 from cache_format._reader import CacheReader
-from cache_format._tools import VerifyReport, cache_info, list_caches, verify_cache
+from cache_format._tools import VerifyReport, cache_info, human_bytes, list_caches, verify_cache
 from cache_format._writer import CacheWriter, finalize_cache
 
 __all__ = [
@@ -42,6 +42,7 @@ __all__ = [
     "cache_info",
     "verify_cache",
     "list_caches",
+    "human_bytes",
     "VerifyReport",
     "fingerprint",
     "Hasher",

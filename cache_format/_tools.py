@@ -23,19 +23,35 @@ from cache_format._manifest import (
 from cache_format._reader import arrow_schema, file_hash, open_shard
 
 
+def human_bytes(n: float) -> str:
+    """A byte count for people: `512 B`, `1.5 KiB`, `3.2 GiB`."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
 def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
 
 
 def cache_info(path: str | os.PathLike) -> dict[str, Any]:
-    """Summary of a finished cache: fingerprints, settings, count, fields, bytes on disk and per example."""
+    """Summary of a finished cache: fingerprints, settings, count, fields, bytes on disk and per example.
+
+    `tokens` is the sum of the examples' lengths (the ragged axis "T"), and `bytes_per_token` the bytes of one
+    position summed over the fields stored once per position (shape ("T", ...)); None when no field is.
+    """
     folder = Path(path)
     manifest = load_manifest(folder)
     field_bytes = {f.name: 0 for f in manifest.fields}
+    tokens = 0
     for info in manifest.shards:
         batch = open_shard(folder / info.file)
+        tokens += int(batch.column("length").to_numpy().sum())
         for f in manifest.fields:
             field_bytes[f.name] += batch.column(f.name).nbytes
+    per_token = [f for f in manifest.fields if f.shape[:1] == ("T",) and f.shape.count("T") == 1]
     n = max(manifest.count, 1)
     return {
         "path": str(folder),
@@ -46,6 +62,8 @@ def cache_info(path: str | os.PathLike) -> dict[str, Any]:
         "count": manifest.count,
         "shards": len(manifest.shards),
         "bytes_on_disk": _folder_bytes(folder),
+        "tokens": tokens,
+        "bytes_per_token": sum(f.size(1) * f.storage_dtype.itemsize for f in per_token) if per_token else None,
         "fields": [
             {**f.to_dict(), "bytes": field_bytes[f.name], "bytes_per_example": field_bytes[f.name] / n}
             for f in manifest.fields

@@ -9,16 +9,8 @@ from typing import Any
 
 import click
 
-from cache_format import cache_info, list_caches, verify_cache
-from cache_format._errors import KDError
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
+from cache_format import cache_info, human_bytes, list_caches, verify_cache
+from cache_format._errors import CacheError, KDError
 
 
 def _kd_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -54,26 +46,52 @@ def info_cmd(path: str, as_json: bool) -> None:
                f"{info['created']})")
     click.echo(f"teacher    {info['teacher_fingerprint']}")
     click.echo(f"data       {info['data_fingerprint']}")
-    click.echo(f"examples   {info['count']} in {info['shards']} shards, {_human(info['bytes_on_disk'])} on disk")
+    click.echo(f"examples   {info['count']} in {info['shards']} shards, {human_bytes(info['bytes_on_disk'])} on disk")
+    click.echo(f"size       {human_bytes(info['bytes_on_disk'] / max(info['count'], 1))} per example on disk")
+    if info["bytes_per_token"] is not None:
+        # Every field stored once per position of the ragged axis (tokens; words for token classification).
+        click.echo(f"per token  {info['bytes_per_token']} bytes in the per-token fields, {info['tokens']} tokens")
     click.echo(f"settings   {json.dumps(info['settings'], sort_keys=True)}")
     click.echo("fields")
     for f in info["fields"]:
         shape = "(" + ", ".join(str(d) for d in f["shape"]) + ("," if len(f["shape"]) == 1 else "") + ")"
         click.echo(f"  {f['name']:<20} {f['dtype']:<9} {shape:<16} {f['codec']:<6} "
-                   f"{_human(f['bytes_per_example'])}/example")
+                   f"{human_bytes(f['bytes_per_example'])}/example")
 
 
 @cache.command("verify")
 @click.argument("path", type=click.Path(file_okay=False))
+@click.option("--deep", is_flag=True,
+              help="Also hash the teacher's files in full and compare them with the cache's teacher fingerprint "
+                   "(catches a change that kept file sizes and mtimes; reads every weight file).")
+@click.option("--teacher", metavar="PATH",
+              help="Teacher for --deep (folder, hub name or bundled:...); default: the folder(s) recorded for the "
+                   "cache's teacher in .teachers/ next to the cache.")
 @_kd_errors
-def verify_cmd(path: str) -> None:
-    """Check every shard hash, the manifest against the shards, unique ids and finite values."""
+def verify_cmd(path: str, deep: bool, teacher: str | None) -> None:
+    """Check every shard hash, the manifest against the shards, unique ids and finite values.
+
+    Without --deep the teacher is not read (distill matches it by path and file sizes and mtimes); --deep
+    hashes its files in full, which also catches a change that kept them.
+    """
+    if teacher and not deep:
+        raise click.UsageError("--teacher is only used with --deep")
     report = verify_cache(path)
-    if report.ok:
-        click.echo(f"OK {report.path}: {report.count} examples in {report.shards} shards, all hashes match")
+    problems = list(report.problems)
+    if deep:
+        from stages.teacher import verify_cache_teacher  # torch and transformers: only for --deep
+
+        try:
+            problems += verify_cache_teacher(path, teacher)
+        except CacheError:  # no readable manifest: that is already the report's problem
+            if report.ok:
+                raise
+    if not problems:
+        what = ", teacher matches" if deep else ""
+        click.echo(f"OK {report.path}: {report.count} examples in {report.shards} shards, all hashes match{what}")
         return
-    click.echo(f"FAILED {report.path}: {len(report.problems)} problem(s)", err=True)
-    for problem in report.problems:
+    click.echo(f"FAILED {report.path}: {len(problems)} problem(s)", err=True)
+    for problem in problems:
         click.echo(f"  {problem}", err=True)
     raise SystemExit(1)
 
@@ -91,5 +109,5 @@ def ls_cmd(root: str) -> None:
         teacher = (c["teacher"] or "?")[:16]
         data = (c["data"] or "?")[:16]
         count = "?" if c["count"] is None else c["count"]
-        click.echo(f"{c['status']:<10} {_human(c['bytes']):>10} {count!s:>9} ex  teacher {teacher:<16} "
+        click.echo(f"{c['status']:<10} {human_bytes(c['bytes']):>10} {count!s:>9} ex  teacher {teacher:<16} "
                    f"data {data:<16} {c['path']}")

@@ -64,7 +64,13 @@ _resume = click.option("--resume", is_flag=True, help="Continue from the last ch
 @_common
 @_resume
 def train_teacher(params: str, overrides: tuple[str, ...], resume: bool) -> None:
-    """Fine-tune the teacher on labelled data and save it with save_pretrained."""
+    """Fine-tune the teacher on labelled data and save it with save_pretrained.
+
+    Evaluation settings (--set train_teacher.KEY=VALUE): eval_every (dev evaluation every N steps; 0: each epoch),
+    keep_best (save the best model by a dev metric, e.g. accuracy or min:loss), snapshots (keep
+    <output>/snapshots/gs<step> at each evaluation), callbacks (package.module:function list, called as
+    fn(step=, metrics=, model=) after each evaluation).
+    """
     from stages.train_teacher import train_teacher as run
 
     for res in _run("train_teacher", params, overrides + (("train_teacher.resume=true",) if resume else ()), run):
@@ -87,6 +93,11 @@ def precompute(params: str, overrides: tuple[str, ...]) -> None:
 @_resume
 def distill(params: str, overrides: tuple[str, ...], resume: bool) -> None:
     """Train a student from cached (or live) teacher outputs.
+
+    Evaluation settings (--set distill.KEY=VALUE): eval_every (dev evaluation every N steps; 0: each epoch),
+    keep_best (save the best model by a dev metric, e.g. accuracy or min:loss), snapshots (keep
+    <output>/snapshots/gs<step> at each evaluation), callbacks (package.module:function list, called as
+    fn(step=, metrics=, model=) after each evaluation).
 
     With --set distill.method=fastbert: FastBERT instead. Branch classifiers (distill.fastbert.branch_width,
     branch_heads) after every block of a fine-tuned backbone (distill.fastbert.backbone; default: the first

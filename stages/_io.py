@@ -1,4 +1,4 @@
-"""Small helpers every stage shares: the one progress-bar policy and the check of output locations."""
+"""Small helpers every stage shares: the one progress-bar policy, the check of output locations, the cache home."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from cache_format._errors import KDError
 
-__all__ = ["OutputError", "check_outputs", "progress_bar"]
+__all__ = ["OutputError", "cache_home", "check_outputs", "progress_bar"]
 
 OutputKind = Literal["file", "folder", "model"]
 
@@ -26,6 +26,14 @@ def progress_bar(*, total: int, initial: int = 0, desc: str, unit: str, hide_bel
     tty = sys.stderr.isatty()
     return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, mininterval=0.1 if tty else 30,
                 disable=os.environ.get("KD_PROGRESS", "1") == "0" or total < hide_below)
+
+
+def cache_home() -> Path:
+    """Folder for what kd-pipeline downloads or converts once: `$KD_CACHE_HOME`, else `$XDG_CACHE_HOME/kd-pipeline`,
+    else `~/.cache/kd-pipeline`."""
+    if os.environ.get("KD_CACHE_HOME"):
+        return Path(os.environ["KD_CACHE_HOME"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "kd-pipeline"
 
 
 def _writable(folder: Path) -> bool:

@@ -6,8 +6,10 @@ loss terms for a batch. The loop owns optimisation, evaluation, logging and exac
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+import importlib
 import json
 import math
 import os
@@ -30,13 +32,15 @@ from transformers import get_linear_schedule_with_warmup
 from cache_format import atomic_file, atomic_write_text
 from cache_format._errors import KDError
 from stages._io import progress_bar
-from stages.config import TrainingConfig
+from stages.config import ConfigError, TrainingConfig
 from stages.data import DataError, Encoded, collate
 
 __all__ = ["EpochSampler", "TaskMix", "TaskSampler", "Objective", "FitResult", "fit", "pick_device", "set_seed", "save_model",
-           "write_model", "write_run_record", "replace_folder", "NonFiniteLossError", "ResumeError", "RUN_FILE"]
+           "write_model", "write_run_record", "replace_folder", "load_callbacks", "NonFiniteLossError", "ResumeError",
+           "CallbackError", "RUN_FILE", "SNAPSHOTS"]
 
 RUN_FILE = "kd_run.json"  # written into every finished model folder: the run's settings and final metrics
+SNAPSHOTS = "snapshots"  # <output>/snapshots/gs{step}: the model at each evaluation (`snapshots: true`)
 # Training settings that do not change what the run computes (so a resume may change them).
 _NOT_RUN_SETTINGS = frozenset({"resume", "eval_batch_size", "checkpoint_every"})
 
@@ -230,7 +234,8 @@ class TaskSampler:
 
 
 class Objective(Protocol):
-    """What a training run optimises. `modules` are extra trainable parts (projections)."""
+    """What a training run optimises. `modules` are extra trainable parts (projections); a submodule
+    with a non-None `lr` attribute trains at that learning rate instead of the run's."""
 
     modules: nn.ModuleDict
 
@@ -254,14 +259,21 @@ class ResumeError(KDError, ValueError):
     """--resume cannot continue: the settings changed since the checkpoint, or the run is already finished."""
 
 
+class CallbackError(KDError, RuntimeError):
+    """A `callbacks` function raised; the checkpoint of that evaluation is kept, so --resume continues."""
+
+
 @dataclass(frozen=True)
 class FitResult:
     steps: int
     epochs_done: float
-    dev: dict[str, float] | None  # the task's metrics on the dev split after the last epoch (None: no dev split)
+    dev: dict[str, float] | None  # the returned model's dev metrics (the last or the keep_best evaluation's)
     seconds: float
     examples_per_second: float
     settings: dict = field(default_factory=dict)  # what defines the run (checked on resume, saved in RUN_FILE)
+    best_step: int | None = None  # with keep_best: the step of the returned model (`dev` is its metrics)
+    # One record per evaluation: step, dev metrics, snapshot folder (relative to the output), callbacks' returns.
+    evaluations: list[dict] = field(default_factory=list)
 
     def dev_summary(self) -> str:
         """`accuracy 0.8123, macro_f1 0.8011` (or `no dev split`), for one-line reports."""
@@ -309,6 +321,84 @@ def _remove_debris(output: Path) -> None:
                 p.unlink(missing_ok=True)
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(f"{type(e).__name__}: {e}".split())[:300]
+
+
+def load_callbacks(paths: Sequence[str]) -> list[tuple[str, Callable[..., Any]]]:
+    """Import each `package.module:function` (from sys.path, then the current folder), with its path.
+
+    A path that does not import, or names something that is not callable, is a one-line ConfigError.
+    """
+    if paths and "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())  # `kd` is a console script: the params' folder is not on sys.path by itself
+    out = []
+    for path in paths:
+        module, _, attr = path.partition(":")
+        try:
+            fn: Any = importlib.import_module(module)
+            for part in attr.split("."):
+                fn = getattr(fn, part)
+        except Exception as e:
+            raise ConfigError(f"callbacks: {path!r} does not import ({_one_line(e)}); name a function as "
+                              "package.module:function, importable from the current folder or PYTHONPATH") from None
+        if not callable(fn):
+            raise ConfigError(f"callbacks: {path!r} is a {type(fn).__name__}, not a function; name a function")
+        out.append((path, fn))
+    return out
+
+
+def _best_rule(keep_best: str | None) -> tuple[str, float] | None:
+    """`accuracy` -> ("accuracy", 1.0): higher is better; `min:loss` -> ("loss", -1.0)."""
+    if keep_best is None:
+        return None
+    return (keep_best[4:], -1.0) if keep_best.startswith("min:") else (keep_best, 1.0)
+
+
+def _plain(value: Any) -> Any:
+    """A callback's return value as JSON (anything JSON cannot hold becomes its str)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _numbers(value: Any) -> dict[str, float]:
+    """The numbers in a callback's return value, for the metrics log: a number, or a mapping's number values."""
+    items = value.items() if isinstance(value, Mapping) else [("", value)]
+    return {str(k): float(v) for k, v in items if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _cpu_copy(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(rng: Mapping[str, Any]) -> None:
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if torch.cuda.is_available() and rng.get("cuda") is not None:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+@contextlib.contextmanager
+def _isolated(model: nn.Module, optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """User code run between steps leaves training as it found it: RNG, train mode, no gradients.
+
+    So a run with callbacks trains the same weights as one without, and a resume that reruns a callback
+    matches a run that never stopped.
+    """
+    rng, was_training = _rng_state(), model.training
+    try:
+        yield
+    finally:
+        _set_rng_state(rng)
+        model.train(was_training)
+        optimizer.zero_grad(set_to_none=True)
+
+
 def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -336,12 +426,19 @@ def _atomic_torch_save(obj: object, path: Path) -> None:
         torch.save(obj, f)
 
 
-def _decay_groups(params: Sequence[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
+def _decay_groups(params: Sequence[tuple[str, nn.Parameter]], weight_decay: float,
+                  lrs: Mapping[int, float] | None = None) -> list[dict]:
+    """AdamW param groups; a parameter whose id is in `lrs` goes to a group of its own lr, after the default ones."""
     # Biases and LayerNorm weights are not decayed (the BERT recipe every toolkit follows).
     no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
-    decay = [p for n, p in params if p.requires_grad and not n.endswith(no_decay)]
-    rest = [p for n, p in params if p.requires_grad and n.endswith(no_decay)]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    lrs = lrs or {}
+    groups = []
+    for lr in [None, *sorted(set(lrs.values()))]:
+        own = [(n, p) for n, p in params if p.requires_grad and lrs.get(id(p)) == lr]
+        extra = {} if lr is None else {"lr": lr}
+        groups += [{"params": [p for n, p in own if not n.endswith(no_decay)], "weight_decay": weight_decay, **extra},
+                   {"params": [p for n, p in own if n.endswith(no_decay)], "weight_decay": 0.0, **extra}]
+    return groups
 
 
 def _remaining_batches(sampler: EpochSampler, ids: np.ndarray) -> tuple[list[np.ndarray], list[list[str]]]:
@@ -365,20 +462,36 @@ def fit(
     run_settings: Mapping[str, Any] | None = None,
     evaluate: Callable[[nn.Module, Any], dict[str, float]] | None = None,
     task_tau: float = 1.0,
+    write: Callable[[Path], None] | None = None,
 ) -> FitResult:
     """Train `model` (and `objective.modules`) on `train`; checkpoint to `output/checkpoint`.
 
-    At the end of every epoch, `evaluate(model, dev)` gives the dev metrics (the task's `evaluate`).
+    At each evaluation (the end of every epoch, or every `cfg.eval_every` steps and at the end),
+    `evaluate(model, dev)` gives the dev metrics (the task's `evaluate`); then, with `cfg.snapshots`,
+    `write(folder)` saves the model as the stage's final save does into `output/snapshots/gs{step}`;
+    then each of `cfg.callbacks` is called as fn(step=, metrics=, model=) and its return value logged;
+    then the checkpoint is written. With `cfg.keep_best`, the model returned (weights and projections)
+    is the one with the best dev metric, and `FitResult.best_step` says which step's it is.
     `train` may be a `TaskMix` (multi-task): batches then come from a `TaskSampler` with `task_tau`.
 
     With `cfg.resume`, continue exactly from the last checkpoint: same weights, optimizer,
     scheduler, RNG and position in the epoch, so the remaining batches are the ones an
-    uninterrupted run would have seen. The checkpoint records the run's settings (the optimisation
-    ones plus the stage's `run_settings`, e.g. teachers and loss); resuming with any of them changed
-    raises ResumeError. `on_step(step)` is called after every optimizer step (benchmarks time steps with it).
+    uninterrupted run would have seen; the evaluations so far and the best model so far come back too.
+    The checkpoint records the run's settings (the optimisation ones plus the stage's `run_settings`,
+    e.g. teachers and loss); resuming with any of them changed raises ResumeError. `on_step(step)` is
+    called after every optimizer step (benchmarks time steps with it).
 
     A NaN or infinite loss term raises NonFiniteLossError, before any checkpoint of the ruined weights.
+    A callback that raises gives CallbackError after the checkpoint of its evaluation is written; the
+    resumed run calls it (and the callbacks after it) again for that evaluation before it trains on.
     """
+    callbacks = load_callbacks(cfg.callbacks)  # a bad path fails before any work
+    rule = _best_rule(cfg.keep_best)
+    if rule and (dev is None or evaluate is None):
+        raise ConfigError(f"{desc}: keep_best {cfg.keep_best!r} needs dev metrics, but there is no dev split; "
+                          "set data.dev or remove keep_best")
+    if cfg.snapshots and write is None:
+        raise ValueError("fit: snapshots need `write`, the function that saves the model into a folder")
     settings = _run_settings(cfg, run_settings)
     ckpt_path = output / "checkpoint" / "state.pt"
     _remove_debris(output)
@@ -386,12 +499,19 @@ def fit(
         if (output / RUN_FILE).exists():
             raise ResumeError(f"nothing to resume: the model at {output} is finished; run without --resume to retrain")
         print(f"note: --resume: no checkpoint at {ckpt_path}; starting from scratch", file=sys.stderr)
+    if not (cfg.resume and ckpt_path.exists()) and (output / SNAPSHOTS).exists():
+        # They belong to the model this run replaces; mixed with this run's they would mislead.
+        print(f"note: removing the snapshots of an earlier run in {output / SNAPSHOTS}", file=sys.stderr)
+        shutil.rmtree(output / SNAPSHOTS)
     device = device or pick_device()
     set_seed(cfg.seed)
     model.to(device).train()
     objective.modules.to(device).train()
     named = list(model.named_parameters()) + [("proj." + n, p) for n, p in objective.modules.named_parameters()]
-    optimizer = torch.optim.AdamW(_decay_groups(named, cfg.weight_decay), lr=cfg.lr, fused=True)  # ~30% faster step
+    # Modules with their own `lr` (a match's projection_lr) train at it, in groups of their own.
+    lrs = {id(p): m.lr for m in objective.modules.modules() if getattr(m, "lr", None) for p in m.parameters()}
+    groups = _decay_groups(named, cfg.weight_decay, lrs)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, fused=True)  # fused: ~30% faster step
     if isinstance(train, TaskMix):
         sampler: EpochSampler | TaskSampler = TaskSampler(train, cfg.batch_size, seed=cfg.seed, tau=task_tau,
                                                           group_by_length=cfg.group_by_length)
@@ -408,6 +528,9 @@ def fit(
 
     step = 0
     dev_metrics: dict[str, float] | None = None
+    evaluations: list[dict[str, Any]] = []
+    best: dict[str, Any] | None = None  # keep_best: step, value, dev metrics and CPU copies of the weights
+    due: int | None = None  # the first callback of the last evaluation still to run (one raised)
     if cfg.resume and ckpt_path.exists():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         _check_same_run(state.get("settings"), settings, ckpt_path)
@@ -420,11 +543,10 @@ def fit(
         # A run killed after its last checkpoint but before the final save resumes with nothing left to train:
         # it must still report the dev metrics of the model it saves.
         dev_metrics = state.get("dev")
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if torch.cuda.is_available() and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        evaluations, best, due = state.get("evaluations", []), state.get("best"), state.get("callbacks_due")
+        _set_rng_state(state["rng"])
+    # The next evaluation is a function of the step (eval_every, epochs and data are run settings, checked
+    # above), so a resumed run evaluates at the steps an uninterrupted one does.
 
     # A NaN/inf loss term makes its running sum (`sums`, kept on the device for logging) NaN/inf too, so the
     # sums are the check: read at each log interval, before every checkpoint and at the end, never per step
@@ -433,6 +555,7 @@ def fit(
     sums: dict[str, torch.Tensor] = {}
     n_sums = 0
     checked = step  # the last step whose loss sums were found finite
+    saved = step  # the step of the last checkpoint (of the one resumed from)
 
     def check_finite() -> None:
         nonlocal checked
@@ -449,13 +572,69 @@ def fit(
         checked = step
 
     def save_checkpoint() -> None:
+        nonlocal saved
         check_finite()
-        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
         _atomic_torch_save({"model": model.state_dict(), "modules": objective.modules.state_dict(),
                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                            "sampler": sampler.state_dict(), "step": step, "rng": rng, "settings": settings,
-                            "dev": dev_metrics}, ckpt_path)
+                            "sampler": sampler.state_dict(), "step": step, "rng": _rng_state(), "settings": settings,
+                            "dev": dev_metrics, "evaluations": evaluations, "best": best, "callbacks_due": due},
+                           ckpt_path)
+        saved = step
+
+    def evaluation() -> None:
+        """Dev metrics, best model, snapshot, callbacks, checkpoint: in this order."""
+        nonlocal dev_metrics, best
+        check_finite()
+        record: dict[str, Any] = {"step": step}
+        if dev is not None and evaluate is not None:
+            dev_metrics = {k: float(v) for k, v in evaluate(model, dev).items()}
+            record["dev"] = dev_metrics
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in dev_metrics.items())
+            if rule:
+                name, sign = rule
+                if name not in dev_metrics:
+                    raise ConfigError(f"{desc}: keep_best: {name!r} is not a dev metric of this run; its metrics "
+                                      f"are {', '.join(dev_metrics)} (min:<name> for lower-is-better)")
+                value = dev_metrics[name]
+                if math.isfinite(value) and (best is None or sign * value > sign * best["value"]):
+                    best = {"step": step, "value": value, "dev": dev_metrics, "model": _cpu_copy(model),
+                            "modules": _cpu_copy(objective.modules)}
+                if best is not None:
+                    shown += f" (best {name} {best['value']:.4f} at step {best['step']})"
+            tqdm.write(f"{desc}: step {step}/{total_steps} dev {shown}")
+            if live is not None:
+                for k, v in dev_metrics.items():
+                    live.log_metric(f"dev/{k}", v, plot=True)
+        if cfg.snapshots:
+            record["snapshot"] = f"{SNAPSHOTS}/gs{step}"
+            replace_folder(output / record["snapshot"], write)
+        evaluations.append(record)
+        run_callbacks(0)
+
+    def run_callbacks(start: int) -> None:
+        """Callbacks `start`.. on the last evaluation, then its checkpoint (also when one raises)."""
+        nonlocal due
+        record = evaluations[-1]
+        for i, (path, fn) in enumerate(callbacks[start:], start):
+            try:
+                with _isolated(model, optimizer):
+                    value = fn(step=record["step"], metrics=dict(record.get("dev", {})), model=model)
+            except Exception as e:
+                due = i
+                save_checkpoint()
+                raise CallbackError(
+                    f"{desc}: callback {path} raised at step {record['step']} ({_one_line(e)}); the checkpoint of "
+                    f"that step is kept in {ckpt_path.parent}: fix the callback and rerun with --resume"
+                ) from e
+            record.setdefault("callbacks", {})[path] = _plain(value)
+            tqdm.write(f"{desc}: step {record['step']} callback {path} -> {value!r}")
+            if live is not None:
+                for k, v in _numbers(value).items():
+                    live.log_metric("/".join(filter(None, ("callbacks", path.replace(":", "."), k))), v, plot=True)
+        due = None
+        if live is not None and (record.get("dev") or record.get("callbacks")):
+            live.next_step()
+        save_checkpoint()
 
     live = None
     if log_dir is not None:
@@ -467,6 +646,8 @@ def fit(
     t0 = time.perf_counter()
     bar = progress_bar(total=total_steps, initial=step, desc=desc, unit="step")
     try:
+        if due is not None:  # a callback raised at the checkpoint's evaluation: run it (and the rest) again
+            run_callbacks(due)
         while step < total_steps:
             rows_list, id_batches = _remaining_batches(sampler, ids)
             objective.start_epoch(id_batches)
@@ -513,23 +694,19 @@ def fit(
                         live.log_metric("train/lr", scheduler.get_last_lr()[0])
                         live.next_step()
                     sums, n_sums = {}, 0
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                if cfg.eval_every and (step % cfg.eval_every == 0 or step == total_steps):
+                    evaluation()
+                elif cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                     save_checkpoint()
                 if step >= total_steps:
                     break
             else:
                 next(stream, None)  # exhausting the generator moves the sampler to the next epoch
             if sampler.position == 0 or step >= total_steps:  # epoch boundary (or the end)
-                check_finite()
-                if dev is not None and evaluate is not None:
-                    dev_metrics = {k: float(v) for k, v in evaluate(model, dev).items()}
-                    shown = ", ".join(f"{k} {v:.4f}" for k, v in dev_metrics.items())
-                    tqdm.write(f"{desc}: step {step}/{total_steps} dev {shown}")
-                    if live is not None:
-                        for k, v in dev_metrics.items():
-                            live.log_metric(f"dev/{k}", v, plot=True)
-                        live.next_step()
-                save_checkpoint()
+                if not cfg.eval_every:
+                    evaluation()
+                elif saved != step:
+                    save_checkpoint()
         check_finite()
     finally:
         bar.close()
@@ -537,7 +714,15 @@ def fit(
         if live is not None:
             live.end()
     seconds = time.perf_counter() - t0
-    return FitResult(step, step / steps_per_epoch, dev_metrics, seconds, seen / max(seconds, 1e-9), settings)
+    if best is not None:
+        if best["step"] != step:
+            model.load_state_dict(best["model"])
+            objective.modules.load_state_dict(best["modules"])
+        dev_metrics = best["dev"]
+    elif rule:
+        print(f"note: keep_best: {cfg.keep_best} was never a finite number; the model is the last one", file=sys.stderr)
+    return FitResult(step, step / steps_per_epoch, dev_metrics, seconds, seen / max(seconds, 1e-9), settings,
+                     best["step"] if best else None, evaluations)
 
 
 def save_model(model: nn.Module, tokenizer, projections: nn.Module, output: Path, *, result: FitResult | None = None,
@@ -551,7 +736,7 @@ def save_model(model: nn.Module, tokenizer, projections: nn.Module, output: Path
 
     Written into a sibling folder, then swapped in, so a crash never leaves half a model. The
     swap also drops `output/checkpoint`: a finished run has nothing to resume, and optimizer
-    state would triple the size of every DVC experiment's output.
+    state would triple the size of every DVC experiment's output. `output/snapshots` stays.
     """
     replace_folder(output, lambda folder: write_model(model, tokenizer, projections, folder, result=result,
                                                       label_names=label_names, head_config=head_config))
@@ -575,18 +760,33 @@ def write_model(model: nn.Module, tokenizer, projections: nn.Module, folder: Pat
 
 
 def write_run_record(folder: Path, result: FitResult) -> None:
-    """`RUN_FILE` in `folder`: the run's steps, dev metrics (`dev_<name>`) and settings."""
+    """`RUN_FILE` in `folder`: the run's steps, dev metrics (`dev_<name>`), best step, evaluations and settings."""
     run = {"steps": result.steps, "epochs_done": result.epochs_done,
-           **{f"dev_{k}": v for k, v in (result.dev or {}).items()}, "settings": result.settings}
+           **{f"dev_{k}": v for k, v in (result.dev or {}).items()},
+           **({"best_step": result.best_step} if result.best_step is not None else {}),
+           "evaluations": result.evaluations, "settings": result.settings}
     atomic_write_text(folder / RUN_FILE, json.dumps(run, indent=2) + "\n")
 
 
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # a file system without hard links
+        shutil.copy2(src, dst)
+
+
 def replace_folder(output: Path, fill: Callable[[Path], None]) -> None:
-    """Make `output` what `fill(folder)` writes into a new sibling folder, swapped in whole once it is done."""
+    """Make `output` what `fill(folder)` writes into a new sibling folder, swapped in whole once it is done.
+
+    The run's snapshots (`output/snapshots`) are carried into the new folder as hard links (no copy).
+    """
     tmp = output.with_name(f"{output.name}.{uuid.uuid4().hex}.partial")
     try:
         tmp.mkdir(parents=True)
         fill(tmp)
+        if (output / SNAPSHOTS).is_dir() and not (tmp / SNAPSHOTS).exists():
+            shutil.copytree(output / SNAPSHOTS, tmp / SNAPSHOTS, copy_function=_link_or_copy,
+                            ignore=shutil.ignore_patterns("*.partial", "*.old"))  # a killed snapshot's debris
         old = output.with_name(f"{output.name}.{uuid.uuid4().hex}.old")
         if output.exists():
             os.replace(output, old)

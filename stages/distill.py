@@ -15,12 +15,12 @@ import cache_format as cf
 from cache_format._errors import CacheMismatchError, CacheMissError, KDError
 from stages.config import Config, DistillConfig, config_to_dict
 from stages._io import check_outputs
-from stages._train import FitResult, fit, pick_device, save_model, set_seed
+from stages._train import FitResult, fit, pick_device, save_model, set_seed, write_model
 from stages.data import Encoded, Examples, data_fingerprint, model_inputs
 from stages.losses import (Match, MatchError, build_projections, check_matches, feature_map, match_loss,
                            needed_teacher_layers, preset_matches)
-from stages.models import (hidden_size, load_classifier, load_tokenizer, num_layers, student_from_config,
-                           student_from_teacher, teacher_fingerprint)
+from stages.models import (TEACHER_MEMOS, hidden_size, load_classifier, load_tokenizer, missing_folder, num_layers,
+                           student_from_config, student_from_teacher, teacher_fingerprint)
 from stages.schedules import combine_teachers, cwsm_temperature, flsw_temperature, probability_shift, weight_at
 from stages.tasks import Task, get_task
 from stages.teacher import (CachedTeachers, OnlineTeachers, TeacherSpec, cache_target, load_split, resolve_model)
@@ -60,7 +60,7 @@ def _matches(d: DistillConfig, teacher_layers: int, student_layers: int) -> list
     """The configured matches plus the preset's, adapted to the real layer counts."""
     out = [Match(m.kind, tuple(m.teacher_layer) if isinstance(m.teacher_layer, list) else m.teacher_layer,
                  tuple(m.student_layer) if isinstance(m.student_layer, list) else m.student_layer,
-                 m.weight, m.projection) for m in d.matches]
+                 m.weight, m.projection, m.projection_lr) for m in d.matches]
     if d.match_preset:
         out += preset_matches(d.match_preset, teacher_layers, student_layers)
     return out
@@ -155,7 +155,13 @@ def _check_cache_teachers(cfg: Config, readers: Sequence[cf.CacheReader]) -> Non
             f"teacher of each cache in {which}, in the same order (or set distill.check_cache_teacher: false)"
         )
     for r, teacher in zip(readers, teachers):
-        expected = teacher_fingerprint(resolve_model(teacher))
+        src = resolve_model(teacher)
+        if missing_folder(src):  # nothing left to compare with; the cache itself is still checked
+            print(f"warning: cache {r.path} is not checked against {which} entry {teacher}: the teacher folder "
+                  "is gone", file=sys.stderr)
+            continue
+        # Memoised by path and file stats next to the cache: no weight file is read unless one changed.
+        expected = teacher_fingerprint(src, Path(r.path).parent / TEACHER_MEMOS)
         if r.manifest.teacher_fingerprint != expected:
             raise CacheMismatchError(
                 f"cache {r.path} was made by another teacher (fingerprint {r.manifest.teacher_fingerprint}) than "
@@ -167,7 +173,8 @@ def _check_cache_teachers(cfg: Config, readers: Sequence[cf.CacheReader]) -> Non
 def _open_caches(cfg: Config, train_examples) -> list[cf.CacheReader]:
     """Readers for the teacher caches, checked against the teachers, the task and the training data.
 
-    Nothing here builds a teacher model: a cache is identified by hashes of the teacher's files. That every
+    Nothing here builds a teacher model or reads its weights: a cache is identified by the teacher's fingerprint,
+    memoised by path and file stats (`teacher_fingerprint`). That every
     training row is in each cache is checked once the rows are known (`_check_rows`).
     """
     d = cfg.distill
@@ -259,11 +266,12 @@ def distill(cfg: Config, *, on_step: Callable[[int], None] | None = None) -> Dis
     train = task.encode(tokenizer, train_ex, d.max_length)
     dev = task.encode(tokenizer, dev_ex, d.max_length) if dev_ex is not None else None
     objective = distill_objective(cfg, student, train_ex, train, readers, device)
+    saved = {"label_names": task.label_names, "head_config": task.head_config()}
     result = fit(student, objective, train, dev, d, output=output, log_dir=Path(d.log_dir), device=device,
                  desc=f"distill ({d.teacher_signal})", on_step=on_step, run_settings=distill_settings(cfg, readers),
-                 evaluate=lambda m, data: task.evaluate(m, data, d.eval_batch_size, device))
-    save_model(student, tokenizer, objective.modules, output, result=result, label_names=task.label_names,
-               head_config=task.head_config())
+                 evaluate=lambda m, data: task.evaluate(m, data, d.eval_batch_size, device),
+                 write=lambda folder: write_model(student, tokenizer, objective.modules, folder, **saved))
+    save_model(student, tokenizer, objective.modules, output, result=result, **saved)
     write_metrics(cfg, result)
     return DistillResult(output, d.teacher_signal, [str(r.path) for r in readers], result)
 
@@ -328,7 +336,8 @@ def distill_objective(cfg: Config, student: nn.Module, train_ex: Examples, train
         student.set_attn_implementation("eager")  # only eager attention returns attention maps
     s_width = hidden_size(student)
     for m in matches:
-        if m.feature == "hidden" and not m.projection and t_width is not None and t_width != s_width:
+        if (m.feature == "hidden" and not m.projection and not m.spec.any_width and t_width is not None
+                and t_width != s_width):
             raise MatchError(f"match {m.label} compares student width {s_width} with teacher width {t_width}; "
                              "set projection: linear (or relu/tanh) on that match")
     projections = build_projections(matches, s_width, t_width or s_width)
@@ -340,6 +349,7 @@ def write_metrics(cfg: Config, result: FitResult) -> None:
     """distill.metrics: the dev metrics, steps, time and speed of a finished run."""
     d = cfg.distill
     metrics = {"teacher_signal": d.teacher_signal, **{f"dev_{k}": v for k, v in (result.dev or {}).items()},
+               **({"best_step": result.best_step} if result.best_step is not None else {}),
                "steps": result.steps, "seconds": round(result.seconds, 2),
                "train_examples_per_second": round(result.examples_per_second, 1)}
     cf.atomic_write_text(Path(d.metrics), json.dumps(metrics, indent=2) + "\n")

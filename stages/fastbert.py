@@ -366,7 +366,8 @@ def distill_fastbert(cfg: Config, *, on_step: Callable[[int], None] | None = Non
     saved = {"label_names": task.label_names, "head_config": task.head_config()}
     result = fit(model, SelfDistillation(), train, dev, d, output=output, log_dir=Path(d.log_dir), device=device,
                  desc="distill (fastbert)", on_step=on_step, run_settings=settings,
-                 evaluate=lambda m, data: exit_scores(m, data, task, d.eval_batch_size, device))
+                 evaluate=lambda m, data: exit_scores(m, data, task, d.eval_batch_size, device),
+                 write=lambda folder: write_fastbert(model, tokenizer, folder, **saved))
     save_fastbert(model, tokenizer, output, result=result, **saved)
     metrics = {"method": "fastbert", "backbone": name, **{f"dev_{k}": v for k, v in (result.dev or {}).items()},
                "steps": result.steps, "seconds": round(result.seconds, 2),

@@ -8,9 +8,10 @@ adding a kind is one entry here plus its function there.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
-__all__ = ["KD_KINDS", "MatchKind", "MATCH_KINDS", "PROJECTIONS", "PRESETS", "TaskKind", "TASK_KINDS"]
+__all__ = ["KD_KINDS", "MatchKind", "MATCH_KINDS", "MATCH_ALIASES", "PROJECTIONS", "Preset", "PRESETS", "TaskKind",
+           "TASK_KINDS"]
 
 # Soft-label losses on logits (`kd_loss(kind=...)`, setting distill.kd.loss).
 KD_KINDS = ("kl", "ce", "mse")
@@ -24,43 +25,68 @@ class MatchKind:
     pair: True if it takes a pair of layers (a, b) on each side, False for one layer.
     tokens: "all" if it compares every token (so the teacher cache must keep all tokens and the
         student must tokenise like the teacher), "first" if it reads token 0 ([CLS]) only.
+    any_heads: for attention kinds, True if the heads are summed or averaged first, so the
+        student and teacher may have different head counts.
+    any_width: for hidden kinds, True if the student's and teacher's widths may differ without a
+        projection (mmd compares token-by-token similarity matrices, [T, T] on both sides).
     """
 
     feature: Literal["hidden", "attention"]
     pair: bool
     tokens: Literal["all", "first"]
+    any_heads: bool = False
+    any_width: bool = False
 
 
 MATCH_KINDS: dict[str, MatchKind] = {
     "hidden_mse": MatchKind("hidden", pair=False, tokens="all"),
     "hidden_cosine": MatchKind("hidden", pair=False, tokens="all"),
     "pkd": MatchKind("hidden", pair=False, tokens="first"),
-    "mmd": MatchKind("hidden", pair=True, tokens="all"),
+    "mmd": MatchKind("hidden", pair=True, tokens="all", any_width=True),
     "fsp": MatchKind("hidden", pair=True, tokens="all"),
     "attention_mse": MatchKind("attention", pair=False, tokens="all"),
     "attention_ce": MatchKind("attention", pair=False, tokens="all"),
+    "attention_mse_sum": MatchKind("attention", pair=False, tokens="all", any_heads=True),
+    "attention_ce_mean": MatchKind("attention", pair=False, tokens="all", any_heads=True),
 }
+
+# TextBrewer's other names for the same losses; the settings resolve them on load, so only the
+# names above reach the code.
+MATCH_ALIASES: dict[str, str] = {"gram": "fsp", "nst": "mmd"}
 
 # Activations of the learned student -> teacher width map (`Match.projection`).
 PROJECTIONS = ("linear", "relu", "tanh")
 
-# TextBrewer's preset names -> (match kind, student depth named, projection). The depth is
-# informational: `losses.preset_matches` adapts the pairs to the real layer counts.
-PRESETS: dict[str, tuple[str, int, str | None]] = {
-    "L3_hidden_mse": ("hidden_mse", 3, None),
-    "L3n_hidden_mse": ("hidden_mse", 3, "linear"),
-    "L3_hidden_smmd": ("mmd", 3, None),
-    "L3_attention_mse": ("attention_mse", 3, None),
-    "L3_attention_ce": ("attention_ce", 3, None),
-    "L4_hidden_mse": ("hidden_mse", 4, None),
-    "L4t_hidden_mse": ("hidden_mse", 4, "linear"),
-    "L4_hidden_smmd": ("mmd", 4, None),
-    "L4_attention_mse": ("attention_mse", 4, None),
-    "L4_attention_ce": ("attention_ce", 4, None),
-    "L6_hidden_mse": ("hidden_mse", 6, None),
-    "L6_hidden_smmd": ("mmd", 6, None),
-    "L6_attention_mse": ("attention_mse", 6, None),
-    "L6_attention_ce": ("attention_ce", 6, None),
+
+class Preset(NamedTuple):
+    """A TextBrewer preset: `losses.preset_matches` adapts it to the real layer counts.
+
+    kind: the match kind. depth: the student depth the name stands for (informational).
+    projection: the student -> teacher width map, if any. every: match every n-th student layer
+    (and always the last): TextBrewer's ``small_*`` presets match every second layer of a
+    same-depth, narrower student (ELECTRA-small).
+    """
+
+    kind: str
+    depth: int
+    projection: str | None = None
+    every: int = 1
+
+
+PRESETS: dict[str, Preset] = {
+    "L3_hidden_mse": Preset("hidden_mse", 3),
+    "L3n_hidden_mse": Preset("hidden_mse", 3, "linear"),
+    "L3_hidden_smmd": Preset("mmd", 3),
+    "L4_hidden_mse": Preset("hidden_mse", 4),
+    "L4t_hidden_mse": Preset("hidden_mse", 4, "linear"),
+    "L4_hidden_smmd": Preset("mmd", 4),
+    "L4t_hidden_sgram": Preset("fsp", 4, "linear"),
+    "L6_hidden_mse": Preset("hidden_mse", 6),
+    "L6_hidden_smmd": Preset("mmd", 6),
+    "small_hidden_mse": Preset("hidden_mse", 12, "linear", every=2),
+    "small_hidden_smmd": Preset("mmd", 12, every=2),
+    **{f"L{depth}_attention_{loss}": Preset(f"attention_{loss}", depth)
+       for depth in (3, 4, 6) for loss in ("mse", "ce", "mse_sum", "ce_mean")},
 }
 
 
@@ -81,6 +107,7 @@ class TaskKind:
     transfer: bool = False
     regression: bool = False  # one float target: data.num_labels and label_names do not apply
     windows: bool = False  # long inputs are cut into windows of teacher tokens: the student must tokenise alike
+    language_model: bool = False  # next-token prediction over packed blocks of text: precompute.lm, distill.lm
 
 
 TASK_KINDS: dict[str, TaskKind] = {
@@ -91,4 +118,5 @@ TASK_KINDS: dict[str, TaskKind] = {
                                      token_axis="words"),
     "extractive_qa": TaskKind(options=("question_field", "context_field", "answers_field", "doc_stride",
                                        "max_answer_length"), windows=True),
+    "causal_lm": TaskKind(language_model=True),
 }

@@ -12,6 +12,10 @@ Names and semantics follow TextBrewer (airaria/TextBrewer, ``losses.py``, ``pres
 * ``attention_ce`` takes attention *probabilities*, which is what Hugging Face models return
   with ``output_attentions=True``. TextBrewer's ``att_ce_loss`` takes pre-softmax scores and
   applies softmax itself; a softmax of probabilities would be a different, flattened target.
+* ``attention_ce_mean`` likewise averages the heads' *probabilities* and takes the log of that
+  mean; TextBrewer's ``att_ce_mean_loss`` averages raw scores over heads and applies softmax.
+* ``mmd`` divides each token-similarity matrix by the width with or without a mask; TextBrewer
+  0.2.1 divides by the padded sequence length when given a mask (and by the width without one).
 * ``attention_mse`` zeroes values <= -1e-3 (TextBrewer's trick for additive -inf/-10000 masks in
   raw scores) with or without a mask; TextBrewer does it only without one, and with a mask its
   ``-inf - -inf`` gives NaN. For probabilities (our case) the step changes nothing.
@@ -61,6 +65,8 @@ __all__ = [
     "fsp_loss",
     "attention_mse",
     "attention_ce",
+    "attention_mse_sum",
+    "attention_ce_mean",
     "Projection",
     "Match",
     "MATCH_KINDS",
@@ -291,12 +297,17 @@ def fsp_loss(
 # --------------------------------------------------------------------------- attention
 
 
-def _check_attention(student: Tensor, teacher: Tensor, mask: Tensor | None, what: str) -> None:
-    if student.dim() != 4 or student.shape != teacher.shape:
+def _check_attention(student: Tensor, teacher: Tensor, mask: Tensor | None, what: str, any_heads: bool = False) -> None:
+    s_shape, t_shape = student.shape, teacher.shape
+    if any_heads and student.dim() == teacher.dim() == 4:
+        s_shape, t_shape = s_shape[:1] + s_shape[2:], t_shape[:1] + t_shape[2:]
+    if student.dim() != 4 or s_shape != t_shape:
+        heads = "" if any_heads else " with equal head counts"
         raise LossInputError(
             f"{what}: student {tuple(student.shape)} and teacher {tuple(teacher.shape)} attention maps "
-            "must both be [batch, heads, tokens, tokens] with equal head counts and lengths; "
-            "pick layers from models with the same number of heads and the same tokenizer"
+            f"must both be [batch, heads, tokens, tokens]{heads} and equal lengths; "
+            "pick layers from models with the same tokenizer"
+            + ("" if any_heads else " and number of heads (or use attention_mse_sum / attention_ce_mean)")
         )
     if mask is not None:
         _check_mask(mask, torch.Size((student.shape[0], student.shape[2])), what)
@@ -337,6 +348,45 @@ def attention_ce(student: Tensor, teacher: Tensor, mask: Tensor | None = None) -
     return -total / (m.sum() * prod.shape[1]).clamp_min(1.0)
 
 
+def attention_mse_sum(student: Tensor, teacher: Tensor, mask: Tensor | None = None) -> Tensor:
+    """MSE between attention maps summed over heads, over valid (query, key) pairs.
+
+    TextBrewer's ``att_mse_sum_loss``: each ``[B, heads, T, T]`` map is summed over its heads to
+    ``[B, T, T]`` first, so the head counts may differ (but each row then sums to the head
+    count, so with unequal counts the loss cannot reach 0; ``attention_ce_mean`` has no such
+    offset). The normaliser is the number of valid pairs, sum over examples of n_valid^2.
+    """
+    _check_attention(student, teacher, mask, "attention_mse_sum", any_heads=True)
+    student, teacher = student.sum(dim=1), teacher.sum(dim=1)
+    student = torch.where(student <= _NEG_SCORE, torch.zeros_like(student), student)
+    teacher = torch.where(teacher <= _NEG_SCORE, torch.zeros_like(teacher), teacher)
+    sq = (student - teacher).pow(2)
+    if mask is None:
+        return sq.mean()
+    m = mask.to(sq.dtype)
+    pair_mask = m.unsqueeze(-1) * m.unsqueeze(1)  # [B, T, T]
+    return (sq * pair_mask).sum() / pair_mask.sum().clamp_min(1.0)
+
+
+def attention_ce_mean(student: Tensor, teacher: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Cross-entropy between head-averaged attention distributions, mean over valid queries.
+
+    With p = mean over heads of the attention probabilities (still a distribution over keys,
+    so the head counts may differ): -sum_k p_T[q, k] log p_S[q, k]. TextBrewer's
+    ``att_ce_mean_loss`` on probabilities (see the module docstring); padded keys are left out
+    of the sum and padded queries out of the mean.
+    """
+    _check_attention(student, teacher, mask, "attention_ce_mean", any_heads=True)
+    student, teacher = student.mean(dim=1), teacher.mean(dim=1)
+    # clamp: padded keys have p_S == 0 and 0 * log 0 must stay 0, not NaN.
+    prod = teacher * student.clamp_min(torch.finfo(student.dtype).tiny).log()
+    if mask is None:
+        return -prod.sum(dim=-1).mean()
+    m = mask.to(prod.dtype)
+    per_query = (prod * m[:, None, :]).sum(dim=-1)  # [B, T]
+    return -(per_query * m).sum() / m.sum().clamp_min(1.0)
+
+
 # The torch half of the registry in stages/kinds.py: the loss function of each match kind.
 # Single-layer kinds are called as fn(student, teacher, mask), pair kinds (MatchKind.pair) as
 # fn(student_a, student_b, teacher_a, teacher_b, mask).
@@ -348,6 +398,8 @@ MATCH_LOSSES: dict[str, Callable[..., Tensor]] = {
     "fsp": fsp_loss,
     "attention_mse": attention_mse,
     "attention_ce": attention_ce,
+    "attention_mse_sum": attention_mse_sum,
+    "attention_ce_mean": attention_ce_mean,
 }
 
 
@@ -360,12 +412,13 @@ class Projection(nn.Module):
     ``activation``: ``"none"`` or ``"linear"`` (no activation), ``"relu"`` or ``"tanh"``, so a
     ``Match.projection`` value can be passed as is. Weights
     are drawn N(0, 0.02) and biases zeroed, as TextBrewer does, from torch's global RNG (seed it
-    for reproducible runs).
+    for reproducible runs). ``lr``: this module's own learning rate (TextBrewer's ``proj[3]``
+    optimizer settings); None trains it at the optimizer's lr.
     """
 
     _ACTIVATIONS = ("none", "linear", "relu", "tanh")
 
-    def __init__(self, in_dim: int, out_dim: int, activation: str = "none") -> None:
+    def __init__(self, in_dim: int, out_dim: int, activation: str = "none", lr: float | None = None) -> None:
         super().__init__()
         if activation not in self._ACTIVATIONS:
             raise LossInputError(
@@ -375,6 +428,7 @@ class Projection(nn.Module):
         nn.init.normal_(self.linear.weight, mean=0.0, std=0.02)
         nn.init.zeros_(self.linear.bias)
         self.activation = activation
+        self.lr = lr
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.linear(x)
@@ -396,6 +450,7 @@ class Match:
     (conventions in the module docstring). ``projection`` maps the student's features to the
     teacher's width before the loss: TextBrewer projects the student side too, and a learned
     map on the teacher side could shrink the teacher's features to make the loss trivially small.
+    ``projection_lr`` is the projection's own learning rate (None: the student's).
     """
 
     kind: str
@@ -403,6 +458,7 @@ class Match:
     student_layer: int | tuple[int, int]
     weight: float = 1.0
     projection: str | None = None
+    projection_lr: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in MATCH_KINDS:
@@ -428,6 +484,13 @@ class Match:
                 raise MatchError(
                     f"match {self.kind!r}: attention maps have no width to project; remove projection"
                 )
+        if self.projection_lr is not None:
+            if self.projection is None:
+                raise MatchError(f"match {self.kind!r}: projection_lr={self.projection_lr} needs a projection to "
+                                 "train; set projection: linear (or relu/tanh) or remove projection_lr")
+            if not (math.isfinite(self.projection_lr) and self.projection_lr > 0):
+                raise MatchError(f"match {self.kind!r}: projection_lr={self.projection_lr} must be a finite "
+                                 "number > 0, or null for the student's lr")
 
     @property
     def spec(self) -> MatchKind:
@@ -522,10 +585,11 @@ def match_loss(
 def build_projections(matches: Sequence[Match], student_dim: int, teacher_dim: int) -> nn.ModuleList:
     """One module per match: a ``Projection`` (student_dim -> teacher_dim) or ``nn.Identity``.
 
-    Built in match order from torch's RNG, so the same seed gives the same weights.
+    Built in match order from torch's RNG, so the same seed gives the same weights. Each carries
+    its match's ``projection_lr`` (the training loop gives it its own optimizer group).
     """
     return nn.ModuleList(
-        nn.Identity() if m.projection is None else Projection(student_dim, teacher_dim, m.projection)
+        nn.Identity() if m.projection is None else Projection(student_dim, teacher_dim, m.projection, m.projection_lr)
         for m in matches
     )
 
@@ -579,9 +643,11 @@ def preset_matches(name: str, teacher_layers: int, student_layers: int) -> list[
     (12,3)). Here every student hidden layer i in 0..Ls pairs with teacher layer
     round(i * Lt / Ls), which gives TextBrewer's pairs for 12 -> 3 and still works when the
     student's real depth differs from the name's (the name's depth is then ignored).
-    ``smmd`` uses ``mmd`` on (i, i) pairs; ``n``/``t`` variants add a linear projection.
-    Attention presets pair student attention j (block j + 1) with the teacher's last block of
-    its group: attention max(round((j + 1) * Lt / Ls), 1) - 1.
+    ``smmd`` uses ``mmd`` and ``sgram`` ``fsp`` on (i, i) pairs; ``n``/``t`` variants and
+    ``small_hidden_mse`` add a linear projection. Attention presets pair student attention j
+    (block j + 1) with the teacher's last block of its group: attention max(round((j + 1) * Lt / Ls), 1) - 1.
+    ``small_*`` presets (``Preset.every == 2``) match every second student layer and the last:
+    TextBrewer's (0, 0), (2, 2), ..., (12, 12) for 12 -> 12.
     """
     if teacher_layers < 1 or student_layers < 1:
         raise MatchError(
@@ -593,16 +659,18 @@ def preset_matches(name: str, teacher_layers: int, student_layers: int) -> list[
         part = part.strip()
         if part not in PRESETS:
             raise MatchError(f"unknown match preset {part!r}; valid presets: {', '.join(PRESET_NAMES)}")
-        kind, depth, projection = PRESETS[part]
+        kind, depth, projection, every = PRESETS[part]
         if depth != student_layers:
             logger.info("preset %s names %d student layers; adapting to %d", part, depth, student_layers)
+        # Student hidden layers (0 = embeddings) or blocks (attention) to match: every n-th and the last.
+        picked = sorted(set(range(0, student_layers + 1, every)) | {student_layers})
         if MATCH_KINDS[kind].feature == "attention":
-            for j in range(student_layers):
+            for block in picked[1:]:
                 # max: a student deeper than its teacher would otherwise map block 1 to "block 0".
-                t = max(_teacher_for(j + 1, teacher_layers, student_layers), 1) - 1
-                matches.append(Match(kind, t, j))
+                t = max(_teacher_for(block, teacher_layers, student_layers), 1) - 1
+                matches.append(Match(kind, t, block - 1))
             continue
-        for i in range(student_layers + 1):
+        for i in picked:
             t = _teacher_for(i, teacher_layers, student_layers)
             if MATCH_KINDS[kind].pair:
                 matches.append(Match(kind, (t, t), (i, i), projection=projection))

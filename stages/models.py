@@ -38,6 +38,9 @@ __all__ = [
     "num_parameters",
     "model_fingerprint",
     "teacher_fingerprint",
+    "TEACHER_MEMOS",
+    "recorded_teachers",
+    "missing_folder",
     "make_tiny_classifier",
     "make_tiny_causal_lm",
 ]
@@ -61,15 +64,20 @@ class ModelError(KDError, ValueError):
 # Loading
 
 
-def _check_source(name_or_path: str, what: str) -> None:
-    """Raise for a missing local folder; hub names ("bert-base-uncased", "org/name") pass through."""
+def missing_folder(name_or_path: str) -> bool:
+    """True when `name_or_path` names a local folder (not a hub name like "org/name") and nothing is there."""
     path = Path(name_or_path).expanduser()
     looks_local = (
         path.is_absolute() or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1
         or (os.sep != "/" and os.sep in name_or_path)
         or ("/" in name_or_path and path.parent.is_dir())  # "models/teacher" next to an existing models/
     )
-    if looks_local and not path.exists():
+    return looks_local and not path.exists()
+
+
+def _check_source(name_or_path: str, what: str) -> None:
+    """Raise for a missing local folder; hub names ("bert-base-uncased", "org/name") pass through."""
+    if missing_folder(name_or_path):
         raise ModelError(f"{what} folder {name_or_path} does not exist; fix the path or train/save the model first")
 
 
@@ -343,7 +351,8 @@ def _file_identity(path: Path) -> str:
     return cf.fingerprint(json.dumps(data, sort_keys=True, default=str))
 
 
-def _folder_fingerprint(folder: Path) -> str:
+def _identity_files(folder: Path) -> list[Path]:
+    """The files whose content is a saved model's identity (config, weights, tokenizer), sorted by name."""
     if not (folder / "config.json").is_file():
         raise ModelError(f"{folder} has no config.json; give a folder saved with save_pretrained")
     files = sorted(p for p in folder.iterdir() if p.is_file() and (
@@ -351,8 +360,56 @@ def _folder_fingerprint(folder: Path) -> str:
     if not any(_WEIGHT_FILE.fullmatch(p.name) for p in files):
         raise ModelError(f"{folder} has no weight file (model.safetensors or pytorch_model.bin); "
                          "give a folder saved with save_pretrained")
-    return cf.Hasher().update({"kind": "model files v1",
+    return files
+
+
+_FINGERPRINT_KIND = "model files v1"
+TEACHER_MEMOS = ".teachers"
+"""Folder, next to the caches it serves, of teacher identity memos (`<cache root>/.teachers/<key>.json`)."""
+
+
+def _hash_files(files: Sequence[Path]) -> str:
+    return cf.Hasher().update({"kind": _FINGERPRINT_KIND,
                                "files": [[p.name, _file_identity(p)] for p in files]}).hexdigest()
+
+
+def _folder_fingerprint(folder: Path, memo_dir: Path | None = None, rehash: bool = False) -> str:
+    files = _identity_files(folder)
+    if memo_dir is None:
+        return _hash_files(files)
+    # The memo: {resolved path, (size, mtime_ns) of each identity file, fingerprint}. Stats are taken before
+    # hashing, so a file changed while it is hashed has a newer mtime than the memo and is hashed again.
+    where = str(folder.resolve())
+    memo_dir = Path(memo_dir)
+    memo = memo_dir / f"{hashlib.sha256(where.encode()).hexdigest()[:32]}.json"
+    stats = {p.name: [(st := p.stat()).st_size, st.st_mtime_ns] for p in files}
+    if not rehash:
+        try:
+            old = json.loads(memo.read_text(encoding="utf-8"))
+            if (old["kind"], old["path"], old["files"]) == (_FINGERPRINT_KIND, where, stats):
+                return str(old["fingerprint"])
+        except (OSError, ValueError, KeyError, TypeError):  # no memo yet, or not one we wrote: hash
+            pass
+    fp = _hash_files(files)
+    record = {"kind": _FINGERPRINT_KIND, "path": where, "files": stats, "fingerprint": fp}
+    try:
+        cf.atomic_write_text(memo, json.dumps(record, indent=1, sort_keys=True) + "\n")
+    except OSError:  # a read-only cache root: the memo only saves time, the next run hashes again
+        pass
+    return fp
+
+
+def recorded_teachers(memo_dir: Path, fingerprint: str) -> list[str]:
+    """Teacher folders whose memo in `memo_dir` holds `fingerprint` (where the teacher of a cache was last seen)."""
+    found = []
+    for memo in sorted(Path(memo_dir).glob("*.json")):
+        try:
+            record = json.loads(memo.read_text(encoding="utf-8"))
+            if record["fingerprint"] == fingerprint:
+                found.append(str(record["path"]))
+        except (OSError, ValueError, KeyError, TypeError):  # not a memo: nothing recorded there
+            continue
+    return found
 
 
 def _hub_snapshot(name: str) -> Path | None:
@@ -365,19 +422,23 @@ def _hub_snapshot(name: str) -> Path | None:
         return None
 
 
-def teacher_fingerprint(name_or_path: str) -> str:
+def teacher_fingerprint(name_or_path: str, memo_dir: Path | None = None, *, rehash: bool = False) -> str:
     """32-hex-digit identity of a saved teacher, computed from its files without building the model.
 
     Hashes the weight files' bytes, and config.json and the tokenizer files less the keys that change with how
     the model was loaded or saved (so a re-saved copy keeps its identity). Precompute and distill both use
     it, so a cache is found without loading the teacher.
+    With `memo_dir` (a cache root's `TEACHER_MEMOS` folder), a folder whose files all have the size and mtime
+    recorded there by an earlier call gets the recorded fingerprint without reading a byte; otherwise (or
+    with `rehash`) the files are hashed and the memo rewritten. A change that keeps both size and mtime
+    (restored with os.utime) is only seen with `rehash` (`kd cache verify --deep`).
     A hub name uses its huggingface cache snapshot; one not yet downloaded is loaded once (which downloads
     it), so later offline runs hash the same snapshot.
     """
     _check_source(name_or_path, "model")
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        return _folder_fingerprint(path)
+        return _folder_fingerprint(path, memo_dir, rehash)
     snapshot = _hub_snapshot(name_or_path)
     if snapshot is None:
         try:
@@ -388,7 +449,7 @@ def teacher_fingerprint(name_or_path: str) -> str:
         snapshot = _hub_snapshot(name_or_path)
         if snapshot is None:  # loadable, but not through the hub cache: identify it by what it computes
             return model_fingerprint(model, tokenizer)
-    return _folder_fingerprint(snapshot)
+    return _folder_fingerprint(snapshot, memo_dir, rehash)
 
 
 def _tokenizer_description(tokenizer: Any) -> str:

@@ -14,6 +14,7 @@ of every checkpoint, so --resume continues the exact stream.
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -121,23 +122,21 @@ def distill_tasks(cfg: Config, *, on_step: Callable[[int], None] | None = None) 
 
     settings = {"tasks": {name: distill_settings(view, loaded[name][2]) for name, view in views.items()},
                 "task_weights": objective.weights, "task_tau": d.task_tau}
+    write = functools.partial(_write_heads, student, tokenizer, objective, tasks)
     result = fit(student, objective, TaskMix(list(train), list(train.values())), dev or None, d, output=output,
                  log_dir=Path(d.log_dir), device=device, desc=f"distill {len(tasks)} tasks ({d.teacher_signal})",
-                 on_step=on_step, run_settings=settings, evaluate=evaluate, task_tau=d.task_tau)
-    _save_heads(student, tokenizer, objective, tasks, output, result)
+                 on_step=on_step, run_settings=settings, evaluate=evaluate, task_tau=d.task_tau, write=write)
+    replace_folder(output, functools.partial(write, result=result))  # swapped in as one folder
     write_metrics(cfg, result)
     caches = [str(r.path) for _, _, readers in loaded.values() for r in readers]
     return DistillResult(output, d.teacher_signal, caches, result)
 
 
-def _save_heads(student: MultiTaskStudent, tokenizer, objective: MultiTaskObjective, tasks: dict, output: Path,
-                result: FitResult) -> None:
-    """Every head as a complete model in `<output>/<name>`, written aside and swapped in as one folder."""
-
-    def fill(folder: Path) -> None:
-        for name, model in student.heads.items():
-            write_model(model, tokenizer, objective.modules[name], folder / name, result=result,
-                        label_names=tasks[name].label_names, head_config=tasks[name].head_config())
+def _write_heads(student: MultiTaskStudent, tokenizer, objective: MultiTaskObjective, tasks: dict, folder: Path,
+                 result: FitResult | None = None) -> None:
+    """Every head as a complete model in `<folder>/<name>` (a snapshot, or with `result` the finished run)."""
+    for name, model in student.heads.items():
+        write_model(model, tokenizer, objective.modules[name], folder / name, result=result,
+                    label_names=tasks[name].label_names, head_config=tasks[name].head_config())
+    if result is not None:
         write_run_record(folder, result)  # marks the whole run finished (--resume has nothing to do)
-
-    replace_folder(output, fill)

@@ -17,7 +17,7 @@ from stages.config import Config
 from stages._io import check_outputs, progress_bar
 from stages._train import pick_device
 from stages.data import Encoded, Examples, collate
-from stages.models import check_head, load_classifier, load_model_config, load_tokenizer
+from stages.models import load_model_config, load_tokenizer
 from stages.tasks import get_task
 from stages.teacher import TeacherSpec, cache_fields, cache_target, load_split, resolve_model, teacher_outputs
 
@@ -72,14 +72,14 @@ def _precompute_one(cfg: Config, teacher: str, examples: Examples, device: torch
     # Everything that can fail cheaply comes before the cache folder is opened and the weights are loaded:
     # the head and layers (config only) and the cache's identity (hashes of the files).
     config = load_model_config(path_or_name)
-    check_head(config, teacher, task.num_labels, auto_model=task.auto_model, label_names=task.label_names)
+    task.check_teacher(config, teacher, spec)
     spec.check_layers(int(config.num_hidden_layers), teacher)
     target = cache_target(cfg, teacher, examples)
 
     def tokenize_and_load() -> tuple[Encoded, torch.nn.Module]:
         enc = task.encode(load_tokenizer(path_or_name), examples, p.max_length)  # refuses a too small max_length
-        return enc, load_classifier(path_or_name, task.num_labels, eager_attention=bool(spec.attention_layers),
-                                    auto_model=task.auto_model, label_names=task.label_names)
+        task.check_rows(config, teacher, spec, enc)
+        return enc, task.load_teacher(path_or_name, eager_attention=bool(spec.attention_layers))
 
     # A finished cache needs neither tokens nor model; any other is written from both, so they come before the
     # writer creates its folder.
@@ -113,7 +113,7 @@ def _precompute_one(cfg: Config, teacher: str, examples: Examples, device: torch
                 rows = todo[start : start + p.batch_size]
                 batch, ids = collate(enc, rows)
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                outs = teacher_outputs(model, batch, spec, task)
+                outs = teacher_outputs(model, batch, spec, task, ids)
                 lengths = outs.pop("length").to(torch.int32)
                 # One device-to-host copy per tensor; the writer converts and checks on its thread.
                 arrays = {k: v.cpu() for k, v in outs.items()}

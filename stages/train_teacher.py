@@ -13,7 +13,7 @@ from torch import nn
 from cache_format import atomic_write_text
 from stages.config import Config
 from stages._io import check_outputs
-from stages._train import FitResult, fit, pick_device, save_model, set_seed
+from stages._train import FitResult, fit, pick_device, save_model, set_seed, write_model
 from stages.data import model_inputs
 from stages.models import load_classifier, load_tokenizer
 from stages.tasks import Task, get_task
@@ -69,12 +69,14 @@ def train_teacher(cfg: Config) -> list[TrainTeacherResult]:
     # The one stage that may make a new head: a base model, or a head for another label count, is fine-tuned here.
     model = load_classifier(src, task.num_labels, head="new", auto_model=task.auto_model)
     device = pick_device()
+    saved = {"label_names": task.label_names, "head_config": task.head_config()}
     result = fit(model, _LabelObjective(task), train, dev, t, output=output, log_dir=None, device=device,
                  desc="train-teacher", run_settings={"model": t.model, **task.cache_settings()},
-                 evaluate=lambda m, data: task.evaluate(m, data, t.eval_batch_size, device))
-    save_model(model, tokenizer, nn.ModuleDict(), output, result=result, label_names=task.label_names,
-               head_config=task.head_config())
+                 evaluate=lambda m, data: task.evaluate(m, data, t.eval_batch_size, device),
+                 write=lambda folder: write_model(model, tokenizer, nn.ModuleDict(), folder, **saved))
+    save_model(model, tokenizer, nn.ModuleDict(), output, result=result, **saved)
     metrics = {**{f"dev_{k}": v for k, v in (result.dev or {}).items()}, "steps": result.steps,
+               **({"best_step": result.best_step} if result.best_step is not None else {}),
                "seconds": round(result.seconds, 2)}
     atomic_write_text(Path(t.metrics), json.dumps(metrics, indent=2) + "\n")
     return [TrainTeacherResult(output, result)]

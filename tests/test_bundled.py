@@ -293,7 +293,7 @@ def test_regression_csv_and_split_json(tmp_path, _no_downloads):
 
 
 def test_unknown_source_and_bad_fractions_are_data_errors(tmp_path):
-    assert list(BUNDLED_SOURCES) == list(bundled._LOADERS)
+    assert list(BUNDLED_SOURCES) == [*bundled._LOADERS, *bundled.FIXED_SPLITS]
     with pytest.raises(DataError, match=r"unknown bundled source 'bundled:nope'; choose from bundled:wnut16_ner"):
         write_bundled("bundled:nope", tmp_path, fractions=FRACTIONS, seed=0)
     with pytest.raises(DataError, match="fractions must be > 0 and sum to 1"):

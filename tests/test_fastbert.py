@@ -159,6 +159,7 @@ def _params(root: Path, data: Path, teacher: Path, **sections) -> dict:
 def trained(tmp_path_factory, tiny_data_dir, tiny_teacher_dir):
     root = tmp_path_factory.mktemp("fastbert")
     params = _params(root, tiny_data_dir, tiny_teacher_dir)
+    params["distill"].update(snapshots=True, keep_best="min:kl")  # the training loop's options apply as well
     cfg = config_from_dict(params)
     train_teacher(cfg)
     result = distill(cfg)
@@ -182,6 +183,11 @@ def test_self_distillation_lowers_the_branch_kl_and_leaves_the_backbone(trained,
     plain = load_classifier(str(root / "fastbert"), 2).state_dict()
     assert all(torch.equal(teacher[k], plain[k]) for k in teacher)
     assert is_fastbert(root / "fastbert") and (root / "fastbert" / BRANCHES_FILE).is_file()
+    # keep_best: min:kl saved the evaluation with the lowest dev KL, the same weights as its gs{step} snapshot.
+    best = result.fit.best_step
+    assert best in (13, 26) and result.fit.dev["kl"] == min(e["dev"]["kl"] for e in result.fit.evaluations)
+    snapshot = load_fastbert(root / "fastbert" / "snapshots" / f"gs{best}").branches.state_dict()
+    assert all(torch.equal(snapshot[k], v) for k, v in model.branches.state_dict().items())
     info = json.loads((root / "fastbert" / CONFIG_FILE).read_text())
     assert info["branches"] == 3 and info["branch_width"] == 16
     metrics = json.loads((root / "m_distill.json").read_text())

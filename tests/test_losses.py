@@ -507,7 +507,8 @@ def test_one_registry_drives_config_losses_and_presets():
     assert MATCH_LOSSES.keys() == kinds.MATCH_KINDS.keys()
     assert MatchConfig.model_fields["kind"].annotation.__args__ == tuple(kinds.MATCH_KINDS)
     assert KDConfig.model_fields["loss"].annotation.__args__ == kinds.KD_KINDS
-    assert {kind for kind, _, _ in kinds.PRESETS.values()} <= kinds.MATCH_KINDS.keys()
+    assert {p.kind for p in kinds.PRESETS.values()} <= kinds.MATCH_KINDS.keys()
+    assert set(kinds.MATCH_ALIASES.values()) <= kinds.MATCH_KINDS.keys()
     for name, spec in kinds.MATCH_KINDS.items():
         layer = (1, 1) if spec.pair else 1
         m = Match(name, layer, layer)

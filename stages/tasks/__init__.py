@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from stages.config import DataConfig
 from stages.tasks.base import Task
+from stages.tasks.causal_lm import CausalLM
 from stages.tasks.extractive_qa import ExtractiveQA
 from stages.tasks.multi_label import MultiLabel
 from stages.tasks.regression import Regression
@@ -23,6 +24,7 @@ TASKS: dict[str, type[Task]] = {
     MultiLabel.name: MultiLabel,
     Regression.name: Regression,
     TokenClassification.name: TokenClassification,
+    CausalLM.name: CausalLM,
 }
 
 

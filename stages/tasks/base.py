@@ -3,27 +3,34 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForSequenceClassification, PretrainedConfig
 
 import cache_format as cf
 from stages.config import DataConfig
 from stages.data import Encoded, Examples, collate, model_inputs
+from stages.models import check_head, load_classifier
 
-__all__ = ["Task"]
+if TYPE_CHECKING:  # stages.teacher imports this module
+    from stages.teacher import TeacherSpec
+
+__all__ = ["Task", "TORCH_DTYPES"]
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class Task:
     """One task kind. Subclasses set the class attributes and override the methods marked "kind-specific".
 
     The stages call only these methods, never `if kind == ...`: reading and validating the data (`load`),
-    tokenizing it (`encode`), the head (`auto_model`, `num_labels`, `head_config`), the teacher signal that
-    is cached and compared (`logits`, `lengths`, `logits_shape`), the losses (`hard_loss`, `kd_loss`) and the
-    metrics (`predict`, `score`).
+    tokenizing it (`encode`), the head (`auto_model`, `num_labels`, `head_config`), the teacher and the signal
+    that is cached and compared (`check_teacher`, `check_rows`, `load_teacher`, `teacher_forward`,
+    `teacher_signal`, `teacher_fields`, `signal_settings`, `logits`, `lengths`, `logits_shape`), the losses
+    (`hard_loss`, `kd_loss`) and the metrics (`predict`, `score`).
     """
 
     name: ClassVar[str]
@@ -60,6 +67,38 @@ class Task:
     def encode(self, tokenizer: Any, examples: Examples, max_length: int) -> Encoded:
         """Tokenize examples once into rows (one per example, or per window) with the labels the losses read."""
         raise NotImplementedError
+
+    # -- the teacher --------------------------------------------------------------------------------------------
+
+    def check_teacher(self, config: PretrainedConfig, teacher: str, spec: "TeacherSpec") -> None:
+        """Raise if `teacher` (its config only: no weights are read) cannot give this task's signal."""
+        check_head(config, teacher, self.num_labels, auto_model=self.auto_model, label_names=self.label_names)
+
+    def check_rows(self, config: PretrainedConfig, teacher: str, spec: "TeacherSpec", rows: Encoded) -> None:
+        """Raise if caching the teacher's signal on `rows` is refused (e.g. too large); default: nothing."""
+
+    def load_teacher(self, path_or_name: str, *, eager_attention: bool = False) -> nn.Module:
+        """The teacher model (checked as `check_teacher` says), ready for `teacher_forward`."""
+        return load_classifier(path_or_name, self.num_labels, eager_attention=eager_attention,
+                               auto_model=self.auto_model, label_names=self.label_names)
+
+    def teacher_forward(self, model: nn.Module, batch: dict[str, Tensor], *, hidden: bool, attentions: bool) -> Any:
+        """Run the teacher on a padded batch; the output has `hidden_states`/`attentions` when asked."""
+        return model(**model_inputs(batch), output_hidden_states=hidden, output_attentions=attentions)
+
+    def teacher_signal(self, model: nn.Module, out: Any, batch: dict[str, Tensor], ids: Sequence[str],
+                       spec: "TeacherSpec") -> dict[str, Tensor]:
+        """The cached (and online) teacher signal of a batch: name -> [B, ...] or padded [B, T, ...] tensor, one
+        per `teacher_fields` entry. Default: `logits` in the spec's dtype."""
+        return {"logits": self.logits(out, batch).float().to(TORCH_DTYPES[spec.dtype])}
+
+    def teacher_fields(self, spec: "TeacherSpec", config: PretrainedConfig) -> list[cf.FieldSpec]:
+        """The cache fields `teacher_signal` fills ("T" for the ragged axis), for a teacher with `config`."""
+        return [cf.FieldSpec("logits", spec.dtype, self.logits_shape())]
+
+    def signal_settings(self, spec: "TeacherSpec") -> dict[str, Any]:
+        """Settings of the signal beyond the spec's own (hashed into the cache's folder name); default: none."""
+        return {}
 
     # -- the teacher signal -----------------------------------------------------------------------------------
 

