@@ -251,6 +251,7 @@ def test_without_matplotlib_the_csv_is_written_and_the_note_says_how(tmp_path, m
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # 2-3 minutes on 2 idle cores; a loaded machine takes several times that
 def test_fastbert_on_the_bundled_model_and_data(tmp_path):
     """The real bundled MiniLM (6 blocks) on 400 Rotten Tomatoes sentences: fine-tune, self-distil, evaluate.
 
