@@ -13,7 +13,8 @@ from torch import nn
 
 import cache_format as cf
 from cache_format._errors import CacheMismatchError, CacheMissError, KDError
-from stages.config import Config, DistillConfig, config_to_dict
+from stages.config import Config, ConfigError, DistillConfig, config_to_dict
+from stages.kinds import TASK_KINDS
 from stages._io import check_outputs
 from stages._train import FitResult, fit, pick_device, save_model, set_seed, write_model
 from stages.data import Encoded, Examples, data_fingerprint, model_inputs
@@ -50,6 +51,9 @@ def build_student(cfg: Config) -> tuple[nn.Module, object]:
         # A base model gets a new head (that is what distillation trains); a head for another label count is
         # an error, as for teachers: silently re-initialising it would throw away what it learned.
         return load_classifier(src, n, head="if_missing", auto_model=head, label_names=names), load_tokenizer(src)
+    if s.num_kv_heads is not None:
+        raise ConfigError("distill.student.num_kv_heads only applies to causal-LM students (data.task: causal_lm); "
+                          "remove it")
     src = resolve_model(s.config)
     model = student_from_config(src, n, num_layers=s.num_layers, hidden_size=s.hidden_size,
                                 intermediate_size=s.intermediate_size, num_heads=s.num_heads, auto_model=head)
@@ -193,10 +197,9 @@ def _open_caches(cfg: Config, train_examples) -> list[cf.CacheReader]:
             readers.append(cf.CacheReader(target.path, expect_teacher=target.teacher_fingerprint,
                                           expect_data=dfp, expect_settings=target.settings))
     task = get_task(cfg.data)
-    want = task.logits_shape()
     for r in readers:
         logits = r.fields.get("logits")
-        if logits is None or tuple(logits.shape) == want:
+        if logits is None or tuple(logits.shape) == (want := task.logits_shape()):
             continue
         if logits.shape[-1] != want[-1]:
             raise CacheMismatchError(
@@ -243,16 +246,25 @@ def distill(cfg: Config, *, on_step: Callable[[int], None] | None = None) -> Dis
     """Train the student described by `cfg.distill` and save it with `save_pretrained`.
 
     With `tasks:` in the params, one student with a head per task (stages/multitask.py); with
-    `distill.method: fastbert`, FastBERT's self-distilled branches on a fine-tuned backbone (stages/fastbert.py).
+    `distill.method: theseus`, BERT-of-Theseus module replacing (stages/theseus.py); with `distill.method:
+    fastbert`, FastBERT's self-distilled branches on a fine-tuned backbone (stages/fastbert.py).
     `on_step(step)` is called after every optimizer step (the benchmarks time steps with it)."""
     if cfg.tasks:
         from stages.multitask import distill_tasks  # it builds on this module
 
         return distill_tasks(cfg, on_step=on_step)
+    if cfg.distill.method == "theseus":
+        from stages.theseus import distill_theseus  # it builds on this module
+
+        return distill_theseus(cfg, on_step=on_step)
     if cfg.distill.method == "fastbert":
         from stages.fastbert import distill_fastbert  # self-distillation: the branches learn from their backbone
 
         return DistillResult(Path(cfg.distill.output), "fastbert", [], distill_fastbert(cfg, on_step=on_step))
+    if TASK_KINDS[cfg.data.task].language_model:
+        from stages.lm_distill import distill_lm  # it builds on this module
+
+        return distill_lm(cfg, on_step=on_step)
     d = cfg.distill
     output = Path(d.output)
     check_outputs({"distill.output": (output, "model"), "distill.metrics": (d.metrics, "file"),
@@ -348,7 +360,8 @@ def distill_objective(cfg: Config, student: nn.Module, train_ex: Examples, train
 def write_metrics(cfg: Config, result: FitResult) -> None:
     """distill.metrics: the dev metrics, steps, time and speed of a finished run."""
     d = cfg.distill
-    metrics = {"teacher_signal": d.teacher_signal, **{f"dev_{k}": v for k, v in (result.dev or {}).items()},
+    metrics = {"method": d.method, "teacher_signal": d.teacher_signal,
+               **{f"dev_{k}": v for k, v in (result.dev or {}).items()},
                **({"best_step": result.best_step} if result.best_step is not None else {}),
                "steps": result.steps, "seconds": round(result.seconds, 2),
                "train_examples_per_second": round(result.examples_per_second, 1)}

@@ -22,7 +22,7 @@ from stages._io import check_outputs
 from stages._train import pick_device
 from stages.data import DataError, Examples, collate, model_inputs
 from stages.fastbert import FastBertError, curve_rows, is_fastbert, load_fastbert, speed_curve, write_curve
-from stages.models import load_classifier, load_model_config, load_tokenizer, num_parameters
+from stages.models import load_model_config, load_tokenizer, num_parameters
 from stages.report import save_predictions
 from stages.tasks import get_task
 from stages.teacher import load_split, resolve_model
@@ -94,11 +94,13 @@ def _score_models(cfg: Config, device: torch.device) -> tuple[dict[str, dict], d
     e = cfg.evaluate
     task = get_task(cfg.data)
     examples = load_split(cfg, e.split)
-    if examples.labels is None:
+    if examples.labels is None and task.needs_labels:
         raise DataError(f"data.{e.split} has no labels (data.label_field is unset); evaluation needs them")
     results: dict[str, dict] = {}
     predictions: dict[str, np.ndarray] = {}
-    for name, path in e.models.items():
+    # The teacher is loaded first and kept: kinds that compare models with it (top-1 agreement) get it.
+    reference = None
+    for name, path in sorted(e.models.items(), key=lambda item: item[0] != "teacher"):
         src = resolve_model(path)
         tokenizer = load_tokenizer(src)
         if is_fastbert(src) and not TASK_KINDS[cfg.data.task].sequence_kd:
@@ -108,15 +110,18 @@ def _score_models(cfg: Config, device: torch.device) -> tuple[dict[str, dict], d
         if is_fastbert(src):  # the full model here (no early exit); per speed below
             model = load_fastbert(src, task.num_labels, label_names=task.label_names).to(device)
         else:
-            model = load_classifier(src, task.num_labels, auto_model=task.auto_model,
-                                    label_names=task.label_names).to(device)
+            model = task.load_model(src).to(device)
+        if name == "teacher":
+            reference = model
         data = task.encode(tokenizer, examples, e.max_length)
-        preds = task.predict(model, data, e.batch_size, device)
         if task.class_per_example:  # what `kd report`'s paired statistics compare
-            predictions[name] = preds
+            predictions[name] = task.predict(model, data, e.batch_size, device)
+            metrics = task.score(data, predictions[name])
+        else:
+            metrics = task.evaluate(model, data, e.batch_size, device, reference=reference)
         results[name] = {
             "model": str(path),
-            **{k: round(v, 4) for k, v in task.score(data, preds).items()},
+            **{k: round(v, 4) for k, v in metrics.items()},
             "parameters": num_parameters(model),
             "examples_per_second": round(measure_throughput(model, data, e.batch_size, e.throughput_batches, device), 1),
             "device": str(device),
@@ -127,4 +132,4 @@ def _score_models(cfg: Config, device: torch.device) -> tuple[dict[str, dict], d
             results[name]["fastbert"] = speed_curve(
                 model, data, task, e.fastbert_speeds, e.batch_size, device=device,
                 throughput=lambda m: measure_throughput(m, data, e.batch_size, e.throughput_batches, device))
-    return results, predictions, examples
+    return {name: results[name] for name in e.models}, predictions, examples

@@ -36,6 +36,7 @@ class Task:
     name: ClassVar[str]
     auto_model: ClassVar[type] = AutoModelForSequenceClassification
     class_per_example: ClassVar[bool] = False  # predictions are one class id per example (`kd report` pairs them)
+    needs_labels: ClassVar[bool] = True  # evaluation compares predictions with gold labels in the data
 
     def __init__(self, data: DataConfig):
         self.data = data
@@ -167,6 +168,12 @@ class Task:
         """Metrics of `predictions` against the labels in `data` (kind-specific)."""
         raise NotImplementedError
 
-    def evaluate(self, model: nn.Module, data: Encoded, batch_size: int, device: torch.device) -> dict[str, float]:
-        """`score(predict(...))`: the metrics of a model on an encoded, labelled split."""
+    def load_model(self, path_or_name: str) -> nn.Module:
+        """A saved model of this kind (a teacher or student) for evaluation."""
+        return load_classifier(path_or_name, self.num_labels, auto_model=self.auto_model, label_names=self.label_names)
+
+    def evaluate(self, model: nn.Module, data: Encoded, batch_size: int, device: torch.device,
+                 reference: nn.Module | None = None) -> dict[str, float]:
+        """`score(predict(...))`: the metrics of a model on an encoded, labelled split. `reference` (the teacher,
+        when `kd evaluate` has one) is for kinds that compare against it; this default does not."""
         return self.score(data, self.predict(model, data, batch_size, device))

@@ -39,14 +39,14 @@ from cache_format._errors import KDError
 from stages.config import LMCacheConfig
 from stages.data import DataError, Encoded, Examples, read_table, string_column
 from stages.lm_codecs import check_codec, check_dense_size, codec_fields, codec_settings, encode_rows
-from stages.lm_models import head_logits
+from stages.lm_models import head_logits, lm_metrics
 from stages.models import ModelError, load_causal_lm
 from stages.tasks.base import Task
 
 __all__ = ["CausalLM"]
 
-_NOT_YET = ("data.task causal_lm has no label head (it predicts the vocabulary); only `kd prepare` and "
-            "`kd precompute` support it on this branch, not train-teacher, distill or evaluate")
+_NO_HEAD = ("data.task causal_lm has no label head (it predicts the vocabulary), and `kd train-teacher` does not "
+            "train language models; give precompute.teachers a trained causal LM (e.g. bundled:smollm2-135m)")
 _LM_ARCHITECTURES = ("ForCausalLM", "LMHeadModel")
 
 
@@ -57,7 +57,7 @@ class CausalLM(Task):
     @property
     def num_labels(self) -> int:
         """A language model has no label count: a stage that asks for one is a classification path."""
-        raise KDError(_NOT_YET)
+        raise KDError(_NO_HEAD)
 
     # -- data -------------------------------------------------------------------------------------------------
 
@@ -175,7 +175,22 @@ class CausalLM(Task):
         return {"lm": codec_settings(_lm(spec))}
 
     def logits_shape(self) -> tuple[int | str, ...]:
-        raise KDError(_NOT_YET)
+        raise KDError(_NO_HEAD)
+
+    # -- metrics ----------------------------------------------------------------------------------------------
+
+    needs_labels = False  # the text is its own target
+
+    def load_model(self, path_or_name: str) -> nn.Module:
+        return load_causal_lm(path_or_name)
+
+    def evaluate(self, model: nn.Module, data: Encoded, batch_size: int, device: torch.device,
+                 reference: nn.Module | None = None) -> dict[str, float]:
+        """Perplexity (per token and per word), ECE, tokens/s and, with a `reference` (the teacher) of the same
+        vocabulary, top-1 agreement with it (stages/lm_models.py `lm_metrics`)."""
+        same_vocab = reference is not None and reference.config.vocab_size == model.config.vocab_size
+        return lm_metrics(model, data, batch_size=batch_size, device=device,
+                          teacher=reference if same_vocab and reference is not model else None)
 
 
 def _lm(spec: Any) -> Any:

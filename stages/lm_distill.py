@@ -1,0 +1,253 @@
+"""`kd distill` for language models (`data.task: causal_lm`).
+
+The student learns next-token cross-entropy on the text plus a KD term against the teacher's next-token
+distribution, read from the sparse cache (`topk`, `sampled`, `dense`), from a live teacher (online: forward KL,
+reverse KL, generalized JSD) or, for a teacher with another tokenizer, by Universal Logit Distillation over the
+cached top-k with positions aligned by character offsets. Every loss runs through `chunked_loss`, so the
+student's [B, T, V] logits never exist in full.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+import cache_format as cf
+from cache_format._errors import KDError
+from stages.config import Config
+from stages._io import check_outputs
+from stages._train import fit, pick_device, save_model, set_seed
+from stages.data import Encoded, Examples
+from stages.distill import DistillResult, distill_settings, load_distill_data, write_metrics
+from stages.lm_losses import (align_by_offsets, auto_chunk_tokens, chunked_loss, dense_kl, forward_kl,
+                              generalized_jsd, next_token_ce, reverse_kl, sampled_kl, topk_kl, uld_loss)
+from stages.lm_models import causal_lm_student, lm_metrics
+from stages.models import load_causal_lm, load_tokenizer
+from stages.tasks import get_task
+from stages.teacher import CachedTeachers, resolve_model
+
+__all__ = ["distill_lm", "LMObjective"]
+
+# The cached fields each codec's KD term reads (besides the always-present input_ids and char_offsets).
+_CODEC_FIELDS = {
+    "topk": ("topk_ids", "topk_logprobs"),
+    "sampled": ("sample_ids", "sample_counts", "sample_logprobs", "proposal_lognorm"),
+    "dense": ("logprobs",),
+}
+
+
+def _codec(reader: cf.CacheReader) -> str:
+    """Which codec a causal-LM cache holds, from its fields."""
+    for codec, fields in _CODEC_FIELDS.items():
+        if all(f in reader.fields for f in fields):
+            return codec
+    raise KDError(f"cache {reader.path} holds no next-token distribution (fields: {', '.join(sorted(reader.fields))}); "
+                  "point distill.caches at a cache written by `kd precompute` with data.task: causal_lm")
+
+
+def _same_vocabulary(student_tok, teacher_tok) -> bool:
+    return student_tok.get_vocab() == teacher_tok.get_vocab()
+
+
+class LMObjective:
+    """Next-token CE + a KD term, computed in one chunked pass over the scored positions."""
+
+    def __init__(self, cfg: Config, source: CachedTeachers | None, teacher: nn.Module | None, codec: str | None,
+                 settings: dict, pairs: dict[str, tuple[np.ndarray, np.ndarray]] | None, teacher_length: int):
+        self.cfg = cfg
+        self.source = source
+        self.teacher = teacher
+        self.codec = codec
+        self.settings = settings
+        self.pairs = pairs  # cross-tokenizer: row id -> (student positions, teacher positions) to compare
+        self.teacher_length = teacher_length
+        self.modules = nn.ModuleList()  # no projections: only the student trains
+
+    def start_epoch(self, id_batches: Sequence[Sequence[str]]) -> None:
+        if self.source is not None:
+            self.source.start(id_batches)
+
+    def _kd_term(self) -> Callable[..., Tensor]:
+        """Per-token KD loss on student logits and the teacher targets of those positions."""
+        lm, kd = self.cfg.distill.lm, self.cfg.distill.kd
+        if lm.cross_tokenizer:
+            return uld_loss
+        if self.teacher is not None:
+            return {"forward_kl": partial(forward_kl, temperature=kd.temperature),
+                    "reverse_kl": partial(reverse_kl, temperature=kd.temperature),
+                    "jsd": partial(generalized_jsd, beta=lm.jsd_beta, temperature=kd.temperature)}[lm.loss]
+        if self.codec == "topk":
+            return partial(topk_kl, tail=lm.topk_tail)
+        if self.codec == "sampled":
+            return partial(sampled_kl, proposal_temperature=self.settings["proposal_temperature"],
+                           samples=self.settings["samples"])
+        return partial(dense_kl, temperature=kd.temperature)
+
+    def _teacher_targets(self, batch: dict[str, Tensor], ids: Sequence[str], keep: Tensor
+                         ) -> tuple[dict[str, Tensor], Tensor]:
+        """Teacher targets at the scored student positions, and a 0/1 mask of the positions that have one."""
+        if self.teacher is not None:
+            with torch.no_grad():
+                t = self.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            return {"teacher_logits": t[:, :-1][keep].float()}, torch.ones(int(keep.sum()), device=keep.device)
+        cached = self.source.next(self.teacher_length)[0]
+        names = ("topk_logprobs",) if self.cfg.distill.lm.cross_tokenizer else _CODEC_FIELDS[self.codec]
+        if not self.cfg.distill.lm.cross_tokenizer:
+            return {n: cached[n][:, :-1][keep] for n in names}, torch.ones(int(keep.sum()), device=keep.device)
+        # Another tokenizer: the (student, teacher) position pairs of each row were found once, from the cached
+        # character offsets (`_alignment`); positions without a partner get no KD term (mask 0).
+        s_len = batch["input_ids"].shape[1] - 1
+        k = cached["topk_logprobs"].shape[-1]
+        rows = [np.full(len(self.pairs[r][0]), b) for b, r in enumerate(ids)]
+        b_idx = torch.from_numpy(np.concatenate(rows)).to(keep.device)
+        s_idx = torch.from_numpy(np.concatenate([self.pairs[r][0] for r in ids])).to(keep.device)
+        t_idx = torch.from_numpy(np.concatenate([self.pairs[r][1] for r in ids])).to(keep.device)
+        target = torch.zeros(len(ids), s_len, k, device=keep.device)
+        mask = torch.zeros(len(ids), s_len, device=keep.device)
+        target[b_idx, s_idx] = cached["topk_logprobs"][b_idx, t_idx].float()
+        mask[b_idx, s_idx] = 1.0
+        return {"topk_logprobs": target[keep]}, mask[keep]
+
+    def losses(self, model: nn.Module, batch: dict[str, Tensor], ids: Sequence[str], step: int,
+               total_steps: int) -> dict[str, Tensor]:
+        kd = self.cfg.distill.kd
+        mask = batch["attention_mask"].bool()
+        keep = mask[:, 1:] & mask[:, :-1]  # position t is scored when it and its next token are real tokens
+        hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                                  ).last_hidden_state[:, :-1][keep]
+        labels = batch["input_ids"][:, 1:][keep]
+        n = max(int(keep.sum()), 1)
+        use_kd = kd.weight > 0 and (self.source is not None or self.teacher is not None)
+        targets: dict[str, Tensor] = {"labels": labels}
+        kd_mask = None
+        if use_kd:
+            teacher, kd_mask = self._teacher_targets(batch, ids, keep)
+            targets.update(teacher)
+        scale = kd.temperature ** 2 if kd.temperature_squared and self.teacher is not None else 1.0
+        kd_term = self._kd_term() if use_kd else None
+        # One pass computes both terms (the head's logits are the expensive part); the KD part is also kept
+        # detached so the two are logged apart: `hard` carries the gradient of the sum.
+        kd_parts: list[Tensor] = []
+
+        def per_token(logits: Tensor, labels: Tensor, kd_weight: Tensor | None = None, **teacher: Tensor) -> Tensor:
+            loss = kd.hard_weight / n * next_token_ce(logits, labels)
+            if kd_term is not None:
+                part = kd_weight * kd_term(logits, **teacher)
+                kd_parts.append(part.detach().sum())
+                loss = loss + part
+            return loss
+
+        if use_kd:
+            n_kd = max(float(kd_mask.sum()), 1.0)
+            targets["kd_weight"] = kd_mask * (kd.weight * scale / n_kd)
+        head = model.get_output_embeddings()
+        chunk = self.cfg.distill.lm.chunk_tokens or auto_chunk_tokens(head.weight.shape[0])
+        total = chunked_loss(hidden, head, per_token, targets, chunk_tokens=chunk)
+        if not use_kd:
+            return {"hard": total}
+        kd_value = torch.stack(kd_parts).sum() if kd_parts else total.new_zeros(())
+        return {"hard": total - kd_value, "kd": kd_value}
+
+    def close(self) -> None:
+        if self.source is not None:
+            self.source.close()
+
+
+def _alignment(rows: Encoded, reader: cf.CacheReader, max_length: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """For each student row, the scored student positions and the teacher positions (in the cache) whose next
+    tokens start at the same character of the block: what ULD compares."""
+    out = {}
+    for i, row in enumerate(rows.ids):
+        s_off = torch.from_numpy(np.asarray(rows.extras["char_offsets"][rows.offsets[i]:rows.offsets[i + 1]]))
+        cached = reader.get(row)
+        t_len = int(cached["length"])
+        s_pos, t_pos = align_by_offsets(s_off, torch.from_numpy(np.array(cached["char_offsets"][:t_len])))
+        ok = (s_pos < min(len(s_off), max_length) - 1) & (t_pos < t_len - 1)  # both must predict a real token
+        out[row] = (s_pos[ok].numpy().astype(np.int64), t_pos[ok].numpy().astype(np.int64))
+    return out
+
+
+def _build_student(cfg: Config) -> tuple[nn.Module, object]:
+    """The student LM and its tokenizer, as `distill.student` describes."""
+    s = cfg.distill.student
+    if s.pretrained:
+        src = resolve_model(s.pretrained)
+        return load_causal_lm(src), load_tokenizer(src)
+    src = resolve_model(s.from_teacher or s.config)
+    model = causal_lm_student(src, num_layers=s.num_layers, hidden_size=s.hidden_size,
+                              intermediate_size=s.intermediate_size, num_heads=s.num_heads,
+                              num_kv_heads=s.num_kv_heads, keep_layers=s.keep_layers if s.from_teacher else None)
+    return model, load_tokenizer(src)
+
+
+def _teacher_name(cfg: Config) -> str:
+    names = cfg.distill.teachers or cfg.precompute.teachers
+    if len(names) != 1:
+        raise KDError(f"language-model distillation takes one teacher, got {len(names)} ({', '.join(names)}); "
+                      "list one in precompute.teachers (or distill.teachers)")
+    return names[0]
+
+
+def _rows(cfg: Config, examples: Examples, student_tok, teacher_tok, max_length: int) -> Encoded:
+    """The student's training rows: the teacher's blocks (their ids are the cache's keys), re-tokenised by the
+    student when the tokenizers differ."""
+    task = get_task(cfg.data)
+    if teacher_tok is None:
+        return task.encode(student_tok, examples, max_length)
+    rows = task.encode(teacher_tok, examples, cfg.precompute.max_length)
+    if cfg.distill.lm.cross_tokenizer:
+        return task.encode_like(student_tok, rows, max_length)
+    return rows
+
+
+def distill_lm(cfg: Config, *, on_step: Callable[[int], None] | None = None) -> DistillResult:
+    """Train a student language model (see the module docstring) and save it with `save_pretrained`."""
+    d = cfg.distill
+    output = Path(d.output)
+    check_outputs({"distill.output": (output, "model"), "distill.metrics": (d.metrics, "file"),
+                   "distill.log_dir": (d.log_dir, "folder")})
+    train_ex, dev_ex, readers = load_distill_data(cfg)
+    codec = _codec(readers[0]) if readers else None
+    if d.lm.cross_tokenizer and codec != "topk":
+        raise KDError(f"distill.lm.cross_tokenizer needs a topk cache, but {readers[0].path if readers else 'none'} "
+                      f"holds {codec or 'no cache'}; precompute with precompute.lm.codec: topk")
+    device = pick_device()
+    set_seed(d.seed)
+    student, student_tok = _build_student(cfg)
+    teacher_tok = load_tokenizer(resolve_model(_teacher_name(cfg))) if d.teacher_signal != "none" else None
+    if teacher_tok is not None and not d.lm.cross_tokenizer and not _same_vocabulary(student_tok, teacher_tok):
+        raise KDError("the student's vocabulary differs from the teacher's, so their next-token distributions cannot "
+                      "be compared id by id; give the student the teacher's tokenizer, or set "
+                      "distill.lm.cross_tokenizer: true (Universal Logit Distillation over a topk cache)")
+    train = _rows(cfg, train_ex, student_tok, teacher_tok, d.max_length)
+    dev = get_task(cfg.data).encode(student_tok, dev_ex, d.max_length) if dev_ex is not None else None
+    teacher = None
+    source = None
+    if d.teacher_signal == "cached":
+        missing = [i for i in train.ids if i not in readers[0]]
+        if missing:
+            raise KDError(f"{len(missing)} training block(s) are not in cache {readers[0].path}, e.g. {missing[:2]}; "
+                          "rerun `kd precompute` with the same data, teacher and precompute.max_length")
+        fields = list(_CODEC_FIELDS[codec])
+        source = CachedTeachers(readers, fields, device, prefetch=d.prefetch)
+    elif d.teacher_signal == "online":
+        teacher = load_causal_lm(resolve_model(_teacher_name(cfg))).to(device).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    settings = dict(readers[0].manifest.settings.get("lm", {})) if readers else {}
+    pairs = _alignment(train, readers[0], d.max_length) if d.lm.cross_tokenizer else None
+    objective = LMObjective(cfg, source, teacher, codec, settings, pairs, cfg.precompute.max_length)
+    result = fit(student, objective, train, dev, d, output=output, log_dir=Path(d.log_dir), device=device,
+                 desc=f"distill LM ({d.teacher_signal})", on_step=on_step,
+                 run_settings={**distill_settings(cfg, readers), "lm": d.lm.model_dump()},
+                 evaluate=lambda m, data: lm_metrics(m, data, batch_size=d.eval_batch_size, device=device,
+                                                     chunk_tokens=d.lm.chunk_tokens or auto_chunk_tokens(
+                                                         student.config.vocab_size)))
+    save_model(student, student_tok, objective.modules, output, result=result)
+    write_metrics(cfg, result)
+    return DistillResult(output, d.teacher_signal, [str(r.path) for r in readers], result)
