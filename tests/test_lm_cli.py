@@ -103,15 +103,6 @@ def test_cross_tokenizer_on_a_sampled_cache_is_refused(lm, tmp_path):
          "distill.teacher_signal: cached and precompute.lm.codec: topk")]
 
 
-def test_k_above_the_vocabulary_is_refused_before_any_cache_folder(lm, tmp_path):
-    params = _params(lm, tmp_path, codec={"codec": "topk", "k": 100_000})
-    params["precompute"]["cache_root"] = str(tmp_path / "caches")
-    line = _one_error_line(*_kd(["precompute"], params, tmp_path))
-    assert line == (f"Error: precompute.lm.k is 100000 but teacher {lm / 'teacher'} has a vocabulary of 300 tokens; "
-                    "set k <= 300")
-    assert not list(tmp_path.glob("caches/teacher-*"))
-
-
 @pytest.mark.parametrize("text", ["", "\n  \n", "the cat\n"], ids=["empty", "blank", "shorter-than-a-block"])
 @pytest.mark.parametrize("stage", ["distill", "evaluate"])
 def test_empty_or_short_text_at_distill_and_evaluate(lm, tmp_path, text, stage):
