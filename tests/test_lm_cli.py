@@ -117,3 +117,16 @@ def test_empty_or_short_text_at_distill_and_evaluate(lm, tmp_path, text, stage):
     else:
         assert line == (f"Error: {data} holds no text (every document is blank); give one document per line (.txt) "
                         "or per row")
+
+
+def test_the_lm_example_settings_parse():
+    """examples/lm.yaml (README "Language models: a run on Penn Treebank") still parses: no train_teacher section
+    (examples/run.sh then skips that stage), one teacher, a student with the teacher's tokenizer."""
+    from stages.config import load_config
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "lm.yaml"
+    assert "train_teacher" not in yaml.safe_load(path.read_text())
+    cfg = load_config(str(path), ())
+    assert cfg.data.task == "causal_lm" and cfg.precompute.teachers == ["bundled:smollm2-135m"]
+    assert cfg.distill.student.config == "bundled:smollm2-135m"
+    assert cfg.distill.max_length == cfg.precompute.max_length and cfg.precompute.lm.codec == "topk"
