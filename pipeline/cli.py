@@ -94,6 +94,9 @@ def precompute(params: str, overrides: tuple[str, ...]) -> None:
 def distill(params: str, overrides: tuple[str, ...], resume: bool) -> None:
     """Train a student from cached (or live) teacher outputs.
 
+    With distill.method=theseus (and distill.teacher_signal=online): BERT-of-Theseus module replacing, set by
+    distill.theseus.groups, replace_prob, curriculum (constant or linear), curriculum_k and successor_epochs.
+
     Evaluation settings (--set distill.KEY=VALUE): eval_every (dev evaluation every N steps; 0: each epoch),
     keep_best (save the best model by a dev metric, e.g. accuracy or min:loss), snapshots (keep
     <output>/snapshots/gs<step> at each evaluation), callbacks (package.module:function list, called as

@@ -34,6 +34,7 @@ __all__ = [
     "StudentConfig",
     "KDConfig",
     "MatchConfig",
+    "TheseusConfig",
     "DistillConfig",
     "EvaluateConfig",
     "TaskConfig",
@@ -454,6 +455,33 @@ DEFAULT_STUDENT = StudentConfig(config="models/teacher", num_layers=2, hidden_si
                                 intermediate_size=768, num_heads=3)
 
 
+class TheseusConfig(_Section):
+    """BERT-of-Theseus (`distill.method: theseus`, stages/theseus.py): groups of teacher blocks replaced at random
+    by one successor block each, the replacement probability constant or growing linearly, then the successors
+    trained alone."""
+
+    groups: int | None = None  # successor blocks; each stands in for teacher_layers / groups blocks
+    replace_prob: Float = 0.5  # p (constant), or the base rate b of the linear curriculum
+    curriculum: Literal["constant", "linear"] = "constant"
+    curriculum_k: Float | None = None  # linear: p_t = min(1, k * t + b) at optimizer step t
+    successor_epochs: Float = 1.0  # phase 2: epochs of the successors alone, after distill.epochs of replacing
+
+    def _check(self) -> list[Problem]:
+        errs = []
+        if self.groups is not None and self.groups < 1:
+            errs.append(("groups", f"must be >= 1 (got {self.groups})"))
+        if not 0 < self.replace_prob <= 1:
+            errs.append(("replace_prob", f"must be in (0, 1] (got {self.replace_prob})"))
+        if self.curriculum == "linear" and (self.curriculum_k is None or self.curriculum_k <= 0):
+            errs.append(("curriculum_k", "the linear curriculum needs k > 0, the growth of p per optimizer step "
+                         "(e.g. (1 - replace_prob) / 1000 reaches p = 1 after 1000 steps)"))
+        if self.curriculum == "constant" and self.curriculum_k is not None:
+            errs.append(("curriculum_k", "only applies to curriculum: linear; remove it or set curriculum: linear"))
+        if self.successor_epochs < 0:
+            errs.append(("successor_epochs", f"must be >= 0 (got {self.successor_epochs})"))
+        return errs
+
+
 class LMDistillConfig(_Section):
     """`distill.lm`: the KD loss of a causal_lm student (data.task causal_lm only; kd.weight, kd.hard_weight and
     kd.temperature are read as for every kind, the hard term being next-token cross-entropy)."""
@@ -479,6 +507,8 @@ class DistillConfig(TrainingConfig):
     """`kd distill`: train a student from cached (or live) teacher outputs."""
 
     lr: Float = 5e-4
+    method: Literal["kd", "theseus"] = "kd"  # theseus: BERT-of-Theseus module replacing (stages/theseus.py)
+    theseus: TheseusConfig = TheseusConfig()
     teacher_signal: Literal["cached", "online", "none"] = "cached"
     caches: list[str] = []
     teachers: list[str] = []
@@ -517,6 +547,19 @@ class DistillConfig(TrainingConfig):
                          "remove matches and match_preset or set teacher_signal: cached"))
         if self.teacher_signal == "none" and self.kd.hard_weight <= 0:
             errs.append(("kd.hard_weight", "must be > 0 when teacher_signal is 'none' (nothing to learn)"))
+        if self.method == "kd" and self.theseus != TheseusConfig():
+            errs.append(("theseus", "only read when distill.method is theseus; set method: theseus or remove it"))
+        if self.method == "theseus":
+            if self.theseus.groups is None:
+                errs.append(("theseus.groups", "method theseus needs the number of successor blocks, a divisor "
+                             "of the teacher's layer count (e.g. 3 for a 6-layer teacher)"))
+            if self.teacher_signal != "online":
+                errs.append(("teacher_signal", f"is {self.teacher_signal!r}, but method theseus runs the teacher's "
+                             "own blocks live (cached outputs cannot stand in for them); set "
+                             "distill.teacher_signal: online"))
+            if self.matches or self.match_preset:
+                errs.append(("matches", "method theseus trains on the task's own loss alone; remove matches "
+                             "and match_preset"))
         if self.prefetch < 1:
             errs.append(("prefetch", f"must be >= 1 batch (got {self.prefetch})"))
         if self.task_tau < 0:
@@ -637,6 +680,15 @@ class Config(_Section):
                     key, problem = key.replace(old, new), problem.replace(old, new)
                 errs.append((key, f"task {t.name}: {problem}"))
         d, p = self.distill, self.precompute
+        if d.method == "theseus" and self.tasks:
+            errs.append(("distill.method", "theseus distils one task at a time; remove tasks: or set method: kd"))
+        if d.method == "theseus" and TASK_KINDS[self.data.task].language_model:
+            errs.append(("distill.method", f"theseus is not supported for data.task {self.data.task} yet (it is for "
+                         "the classification, regression and QA kinds); set method: kd"))
+        if d.method == "theseus" and len(d.teachers or p.teachers) != 1:
+            key = "distill.teachers" if d.teachers else "precompute.teachers"
+            errs.append((key, f"method theseus replaces the blocks of one teacher, but {len(d.teachers or p.teachers)} "
+                         "are listed; list exactly one"))
         if d.teacher_signal != "none" and d.kd.teacher_weights is not None:
             names = d.caches if d.teacher_signal == "cached" else d.teachers
             n = len(names or p.teachers)
