@@ -57,6 +57,32 @@ def prepare(params: str, overrides: tuple[str, ...]) -> None:
         click.echo(f"{name}: {path}")
 
 
+@cli.command()
+@_common
+def augment(params: str, overrides: tuple[str, ...]) -> None:
+    """Write augmented views of augment.input to augment.output (off until an operation is set).
+
+    \b
+    Operations (--set augment.ops.OP.KEY=VALUE; each one named turns it on, =null turns it off):
+      mask.p, mask.token     each word, with probability p, becomes token ([MASK], or
+                             tokenizer:<model folder> for that tokenizer's mask token)
+      delete.p               each word, with probability p, is dropped
+      ngram.min_n, max_n     keep a random run of n consecutive words, n in [min_n, max_n]
+      shuffle.window         local shuffle: each word moves fewer than window places
+      pos.p                  each word, with probability p, becomes another word seen with its tag
+                             (token_classification data only)
+    Other settings: augment.views (per example and operation), augment.seed, augment.include_input
+    (write the input's examples first). Text views form a data.transfer set: --set data.transfer=<output>.
+    """
+    from stages.augment import augment as run
+
+    res = _run("augment", params, overrides, run)
+    per_op = ", ".join(f"{op} {n}" for op, n in res.views.items()) or "augmentation is off: set augment.ops"
+    first = f"; {res.included_input} input examples first" if res.included_input else ""
+    click.echo(f"{sum(res.views.values())} views of {res.examples} examples ({per_op}; {res.duplicates} dropped "
+               f"as repeats{first}) written to {res.output}")
+
+
 _resume = click.option("--resume", is_flag=True, help="Continue from the last checkpoint (same as --set <stage>.resume=true).")
 
 

@@ -38,6 +38,8 @@ __all__ = [
     "DistillConfig",
     "FastBertConfig",
     "EvaluateConfig",
+    "AugmentConfig",
+    "AugmentOps",
     "TaskConfig",
     "load_config",
     "config_from_dict",
@@ -618,6 +620,101 @@ class EvaluateConfig(_Section):
         return []
 
 
+class MaskOp(_Section):
+    """`augment.ops.mask`: each word, with probability p, becomes `token` (at least one word per view)."""
+
+    p: Float = 0.15
+    token: str = "[MASK]"  # or `tokenizer:<model folder>`: that tokenizer's mask token
+
+    def _check(self) -> list[Problem]:
+        errs = _probability("p", self.p)
+        if not self.token.strip() or len(self.token.split()) != 1:
+            errs.append(("token", f"{self.token!r} must be one word without spaces, e.g. [MASK] or <mask>"))
+        elif self.token.startswith("tokenizer:") and not self.token.removeprefix("tokenizer:"):
+            errs.append(("token", "tokenizer: needs a model folder, e.g. tokenizer:models/teacher"))
+        return errs
+
+
+class DeleteOp(_Section):
+    """`augment.ops.delete`: each word, with probability p, is dropped (at least one, never all)."""
+
+    p: Float = 0.1
+
+    def _check(self) -> list[Problem]:
+        return _probability("p", self.p)
+
+
+class NgramOp(_Section):
+    """`augment.ops.ngram`: the view is a random run of n consecutive words, n drawn from [min_n, max_n]."""
+
+    min_n: int = 3
+    max_n: int = 8
+
+    def _check(self) -> list[Problem]:
+        if not 1 <= self.min_n <= self.max_n:
+            return [("", f"needs 1 <= min_n <= max_n (got min_n {self.min_n}, max_n {self.max_n})")]
+        return []
+
+
+class ShuffleOp(_Section):
+    """`augment.ops.shuffle`: words are shuffled locally; each moves fewer than `window` places."""
+
+    window: int = 3
+
+    def _check(self) -> list[Problem]:
+        if self.window < 2:
+            return [("window", f"must be >= 2 (got {self.window}); with 1 no word can move")]
+        return []
+
+
+class PosOp(_Section):
+    """`augment.ops.pos`: each word, with probability p, becomes another word the input shows with its tag."""
+
+    p: Float = 0.15
+
+    def _check(self) -> list[Problem]:
+        return _probability("p", self.p)
+
+
+def _probability(key: str, p: float) -> list[Problem]:
+    return [] if 0 < p <= 1 else [(key, f"must be in (0, 1] (got {p})")]
+
+
+class AugmentOps(_Section):
+    """The operations `kd augment` applies, each with its settings; an operation left out (or null) is off."""
+
+    mask: MaskOp | None = None
+    delete: DeleteOp | None = None
+    ngram: NgramOp | None = None
+    shuffle: ShuffleOp | None = None
+    pos: PosOp | None = None
+
+    def enabled(self) -> dict[str, _Section]:
+        """The operations that are on, by name, in the fixed order views are written."""
+        return {name: op for name in type(self).model_fields if (op := getattr(self, name)) is not None}
+
+
+class AugmentConfig(_Section):
+    """`kd augment`: write augmented views of a data file (README "Augmentation (`kd augment`)")."""
+
+    input: str = "data/train.csv"
+    output: str = "augmented/views.csv"
+    ops: AugmentOps = AugmentOps()  # off: `kd augment` writes no views until an operation is named here
+    views: int = 1  # views per example and operation
+    seed: int = 13
+    include_input: bool = False  # write the input's examples too, before the views
+
+    def _check(self) -> list[Problem]:
+        errs = []
+        if self.views < 1:
+            errs.append(("views", f"must be >= 1 (got {self.views})"))
+        if Path(self.output).suffix.lower() not in (".csv", ".jsonl"):
+            errs.append(("output", f"{self.output!r}: write a .csv or .jsonl file"))
+        if Path(self.output) == Path(self.input):
+            errs.append(("output", "is the input file; write the views to another file"))
+        return errs
+
+
 class TaskConfig(_Section):
     """One task of a multi-task run (`tasks:`): its data, its teacher(s), its loss weight and matches.
 
@@ -649,6 +746,7 @@ class Config(_Section):
 
     data: DataConfig = DataConfig()
     prepare: PrepareConfig = PrepareConfig()
+    augment: AugmentConfig = AugmentConfig()
     train_teacher: TrainTeacherConfig = TrainTeacherConfig()
     precompute: PrecomputeConfig = PrecomputeConfig()
     distill: DistillConfig = DistillConfig()
@@ -757,6 +855,7 @@ class Config(_Section):
                 errs.append(("distill.kd.weight", "> 0 needs teacher logits; set precompute.logits: true "
                              "or distill.kd.weight: 0"))
         errs += _task_rules(self)
+        errs += _augment_rules(self)
         return errs
 
 
@@ -794,6 +893,25 @@ def _task_rules(cfg: "Config") -> list[Problem]:
                          "attention_layers: [])"))
         if d.matches or d.match_preset:
             errs.append(("distill.matches", f"{why}; remove matches and match_preset"))
+    return errs
+
+
+def _augment_rules(cfg: "Config") -> list[Problem]:
+    """Augment settings the data (data.task) cannot honour."""
+    a, task, errs = cfg.augment, cfg.data.task, []
+    if not a.ops.enabled():
+        return []  # off: `kd augment` writes an empty file whatever the task
+    if task not in ("sequence_classification", "token_classification"):
+        return [("augment.ops", f"views are made for data.task sequence_classification (a data.transfer set) or "
+                 f"token_classification (tagged rows), not {task}; set augment.ops: {{}}")]
+    tokens = task == "token_classification"
+    if a.ops.pos is not None and not tokens:
+        errs.append(("augment.ops.pos", f"replaces a word by another seen with the same tag, and data.task {task} "
+                     "is plain text without tags; use it on token_classification data with tags (e.g. "
+                     "examples/pos_wsj.yaml) or remove augment.ops.pos"))
+    if tokens and Path(a.output).suffix.lower() != ".jsonl":
+        errs.append(("augment.output", f"{a.output!r}: token_classification views are lists of words and tags, "
+                     "which CSV cannot hold; write a .jsonl file"))
     return errs
 
 
