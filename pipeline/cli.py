@@ -131,6 +131,9 @@ def distill(params: str, overrides: tuple[str, ...], resume: bool) -> None:
     With --set distill.method=fastbert: FastBERT instead. Branch classifiers (distill.fastbert.branch_width,
     branch_heads) after every block of a fine-tuned backbone (distill.fastbert.backbone; default: the first
     teacher) learn from its final classifier; the saved folder exits early in `kd evaluate`.
+    Any torch.nn.Module as the student: distill.student.module (package.module:Class, e.g.
+    stages.any_student:BiLSTMClassifier) with distill.student.module_kwargs, in place of
+    from_teacher/pretrained/config: --set 'distill.student={"module": "stages.any_student:BiLSTMClassifier"}'.
     """
     from stages.distill import distill as run
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping, Sequence
 
 import yaml
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, ValidationError, ValidatorFunctionWrapHandler,
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, JsonValue, ValidationError, ValidatorFunctionWrapHandler,
                       WrapValidator, field_validator, model_validator)
 from pydantic_core import PydanticCustomError
 
@@ -325,13 +325,14 @@ class PrecomputeConfig(_Section):
         return errs
 
 
-_STUDENT_MODES = ("from_teacher", "pretrained", "config")
+_STUDENT_MODES = ("from_teacher", "pretrained", "config", "module")
 _STUDENT_SIZES = ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads")
 
 
 class StudentConfig(_Section):
-    """How the student is built: exactly one of from_teacher (with keep_layers), pretrained, or
-    config (random init, resized by num_layers, hidden_size, intermediate_size, num_heads).
+    """How the student is built: exactly one of from_teacher (with keep_layers), pretrained,
+    config (random init, resized by num_layers, hidden_size, intermediate_size, num_heads), or
+    module (any torch.nn.Module class by import path, built with module_kwargs; stages/any_student.py).
 
     A key that the chosen way ignores is an error, so a leftover size never silently does nothing.
     """
@@ -345,13 +346,20 @@ class StudentConfig(_Section):
     intermediate_size: int | None = None
     num_heads: int | None = None
     num_kv_heads: int | None = None  # causal LMs with grouped-query attention: key/value heads (divides num_heads)
+    module: str | None = None  # `package.module:Class`, a torch.nn.Module (README "Students that are not ...")
+    module_kwargs: dict[str, JsonValue] = {}  # the class's keyword arguments (JSON values: saved with the model)
 
     def _check(self) -> list[Problem]:
         chosen = [k for k in _STUDENT_MODES if getattr(self, k)]
         if len(chosen) != 1:
-            return [("", "set exactly one of from_teacher (keep_layers of a teacher), pretrained "
-                     f"(a model path) or config (a config path/name, random init); got {chosen or 'none'}")]
+            return [("", "set exactly one of from_teacher (keep_layers of a teacher), pretrained (a model path), "
+                     "config (a config path/name, random init) or module (package.module:Class, any "
+                     f"torch.nn.Module); got {chosen or 'none'}")]
         mode, errs = chosen[0], []
+        if mode == "module" and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", self.module):
+            errs.append(("module", f"{self.module!r} is not an import path; write package.module:Class"))
+        if mode != "module" and self.module_kwargs:
+            errs.append(("module_kwargs", f"only applies to module, not to {mode}; remove it"))
         if mode == "from_teacher" and not self.keep_layers:
             errs.append(("keep_layers", "from_teacher needs the teacher blocks to keep, e.g. [0, 5]"))
         if mode != "from_teacher" and self.keep_layers is not None:
@@ -804,6 +812,13 @@ class Config(_Section):
         elif self.distill.method == "fastbert" and not TASK_KINDS[self.data.task].sequence_kd:
             errs.append(("distill.method", f"fastbert exits on the entropy of one class distribution per example, "
                          f"and data.task is {self.data.task}; use it with sequence_classification"))
+        if self.distill.student.module and TASK_KINDS[self.data.task].language_model:
+            errs.append(("distill.student.module", f"data.task {self.data.task} trains a Hugging Face causal LM "
+                         "(stages/lm_distill.py), not a module student; use from_teacher, pretrained or config"))
+        if self.tasks and self.distill.student.module:
+            errs.append(("distill.student.module", "a multi-task student is a transformer encoder with a head per "
+                         "task; a module student is single-task: remove tasks: or use from_teacher, pretrained "
+                         "or config"))
         if self.tasks and self.distill.caches:
             errs.append(("distill.caches", "multi-task runs find each task's cache from its data and teachers; "
                          "remove distill.caches (or list the task's teachers in tasks[].teachers)"))

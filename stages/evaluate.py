@@ -21,6 +21,7 @@ from stages.kinds import TASK_KINDS
 from stages._io import check_outputs
 from stages._train import pick_device
 from stages.data import DataError, Examples, collate, model_inputs
+from stages.any_student import load_trained
 from stages.fastbert import FastBertError, curve_rows, is_fastbert, load_fastbert, speed_curve, write_curve
 from stages.models import load_model_config, load_tokenizer, num_parameters
 from stages.report import save_predictions
@@ -110,7 +111,7 @@ def _score_models(cfg: Config, device: torch.device) -> tuple[dict[str, dict], d
         if is_fastbert(src):  # the full model here (no early exit); per speed below
             model = load_fastbert(src, task.num_labels, label_names=task.label_names).to(device)
         else:
-            model = task.load_model(src).to(device)
+            model = load_trained(src, task).to(device)  # a module student, or the task's load_model
         if name == "teacher":
             reference = model
         data = task.encode(tokenizer, examples, e.max_length)
