@@ -127,6 +127,13 @@ def distill(params: str, overrides: tuple[str, ...], resume: bool) -> None:
     keep_best (save the best model by a dev metric, e.g. accuracy or min:loss), snapshots (keep
     <output>/snapshots/gs<step> at each evaluation), callbacks (package.module:function list, called as
     fn(step=, metrics=, model=) after each evaluation).
+
+    With --set distill.method=fastbert: FastBERT instead. Branch classifiers (distill.fastbert.branch_width,
+    branch_heads) after every block of a fine-tuned backbone (distill.fastbert.backbone; default: the first
+    teacher) learn from its final classifier; the saved folder exits early in `kd evaluate`.
+    Any torch.nn.Module as the student: distill.student.module (package.module:Class, e.g.
+    stages.any_student:BiLSTMClassifier) with distill.student.module_kwargs, in place of
+    from_teacher/pretrained/config: --set 'distill.student={"module": "stages.any_student:BiLSTMClassifier"}'.
     """
     from stages.distill import distill as run
 
@@ -140,6 +147,8 @@ def evaluate(params: str, overrides: tuple[str, ...]) -> None:
     """The task's metrics, parameters and inference speed of saved models, side by side.
 
     Writes evaluate.output and each model's prediction per example to evaluate.predictions (for `kd report`).
+    A FastBERT model is also measured at each of evaluate.fastbert_speeds (accuracy, average blocks run,
+    examples/s); the curve of all the models goes to evaluate.fastbert_curve (CSV) and a PNG next to it.
     """
     from stages.evaluate import evaluate as run
 

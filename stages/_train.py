@@ -36,8 +36,8 @@ from stages.config import ConfigError, TrainingConfig
 from stages.data import DataError, Encoded, collate
 
 __all__ = ["EpochSampler", "TaskMix", "TaskSampler", "Objective", "FitResult", "fit", "pick_device", "set_seed", "save_model",
-           "write_model", "write_run_record", "replace_folder", "load_callbacks", "NonFiniteLossError", "ResumeError",
-           "CallbackError", "RUN_FILE", "SNAPSHOTS"]
+           "write_model", "write_run_record", "replace_folder", "import_object", "load_callbacks", "NonFiniteLossError",
+           "ResumeError", "CallbackError", "RUN_FILE", "SNAPSHOTS"]
 
 RUN_FILE = "kd_run.json"  # written into every finished model folder: the run's settings and final metrics
 SNAPSHOTS = "snapshots"  # <output>/snapshots/gs{step}: the model at each evaluation (`snapshots: true`)
@@ -325,23 +325,32 @@ def _one_line(e: BaseException) -> str:
     return " ".join(f"{type(e).__name__}: {e}".split())[:300]
 
 
+def import_object(path: str, setting: str, want: str) -> Any:
+    """The object named by `package.module:attr` (looked up on sys.path, then in the current folder).
+
+    A path that does not import is a one-line ConfigError naming the `setting`; `want` says what to name instead.
+    """
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())  # `kd` is a console script: the params' folder is not on sys.path by itself
+    module, _, attr = path.partition(":")
+    try:
+        obj: Any = importlib.import_module(module)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except Exception as e:
+        raise ConfigError(f"{setting}: {path!r} does not import ({_one_line(e)}); name {want}, importable from "
+                          "the current folder or PYTHONPATH") from None
+    return obj
+
+
 def load_callbacks(paths: Sequence[str]) -> list[tuple[str, Callable[..., Any]]]:
     """Import each `package.module:function` (from sys.path, then the current folder), with its path.
 
     A path that does not import, or names something that is not callable, is a one-line ConfigError.
     """
-    if paths and "" not in sys.path and os.getcwd() not in sys.path:
-        sys.path.append(os.getcwd())  # `kd` is a console script: the params' folder is not on sys.path by itself
     out = []
     for path in paths:
-        module, _, attr = path.partition(":")
-        try:
-            fn: Any = importlib.import_module(module)
-            for part in attr.split("."):
-                fn = getattr(fn, part)
-        except Exception as e:
-            raise ConfigError(f"callbacks: {path!r} does not import ({_one_line(e)}); name a function as "
-                              "package.module:function, importable from the current folder or PYTHONPATH") from None
+        fn = import_object(path, "callbacks", "a function as package.module:function")
         if not callable(fn):
             raise ConfigError(f"callbacks: {path!r} is a {type(fn).__name__}, not a function; name a function")
         out.append((path, fn))

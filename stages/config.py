@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping, Sequence
 
 import yaml
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, ValidationError, ValidatorFunctionWrapHandler,
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, JsonValue, ValidationError, ValidatorFunctionWrapHandler,
                       WrapValidator, field_validator, model_validator)
 from pydantic_core import PydanticCustomError
 
@@ -36,6 +36,7 @@ __all__ = [
     "MatchConfig",
     "TheseusConfig",
     "DistillConfig",
+    "FastBertConfig",
     "EvaluateConfig",
     "AugmentConfig",
     "AugmentOps",
@@ -324,13 +325,14 @@ class PrecomputeConfig(_Section):
         return errs
 
 
-_STUDENT_MODES = ("from_teacher", "pretrained", "config")
+_STUDENT_MODES = ("from_teacher", "pretrained", "config", "module")
 _STUDENT_SIZES = ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads")
 
 
 class StudentConfig(_Section):
-    """How the student is built: exactly one of from_teacher (with keep_layers), pretrained, or
-    config (random init, resized by num_layers, hidden_size, intermediate_size, num_heads).
+    """How the student is built: exactly one of from_teacher (with keep_layers), pretrained,
+    config (random init, resized by num_layers, hidden_size, intermediate_size, num_heads), or
+    module (any torch.nn.Module class by import path, built with module_kwargs; stages/any_student.py).
 
     A key that the chosen way ignores is an error, so a leftover size never silently does nothing.
     """
@@ -344,13 +346,20 @@ class StudentConfig(_Section):
     intermediate_size: int | None = None
     num_heads: int | None = None
     num_kv_heads: int | None = None  # causal LMs with grouped-query attention: key/value heads (divides num_heads)
+    module: str | None = None  # `package.module:Class`, a torch.nn.Module (README "Students that are not ...")
+    module_kwargs: dict[str, JsonValue] = {}  # the class's keyword arguments (JSON values: saved with the model)
 
     def _check(self) -> list[Problem]:
         chosen = [k for k in _STUDENT_MODES if getattr(self, k)]
         if len(chosen) != 1:
-            return [("", "set exactly one of from_teacher (keep_layers of a teacher), pretrained "
-                     f"(a model path) or config (a config path/name, random init); got {chosen or 'none'}")]
+            return [("", "set exactly one of from_teacher (keep_layers of a teacher), pretrained (a model path), "
+                     "config (a config path/name, random init) or module (package.module:Class, any "
+                     f"torch.nn.Module); got {chosen or 'none'}")]
         mode, errs = chosen[0], []
+        if mode == "module" and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", self.module):
+            errs.append(("module", f"{self.module!r} is not an import path; write package.module:Class"))
+        if mode != "module" and self.module_kwargs:
+            errs.append(("module_kwargs", f"only applies to module, not to {mode}; remove it"))
         if mode == "from_teacher" and not self.keep_layers:
             errs.append(("keep_layers", "from_teacher needs the teacher blocks to keep, e.g. [0, 5]"))
         if mode != "from_teacher" and self.keep_layers is not None:
@@ -452,6 +461,24 @@ def _layers(layer: int | list[int]) -> list[int]:
     return layer if isinstance(layer, list) else [layer]
 
 
+class FastBertConfig(_Section):
+    """`distill.method: fastbert`: branch classifiers on a fine-tuned backbone (FastBERT, arXiv 2004.02178)."""
+
+    backbone: str | None = None  # the fine-tuned classifier that gets branches (None: the first teacher)
+    branch_width: int = 128  # the paper's student classifier: 128 wide, 2 attention heads
+    branch_heads: int = 2
+
+    def _check(self) -> list[Problem]:
+        errs = []
+        for name in ("branch_width", "branch_heads"):
+            if getattr(self, name) < 1:
+                errs.append((name, f"must be >= 1 (got {getattr(self, name)})"))
+        if not errs and self.branch_width % self.branch_heads:
+            errs.append(("branch_width", f"{self.branch_width} is not divisible by branch_heads "
+                         f"{self.branch_heads}; pick a multiple of the head count"))
+        return errs
+
+
 # The demo's student: a narrow 2-layer model in the teacher's architecture, randomly initialised.
 DEFAULT_STUDENT = StudentConfig(config="models/teacher", num_layers=2, hidden_size=192,
                                 intermediate_size=768, num_heads=3)
@@ -509,8 +536,11 @@ class DistillConfig(TrainingConfig):
     """`kd distill`: train a student from cached (or live) teacher outputs."""
 
     lr: Float = 5e-4
-    method: Literal["kd", "theseus"] = "kd"  # theseus: BERT-of-Theseus module replacing (stages/theseus.py)
+    # kd: train distill.student from the teacher signal; theseus: BERT-of-Theseus module replacing
+    # (stages/theseus.py); fastbert: self-distil branch classifiers onto a fine-tuned backbone (stages/fastbert.py).
+    method: Literal["kd", "theseus", "fastbert"] = "kd"
     theseus: TheseusConfig = TheseusConfig()
+    fastbert: FastBertConfig = FastBertConfig()
     teacher_signal: Literal["cached", "online", "none"] = "cached"
     caches: list[str] = []
     teachers: list[str] = []
@@ -562,6 +592,9 @@ class DistillConfig(TrainingConfig):
             if self.matches or self.match_preset:
                 errs.append(("matches", "method theseus trains on the task's own loss alone; remove matches "
                              "and match_preset"))
+        if self.method != "fastbert" and self.fastbert != FastBertConfig():
+            errs.append(("fastbert", "is only read when distill.method is fastbert; set method: fastbert or "
+                         "remove the section"))
         if self.prefetch < 1:
             errs.append(("prefetch", f"must be >= 1 batch (got {self.prefetch})"))
         if self.task_tau < 0:
@@ -580,6 +613,19 @@ class EvaluateConfig(_Section):
     throughput_batches: int = 20
     output: str = "metrics/evaluate.json"
     predictions: str = "metrics/predictions.json"
+    # FastBERT models (folders `kd distill` wrote with distill.method: fastbert) are also measured at each speed,
+    # and the speed/accuracy curve of every model goes to fastbert_curve (CSV) and a PNG next to it.
+    fastbert_speeds: list[Float] = [0.1, 0.2, 0.3, 0.5, 0.7, 0.9]
+    fastbert_curve: str = "metrics/fastbert_curve.csv"
+
+    def _check(self) -> list[Problem]:
+        bad = [s for s in self.fastbert_speeds if not 0 < s <= 1]
+        if bad:
+            return [("fastbert_speeds", f"speeds must be in (0, 1] (got {bad}); 1 = every example leaves at the "
+                     "first branch, near 0 = none leaves early")]
+        if not self.fastbert_speeds:
+            return [("fastbert_speeds", "list at least one speed in (0, 1], e.g. [0.1, 0.5, 0.9]")]
+        return []
 
 
 class MaskOp(_Section):
@@ -761,6 +807,18 @@ class Config(_Section):
                 if given:
                     errs.append((key, f"is not read when tasks: is set (each task has its own); move it to "
                                  f"{instead} and remove it here"))
+        if self.tasks and self.distill.method == "fastbert":
+            errs.append(("distill.method", "fastbert is single-task; remove tasks: or use method: kd"))
+        elif self.distill.method == "fastbert" and not TASK_KINDS[self.data.task].sequence_kd:
+            errs.append(("distill.method", f"fastbert exits on the entropy of one class distribution per example, "
+                         f"and data.task is {self.data.task}; use it with sequence_classification"))
+        if self.distill.student.module and TASK_KINDS[self.data.task].language_model:
+            errs.append(("distill.student.module", f"data.task {self.data.task} trains a Hugging Face causal LM "
+                         "(stages/lm_distill.py), not a module student; use from_teacher, pretrained or config"))
+        if self.tasks and self.distill.student.module:
+            errs.append(("distill.student.module", "a multi-task student is a transformer encoder with a head per "
+                         "task; a module student is single-task: remove tasks: or use from_teacher, pretrained "
+                         "or config"))
         if self.tasks and self.distill.caches:
             errs.append(("distill.caches", "multi-task runs find each task's cache from its data and teachers; "
                          "remove distill.caches (or list the task's teachers in tasks[].teachers)"))

@@ -3,31 +3,33 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 import cache_format as cf
 from cache_format._errors import CacheMismatchError, CacheMissError, KDError
-from stages.config import Config, ConfigError, DistillConfig, config_to_dict
+from stages.config import Config, ConfigError, DataConfig, DistillConfig, KDConfig, config_to_dict
 from stages.kinds import TASK_KINDS
 from stages._io import check_outputs
-from stages._train import FitResult, fit, pick_device, save_model, set_seed, write_model
-from stages.data import Encoded, Examples, data_fingerprint, model_inputs
+from stages._train import FitResult, NonFiniteLossError, fit, pick_device, save_model, set_seed, write_model
+from stages.any_student import as_output, module_student
+from stages.data import IGNORE_LABEL, Encoded, Examples, data_fingerprint, model_inputs
 from stages.losses import (Match, MatchError, build_projections, check_matches, feature_map, match_loss,
                            needed_teacher_layers, preset_matches)
-from stages.models import (TEACHER_MEMOS, hidden_size, load_classifier, load_tokenizer, missing_folder, num_layers,
-                           student_from_config, student_from_teacher, teacher_fingerprint)
+from stages.models import (TEACHER_MEMOS, ModelError, hidden_size, load_classifier, load_tokenizer, missing_folder,
+                           num_layers, student_from_config, student_from_teacher, teacher_fingerprint)
 from stages.schedules import combine_teachers, cwsm_temperature, flsw_temperature, probability_shift, weight_at
 from stages.tasks import Task, get_task
 from stages.teacher import (CachedTeachers, OnlineTeachers, TeacherSpec, cache_target, load_split, resolve_model)
 
-__all__ = ["DistillResult", "DistillObjective", "build_student", "distill", "distill_objective", "distill_settings",
-           "load_distill_data", "write_metrics"]
+__all__ = ["DistillResult", "DistillObjective", "build_student", "distill", "distill_batches", "distill_objective",
+           "distill_settings", "load_distill_data", "logit_terms", "write_metrics"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,10 @@ def build_student(cfg: Config) -> tuple[nn.Module, object]:
         # A base model gets a new head (that is what distillation trains); a head for another label count is
         # an error, as for teachers: silently re-initialising it would throw away what it learned.
         return load_classifier(src, n, head="if_missing", auto_model=head, label_names=names), load_tokenizer(src)
+    if s.module:  # any nn.Module on the first teacher's token ids (stages/any_student.py)
+        tokenizer = load_tokenizer(resolve_model(_configured_teachers(cfg)[0]))
+        return module_student(s.module, s.module_kwargs, num_labels=n, vocab_size=len(tokenizer),
+                              pad_token_id=tokenizer.pad_token_id), tokenizer
     if s.num_kv_heads is not None:
         raise ConfigError("distill.student.num_kv_heads only applies to causal-LM students (data.task: causal_lm); "
                           "remove it")
@@ -68,6 +74,35 @@ def _matches(d: DistillConfig, teacher_layers: int, student_layers: int) -> list
     if d.match_preset:
         out += preset_matches(d.match_preset, teacher_layers, student_layers)
     return out
+
+
+def logit_terms(kd: KDConfig, task: Task, logits: torch.Tensor, teachers: Sequence[torch.Tensor],
+                batch: dict[str, torch.Tensor], step: int, total_steps: int, *,
+                teacher_lengths: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The weighted `kd` term (student vs the teachers' logits, combined) and `hard` term (gold labels).
+
+    `teachers` are float logits of the batch's rows, one tensor per teacher ([] for labels only). The hard
+    term is there whenever `kd.hard_weight` > 0, and always without teachers.
+    """
+    terms: dict[str, torch.Tensor] = {}
+    if teachers and kd.weight > 0:
+        t = teachers[0] if len(teachers) == 1 else combine_teachers(
+            list(teachers), kd.teacher_weights, kd.teacher_combine, temperature=kd.temperature)
+        if kd.probability_shift and "labels" in batch:
+            t = probability_shift(t, batch["labels"])
+        if kd.temperature_schedule == "flsw":
+            temp = flsw_temperature(logits, t, kd.temperature, kd.flsw_beta, kd.flsw_gamma)
+        elif kd.temperature_schedule == "cwsm":
+            temp = cwsm_temperature(logits, t, kd.temperature, kd.cwsm_beta)
+        else:
+            temp = kd.temperature
+        w = weight_at(kd.weight_schedule, kd.weight, step, total_steps)
+        terms["kd"] = w * task.kd_loss(logits, t, batch, temperature=temp, kind=kd.loss,
+                                       temperature_squared=kd.temperature_squared, teacher_lengths=teacher_lengths)
+    if kd.hard_weight > 0 or not teachers:
+        w = weight_at(kd.hard_weight_schedule, kd.hard_weight, step, total_steps)
+        terms["hard"] = w * task.hard_loss(logits, batch)
+    return terms
 
 
 class DistillObjective:
@@ -96,28 +131,11 @@ class DistillObjective:
         teachers = self.source.next(seq_len) if self.source is not None else []
         out = model(**model_inputs(batch), output_hidden_states=self.need_hidden, output_attentions=self.need_attn)
         logits = task.logits(out, batch).float()
-        terms: dict[str, torch.Tensor] = {}
-        if teachers and kd.weight > 0:
-            # A ragged teacher axis comes padded to the batch's token count; the student's may be shorter (words).
-            t_logits = [t["logits"].float()[:, : logits.shape[1]] if logits.dim() == 3 else t["logits"].float()
-                        for t in teachers]
-            t = t_logits[0] if len(t_logits) == 1 else combine_teachers(
-                t_logits, kd.teacher_weights, kd.teacher_combine, temperature=kd.temperature)
-            if kd.probability_shift and "labels" in batch:
-                t = probability_shift(t, batch["labels"])
-            if kd.temperature_schedule == "flsw":
-                temp = flsw_temperature(logits, t, kd.temperature, kd.flsw_beta, kd.flsw_gamma)
-            elif kd.temperature_schedule == "cwsm":
-                temp = cwsm_temperature(logits, t, kd.temperature, kd.cwsm_beta)
-            else:
-                temp = kd.temperature
-            w = weight_at(kd.weight_schedule, kd.weight, step, total_steps)
-            lengths = torch.stack([t["length"] for t in teachers]).amin(0) if logits.dim() == 3 else None
-            terms["kd"] = w * task.kd_loss(logits, t, batch, temperature=temp, kind=kd.loss,
-                                           temperature_squared=kd.temperature_squared, teacher_lengths=lengths)
-        if kd.hard_weight > 0 or not teachers:
-            w = weight_at(kd.hard_weight_schedule, kd.hard_weight, step, total_steps)
-            terms["hard"] = w * task.hard_loss(logits, batch)
+        # A ragged teacher axis comes padded to the batch's token count; the student's may be shorter (words).
+        t_logits = [t["logits"].float()[:, : logits.shape[1]] if logits.dim() == 3 else t["logits"].float()
+                    for t in teachers]
+        lengths = torch.stack([t["length"] for t in teachers]).amin(0) if teachers and logits.dim() == 3 else None
+        terms = logit_terms(kd, task, logits, t_logits, batch, step, total_steps, teacher_lengths=lengths)
         if self.matches:
             t0 = teachers[0]
             if self.token_level:
@@ -246,7 +264,8 @@ def distill(cfg: Config, *, on_step: Callable[[int], None] | None = None) -> Dis
     """Train the student described by `cfg.distill` and save it with `save_pretrained`.
 
     With `tasks:` in the params, one student with a head per task (stages/multitask.py); with
-    `distill.method: theseus`, BERT-of-Theseus module replacing (stages/theseus.py).
+    `distill.method: theseus`, BERT-of-Theseus module replacing (stages/theseus.py); with `distill.method:
+    fastbert`, FastBERT's self-distilled branches on a fine-tuned backbone (stages/fastbert.py).
     `on_step(step)` is called after every optimizer step (the benchmarks time steps with it)."""
     if cfg.tasks:
         from stages.multitask import distill_tasks  # it builds on this module
@@ -256,6 +275,10 @@ def distill(cfg: Config, *, on_step: Callable[[int], None] | None = None) -> Dis
         from stages.theseus import distill_theseus  # it builds on this module
 
         return distill_theseus(cfg, on_step=on_step)
+    if cfg.distill.method == "fastbert":
+        from stages.fastbert import distill_fastbert  # self-distillation: the branches learn from their backbone
+
+        return DistillResult(Path(cfg.distill.output), "fastbert", [], distill_fastbert(cfg, on_step=on_step))
     if TASK_KINDS[cfg.data.task].language_model:
         from stages.lm_distill import distill_lm  # it builds on this module
 
@@ -361,3 +384,90 @@ def write_metrics(cfg: Config, result: FitResult) -> None:
                "steps": result.steps, "seconds": round(result.seconds, 2),
                "train_examples_per_second": round(result.examples_per_second, 1)}
     cf.atomic_write_text(Path(d.metrics), json.dumps(metrics, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The Python API for any model on your own batches (images, audio, ...), from a cache
+
+
+def _to(inputs: Any, device: torch.device) -> Any:
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(device)
+    if isinstance(inputs, Mapping):
+        return {k: _to(v, device) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(_to(v, device) for v in inputs)
+    return inputs
+
+
+def _call(model: nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def distill_batches(model: nn.Module, batches: Iterable[tuple[Sequence[str], Any, torch.Tensor | None]],
+                    caches: cf.CacheReader | Sequence[cf.CacheReader], kd: KDConfig | None = None, *,
+                    epochs: int = 1, optimizer: torch.optim.Optimizer | None = None, lr: float = 1e-3,
+                    device: str | torch.device = "cpu", task: Task | None = None) -> list[dict[str, float]]:
+    """Train `model` on your own batches against cached teacher logits; returns each epoch's mean loss terms.
+
+    Each batch is `(ids, inputs, labels)`: the cache ids of its rows, what the model takes (a tensor:
+    `model(inputs)`; a dict: `model(**inputs)`; a tuple: `model(*inputs)`) and the gold class ids ([B] int64;
+    -100 marks an unlabelled row; None: none labelled). `batches` is iterated once per epoch (a DataLoader is).
+    The model returns logits as under the student contract (README "Students that are not transformers").
+    The loss is the distill stage's (`logit_terms`): `kd.loss` at `kd.temperature` with its schedules, several
+    caches combined by `kd.teacher_combine`, plus `kd.hard_weight` x cross-entropy on the labels. `task`
+    defaults to single-label classification over the cache's logits; `optimizer` to AdamW at `lr`. Nothing is
+    saved or checkpointed: a `ModuleStudent` saves with `save_pretrained`, anything else as you save it.
+    """
+    kd = kd or KDConfig()
+    readers = [caches] if isinstance(caches, cf.CacheReader) else list(caches)
+    if not readers:
+        raise ConfigError("distill_batches: no cache given; pass a CacheReader (or a list of them)")
+    spec = readers[0].fields.get("logits")
+    if spec is None:
+        raise ConfigError(f"distill_batches: cache {readers[0].path} holds no logits "
+                          f"({', '.join(readers[0].fields)}); precompute it with logits")
+    task = task or get_task(DataConfig(num_labels=int(spec.shape[-1])))
+    if hasattr(batches, "__len__"):
+        total = max(1, epochs * len(batches))
+    elif any(s != "constant" for s in (kd.weight_schedule, kd.hard_weight_schedule)):
+        raise ConfigError("distill_batches: weight schedules need the number of steps, but `batches` has no len(); "
+                          "pass a sized iterable (a list, a DataLoader) or use constant schedules")
+    else:
+        total = 1
+    device = torch.device(device)
+    model.to(device).train()
+    optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=lr)
+    history, step = [], 0
+    for _ in range(epochs):
+        sums: dict[str, float] = {}
+        n = 0
+        for ids, inputs, labels in batches:
+            ids = [str(i) for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids)]
+            teachers = [r.gather_torch(ids, ["logits"])["logits"].to(device).float() for r in readers]
+            gold = torch.full((len(ids),), IGNORE_LABEL) if labels is None else torch.as_tensor(labels)
+            batch = {"labels": gold.to(device)}
+            logits = task.logits(as_output(_call(model, _to(inputs, device))), batch).float()
+            if logits.shape != teachers[0].shape:
+                raise ModelError(f"the model returns logits of shape {tuple(logits.shape)} but cache "
+                                 f"{readers[0].path} holds {tuple(teachers[0].shape)} for the same rows; make "
+                                 "its head as wide as the teacher's")
+            terms = logit_terms(kd, task, logits, teachers, batch, step, total)
+            loss = sum(terms.values())
+            values = {k: float(v.detach()) for k, v in terms.items()}
+            if not all(math.isfinite(v) for v in values.values()):
+                raise NonFiniteLossError(f"distill_batches: non-finite loss at step {step} ({values}); check the "
+                                         "cache with `kd cache verify` or lower the learning rate")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            n += 1
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v
+        history.append({k: v / max(n, 1) for k, v in sums.items()})
+    return history
