@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run every stage of examples/<name>.yaml (prepare, train-teacher, precompute, distill, the labels-only
 # baseline, evaluate), timing each; outputs under runs/<name>/, stage times in runs/<name>/times.txt.
-# Usage: bash examples/run.sh ner_wnut16 [pos_wsj sts_lee ...]   (from the repository root)
+# A file without a train_teacher: section (examples/lm.yaml: the teacher is used as is) skips train-teacher.
+# Usage: bash examples/run.sh ner_wnut16 [pos_wsj sts_lee lm ...]   (from the repository root)
 set -euo pipefail
 KD=${KD:-.venv/bin/kd}
 for name in "$@"; do
@@ -15,7 +16,7 @@ for name in "$@"; do
     echo "$label $((SECONDS - start)) s" | tee -a "$R/times.txt"
   }
   stage prepare prepare
-  stage train_teacher train-teacher
+  if grep -q '^train_teacher:' "$P"; then stage train_teacher train-teacher; fi
   stage precompute precompute
   stage distill distill
   stage baseline distill --set distill.teacher_signal=none --set "distill.output=$R/models/baseline" \

@@ -57,6 +57,32 @@ def prepare(params: str, overrides: tuple[str, ...]) -> None:
         click.echo(f"{name}: {path}")
 
 
+@cli.command()
+@_common
+def augment(params: str, overrides: tuple[str, ...]) -> None:
+    """Write augmented views of augment.input to augment.output (off until an operation is set).
+
+    \b
+    Operations (--set augment.ops.OP.KEY=VALUE; each one named turns it on, =null turns it off):
+      mask.p, mask.token     each word, with probability p, becomes token ([MASK], or
+                             tokenizer:<model folder> for that tokenizer's mask token)
+      delete.p               each word, with probability p, is dropped
+      ngram.min_n, max_n     keep a random run of n consecutive words, n in [min_n, max_n]
+      shuffle.window         local shuffle: each word moves fewer than window places
+      pos.p                  each word, with probability p, becomes another word seen with its tag
+                             (token_classification data only)
+    Other settings: augment.views (per example and operation), augment.seed, augment.include_input
+    (write the input's examples first). Text views form a data.transfer set: --set data.transfer=<output>.
+    """
+    from stages.augment import augment as run
+
+    res = _run("augment", params, overrides, run)
+    per_op = ", ".join(f"{op} {n}" for op, n in res.views.items()) or "augmentation is off: set augment.ops"
+    first = f"; {res.included_input} input examples first" if res.included_input else ""
+    click.echo(f"{sum(res.views.values())} views of {res.examples} examples ({per_op}; {res.duplicates} dropped "
+               f"as repeats{first}) written to {res.output}")
+
+
 _resume = click.option("--resume", is_flag=True, help="Continue from the last checkpoint (same as --set <stage>.resume=true).")
 
 
@@ -94,11 +120,17 @@ def precompute(params: str, overrides: tuple[str, ...]) -> None:
 def distill(params: str, overrides: tuple[str, ...], resume: bool) -> None:
     """Train a student from cached (or live) teacher outputs.
 
+    With distill.method=theseus (and distill.teacher_signal=online): BERT-of-Theseus module replacing, set by
+    distill.theseus.groups, replace_prob, curriculum (constant or linear), curriculum_k and successor_epochs.
+
     Evaluation settings (--set distill.KEY=VALUE): eval_every (dev evaluation every N steps; 0: each epoch),
     keep_best (save the best model by a dev metric, e.g. accuracy or min:loss), snapshots (keep
     <output>/snapshots/gs<step> at each evaluation), callbacks (package.module:function list, called as
     fn(step=, metrics=, model=) after each evaluation).
 
+    With --set distill.method=fastbert: FastBERT instead. Branch classifiers (distill.fastbert.branch_width,
+    branch_heads) after every block of a fine-tuned backbone (distill.fastbert.backbone; default: the first
+    teacher) learn from its final classifier; the saved folder exits early in `kd evaluate`.
     Any torch.nn.Module as the student: distill.student.module (package.module:Class, e.g.
     stages.any_student:BiLSTMClassifier) with distill.student.module_kwargs, in place of
     from_teacher/pretrained/config: --set 'distill.student={"module": "stages.any_student:BiLSTMClassifier"}'.
@@ -115,6 +147,8 @@ def evaluate(params: str, overrides: tuple[str, ...]) -> None:
     """The task's metrics, parameters and inference speed of saved models, side by side.
 
     Writes evaluate.output and each model's prediction per example to evaluate.predictions (for `kd report`).
+    A FastBERT model is also measured at each of evaluate.fastbert_speeds (accuracy, average blocks run,
+    examples/s); the curve of all the models goes to evaluate.fastbert_curve (CSV) and a PNG next to it.
     """
     from stages.evaluate import evaluate as run
 

@@ -10,10 +10,11 @@ Each stage lives in the module of its name (`stages/distill.py`, ...); the names
 functions, which the `from ... import` binds over the module attributes of the same name.
 """
 
+from stages.augment import augment
 from stages.distill import distill
 from stages.evaluate import evaluate
 from stages.precompute import precompute
 from stages.prepare import prepare
 from stages.train_teacher import train_teacher
 
-__all__ = ["prepare", "train_teacher", "precompute", "distill", "evaluate"]
+__all__ = ["prepare", "augment", "train_teacher", "precompute", "distill", "evaluate"]

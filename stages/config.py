@@ -34,8 +34,12 @@ __all__ = [
     "StudentConfig",
     "KDConfig",
     "MatchConfig",
+    "TheseusConfig",
     "DistillConfig",
+    "FastBertConfig",
     "EvaluateConfig",
+    "AugmentConfig",
+    "AugmentOps",
     "TaskConfig",
     "load_config",
     "config_from_dict",
@@ -457,9 +461,54 @@ def _layers(layer: int | list[int]) -> list[int]:
     return layer if isinstance(layer, list) else [layer]
 
 
+class FastBertConfig(_Section):
+    """`distill.method: fastbert`: branch classifiers on a fine-tuned backbone (FastBERT, arXiv 2004.02178)."""
+
+    backbone: str | None = None  # the fine-tuned classifier that gets branches (None: the first teacher)
+    branch_width: int = 128  # the paper's student classifier: 128 wide, 2 attention heads
+    branch_heads: int = 2
+
+    def _check(self) -> list[Problem]:
+        errs = []
+        for name in ("branch_width", "branch_heads"):
+            if getattr(self, name) < 1:
+                errs.append((name, f"must be >= 1 (got {getattr(self, name)})"))
+        if not errs and self.branch_width % self.branch_heads:
+            errs.append(("branch_width", f"{self.branch_width} is not divisible by branch_heads "
+                         f"{self.branch_heads}; pick a multiple of the head count"))
+        return errs
+
+
 # The demo's student: a narrow 2-layer model in the teacher's architecture, randomly initialised.
 DEFAULT_STUDENT = StudentConfig(config="models/teacher", num_layers=2, hidden_size=192,
                                 intermediate_size=768, num_heads=3)
+
+
+class TheseusConfig(_Section):
+    """BERT-of-Theseus (`distill.method: theseus`, stages/theseus.py): groups of teacher blocks replaced at random
+    by one successor block each, the replacement probability constant or growing linearly, then the successors
+    trained alone."""
+
+    groups: int | None = None  # successor blocks; each stands in for teacher_layers / groups blocks
+    replace_prob: Float = 0.5  # p (constant), or the base rate b of the linear curriculum
+    curriculum: Literal["constant", "linear"] = "constant"
+    curriculum_k: Float | None = None  # linear: p_t = min(1, k * t + b) at optimizer step t
+    successor_epochs: Float = 1.0  # phase 2: epochs of the successors alone, after distill.epochs of replacing
+
+    def _check(self) -> list[Problem]:
+        errs = []
+        if self.groups is not None and self.groups < 1:
+            errs.append(("groups", f"must be >= 1 (got {self.groups})"))
+        if not 0 < self.replace_prob <= 1:
+            errs.append(("replace_prob", f"must be in (0, 1] (got {self.replace_prob})"))
+        if self.curriculum == "linear" and (self.curriculum_k is None or self.curriculum_k <= 0):
+            errs.append(("curriculum_k", "the linear curriculum needs k > 0, the growth of p per optimizer step "
+                         "(e.g. (1 - replace_prob) / 1000 reaches p = 1 after 1000 steps)"))
+        if self.curriculum == "constant" and self.curriculum_k is not None:
+            errs.append(("curriculum_k", "only applies to curriculum: linear; remove it or set curriculum: linear"))
+        if self.successor_epochs < 0:
+            errs.append(("successor_epochs", f"must be >= 0 (got {self.successor_epochs})"))
+        return errs
 
 
 class LMDistillConfig(_Section):
@@ -487,6 +536,11 @@ class DistillConfig(TrainingConfig):
     """`kd distill`: train a student from cached (or live) teacher outputs."""
 
     lr: Float = 5e-4
+    # kd: train distill.student from the teacher signal; theseus: BERT-of-Theseus module replacing
+    # (stages/theseus.py); fastbert: self-distil branch classifiers onto a fine-tuned backbone (stages/fastbert.py).
+    method: Literal["kd", "theseus", "fastbert"] = "kd"
+    theseus: TheseusConfig = TheseusConfig()
+    fastbert: FastBertConfig = FastBertConfig()
     teacher_signal: Literal["cached", "online", "none"] = "cached"
     caches: list[str] = []
     teachers: list[str] = []
@@ -525,6 +579,22 @@ class DistillConfig(TrainingConfig):
                          "remove matches and match_preset or set teacher_signal: cached"))
         if self.teacher_signal == "none" and self.kd.hard_weight <= 0:
             errs.append(("kd.hard_weight", "must be > 0 when teacher_signal is 'none' (nothing to learn)"))
+        if self.method == "kd" and self.theseus != TheseusConfig():
+            errs.append(("theseus", "only read when distill.method is theseus; set method: theseus or remove it"))
+        if self.method == "theseus":
+            if self.theseus.groups is None:
+                errs.append(("theseus.groups", "method theseus needs the number of successor blocks, a divisor "
+                             "of the teacher's layer count (e.g. 3 for a 6-layer teacher)"))
+            if self.teacher_signal != "online":
+                errs.append(("teacher_signal", f"is {self.teacher_signal!r}, but method theseus runs the teacher's "
+                             "own blocks live (cached outputs cannot stand in for them); set "
+                             "distill.teacher_signal: online"))
+            if self.matches or self.match_preset:
+                errs.append(("matches", "method theseus trains on the task's own loss alone; remove matches "
+                             "and match_preset"))
+        if self.method != "fastbert" and self.fastbert != FastBertConfig():
+            errs.append(("fastbert", "is only read when distill.method is fastbert; set method: fastbert or "
+                         "remove the section"))
         if self.prefetch < 1:
             errs.append(("prefetch", f"must be >= 1 batch (got {self.prefetch})"))
         if self.task_tau < 0:
@@ -543,6 +613,114 @@ class EvaluateConfig(_Section):
     throughput_batches: int = 20
     output: str = "metrics/evaluate.json"
     predictions: str = "metrics/predictions.json"
+    # FastBERT models (folders `kd distill` wrote with distill.method: fastbert) are also measured at each speed,
+    # and the speed/accuracy curve of every model goes to fastbert_curve (CSV) and a PNG next to it.
+    fastbert_speeds: list[Float] = [0.1, 0.2, 0.3, 0.5, 0.7, 0.9]
+    fastbert_curve: str = "metrics/fastbert_curve.csv"
+
+    def _check(self) -> list[Problem]:
+        bad = [s for s in self.fastbert_speeds if not 0 < s <= 1]
+        if bad:
+            return [("fastbert_speeds", f"speeds must be in (0, 1] (got {bad}); 1 = every example leaves at the "
+                     "first branch, near 0 = none leaves early")]
+        if not self.fastbert_speeds:
+            return [("fastbert_speeds", "list at least one speed in (0, 1], e.g. [0.1, 0.5, 0.9]")]
+        return []
+
+
+class MaskOp(_Section):
+    """`augment.ops.mask`: each word, with probability p, becomes `token` (at least one word per view)."""
+
+    p: Float = 0.15
+    token: str = "[MASK]"  # or `tokenizer:<model folder>`: that tokenizer's mask token
+
+    def _check(self) -> list[Problem]:
+        errs = _probability("p", self.p)
+        if not self.token.strip() or len(self.token.split()) != 1:
+            errs.append(("token", f"{self.token!r} must be one word without spaces, e.g. [MASK] or <mask>"))
+        elif self.token.startswith("tokenizer:") and not self.token.removeprefix("tokenizer:"):
+            errs.append(("token", "tokenizer: needs a model folder, e.g. tokenizer:models/teacher"))
+        return errs
+
+
+class DeleteOp(_Section):
+    """`augment.ops.delete`: each word, with probability p, is dropped (at least one, never all)."""
+
+    p: Float = 0.1
+
+    def _check(self) -> list[Problem]:
+        return _probability("p", self.p)
+
+
+class NgramOp(_Section):
+    """`augment.ops.ngram`: the view is a random run of n consecutive words, n drawn from [min_n, max_n]."""
+
+    min_n: int = 3
+    max_n: int = 8
+
+    def _check(self) -> list[Problem]:
+        if not 1 <= self.min_n <= self.max_n:
+            return [("", f"needs 1 <= min_n <= max_n (got min_n {self.min_n}, max_n {self.max_n})")]
+        return []
+
+
+class ShuffleOp(_Section):
+    """`augment.ops.shuffle`: words are shuffled locally; each moves fewer than `window` places."""
+
+    window: int = 3
+
+    def _check(self) -> list[Problem]:
+        if self.window < 2:
+            return [("window", f"must be >= 2 (got {self.window}); with 1 no word can move")]
+        return []
+
+
+class PosOp(_Section):
+    """`augment.ops.pos`: each word, with probability p, becomes another word the input shows with its tag."""
+
+    p: Float = 0.15
+
+    def _check(self) -> list[Problem]:
+        return _probability("p", self.p)
+
+
+def _probability(key: str, p: float) -> list[Problem]:
+    return [] if 0 < p <= 1 else [(key, f"must be in (0, 1] (got {p})")]
+
+
+class AugmentOps(_Section):
+    """The operations `kd augment` applies, each with its settings; an operation left out (or null) is off."""
+
+    mask: MaskOp | None = None
+    delete: DeleteOp | None = None
+    ngram: NgramOp | None = None
+    shuffle: ShuffleOp | None = None
+    pos: PosOp | None = None
+
+    def enabled(self) -> dict[str, _Section]:
+        """The operations that are on, by name, in the fixed order views are written."""
+        return {name: op for name in type(self).model_fields if (op := getattr(self, name)) is not None}
+
+
+class AugmentConfig(_Section):
+    """`kd augment`: write augmented views of a data file (README "Augmentation (`kd augment`)")."""
+
+    input: str = "data/train.csv"
+    output: str = "augmented/views.csv"
+    ops: AugmentOps = AugmentOps()  # off: `kd augment` writes no views until an operation is named here
+    views: int = 1  # views per example and operation
+    seed: int = 13
+    include_input: bool = False  # write the input's examples too, before the views
+
+    def _check(self) -> list[Problem]:
+        errs = []
+        if self.views < 1:
+            errs.append(("views", f"must be >= 1 (got {self.views})"))
+        if Path(self.output).suffix.lower() not in (".csv", ".jsonl"):
+            errs.append(("output", f"{self.output!r}: write a .csv or .jsonl file"))
+        if Path(self.output) == Path(self.input):
+            errs.append(("output", "is the input file; write the views to another file"))
+        return errs
 
 
 class TaskConfig(_Section):
@@ -576,6 +754,7 @@ class Config(_Section):
 
     data: DataConfig = DataConfig()
     prepare: PrepareConfig = PrepareConfig()
+    augment: AugmentConfig = AugmentConfig()
     train_teacher: TrainTeacherConfig = TrainTeacherConfig()
     precompute: PrecomputeConfig = PrecomputeConfig()
     distill: DistillConfig = DistillConfig()
@@ -628,6 +807,11 @@ class Config(_Section):
                 if given:
                     errs.append((key, f"is not read when tasks: is set (each task has its own); move it to "
                                  f"{instead} and remove it here"))
+        if self.tasks and self.distill.method == "fastbert":
+            errs.append(("distill.method", "fastbert is single-task; remove tasks: or use method: kd"))
+        elif self.distill.method == "fastbert" and not TASK_KINDS[self.data.task].sequence_kd:
+            errs.append(("distill.method", f"fastbert exits on the entropy of one class distribution per example, "
+                         f"and data.task is {self.data.task}; use it with sequence_classification"))
         if self.distill.student.module and TASK_KINDS[self.data.task].language_model:
             errs.append(("distill.student.module", f"data.task {self.data.task} trains a Hugging Face causal LM "
                          "(stages/lm_distill.py), not a module student; use from_teacher, pretrained or config"))
@@ -652,6 +836,15 @@ class Config(_Section):
                     key, problem = key.replace(old, new), problem.replace(old, new)
                 errs.append((key, f"task {t.name}: {problem}"))
         d, p = self.distill, self.precompute
+        if d.method == "theseus" and self.tasks:
+            errs.append(("distill.method", "theseus distils one task at a time; remove tasks: or set method: kd"))
+        if d.method == "theseus" and TASK_KINDS[self.data.task].language_model:
+            errs.append(("distill.method", f"theseus is not supported for data.task {self.data.task} yet (it is for "
+                         "the classification, regression and QA kinds); set method: kd"))
+        if d.method == "theseus" and len(d.teachers or p.teachers) != 1:
+            key = "distill.teachers" if d.teachers else "precompute.teachers"
+            errs.append((key, f"method theseus replaces the blocks of one teacher, but {len(d.teachers or p.teachers)} "
+                         "are listed; list exactly one"))
         if d.teacher_signal != "none" and d.kd.teacher_weights is not None:
             names = d.caches if d.teacher_signal == "cached" else d.teachers
             n = len(names or p.teachers)
@@ -677,6 +870,7 @@ class Config(_Section):
                 errs.append(("distill.kd.weight", "> 0 needs teacher logits; set precompute.logits: true "
                              "or distill.kd.weight: 0"))
         errs += _task_rules(self)
+        errs += _augment_rules(self)
         return errs
 
 
@@ -714,6 +908,25 @@ def _task_rules(cfg: "Config") -> list[Problem]:
                          "attention_layers: [])"))
         if d.matches or d.match_preset:
             errs.append(("distill.matches", f"{why}; remove matches and match_preset"))
+    return errs
+
+
+def _augment_rules(cfg: "Config") -> list[Problem]:
+    """Augment settings the data (data.task) cannot honour."""
+    a, task, errs = cfg.augment, cfg.data.task, []
+    if not a.ops.enabled():
+        return []  # off: `kd augment` writes an empty file whatever the task
+    if task not in ("sequence_classification", "token_classification"):
+        return [("augment.ops", f"views are made for data.task sequence_classification (a data.transfer set) or "
+                 f"token_classification (tagged rows), not {task}; set augment.ops: {{}}")]
+    tokens = task == "token_classification"
+    if a.ops.pos is not None and not tokens:
+        errs.append(("augment.ops.pos", f"replaces a word by another seen with the same tag, and data.task {task} "
+                     "is plain text without tags; use it on token_classification data with tags (e.g. "
+                     "examples/pos_wsj.yaml) or remove augment.ops.pos"))
+    if tokens and Path(a.output).suffix.lower() != ".jsonl":
+        errs.append(("augment.output", f"{a.output!r}: token_classification views are lists of words and tags, "
+                     "which CSV cannot hold; write a .jsonl file"))
     return errs
 
 

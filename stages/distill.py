@@ -263,12 +263,22 @@ def distill_settings(cfg: Config, readers: Sequence[cf.CacheReader]) -> dict:
 def distill(cfg: Config, *, on_step: Callable[[int], None] | None = None) -> DistillResult:
     """Train the student described by `cfg.distill` and save it with `save_pretrained`.
 
-    With `tasks:` in the params, one student with a head per task (stages/multitask.py).
+    With `tasks:` in the params, one student with a head per task (stages/multitask.py); with
+    `distill.method: theseus`, BERT-of-Theseus module replacing (stages/theseus.py); with `distill.method:
+    fastbert`, FastBERT's self-distilled branches on a fine-tuned backbone (stages/fastbert.py).
     `on_step(step)` is called after every optimizer step (the benchmarks time steps with it)."""
     if cfg.tasks:
         from stages.multitask import distill_tasks  # it builds on this module
 
         return distill_tasks(cfg, on_step=on_step)
+    if cfg.distill.method == "theseus":
+        from stages.theseus import distill_theseus  # it builds on this module
+
+        return distill_theseus(cfg, on_step=on_step)
+    if cfg.distill.method == "fastbert":
+        from stages.fastbert import distill_fastbert  # self-distillation: the branches learn from their backbone
+
+        return DistillResult(Path(cfg.distill.output), "fastbert", [], distill_fastbert(cfg, on_step=on_step))
     if TASK_KINDS[cfg.data.task].language_model:
         from stages.lm_distill import distill_lm  # it builds on this module
 
@@ -368,7 +378,8 @@ def distill_objective(cfg: Config, student: nn.Module, train_ex: Examples, train
 def write_metrics(cfg: Config, result: FitResult) -> None:
     """distill.metrics: the dev metrics, steps, time and speed of a finished run."""
     d = cfg.distill
-    metrics = {"teacher_signal": d.teacher_signal, **{f"dev_{k}": v for k, v in (result.dev or {}).items()},
+    metrics = {"method": d.method, "teacher_signal": d.teacher_signal,
+               **{f"dev_{k}": v for k, v in (result.dev or {}).items()},
                **({"best_step": result.best_step} if result.best_step is not None else {}),
                "steps": result.steps, "seconds": round(result.seconds, 2),
                "train_examples_per_second": round(result.examples_per_second, 1)}

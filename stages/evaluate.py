@@ -1,7 +1,9 @@
 """`kd evaluate`: the task's metrics, parameter count and inference speed of saved models, side by side.
 
 Also writes every model's per-example predictions (`evaluate.predictions`) for the paired statistics of `kd report`
-(sequence classification; other kinds write the file with the ids only).
+(sequence classification; other kinds write the file with the ids only). A FastBERT folder (`kd distill` with
+distill.method: fastbert) is also measured at every `evaluate.fastbert_speeds`, and then the speed/accuracy curve
+of all the models goes to `evaluate.fastbert_curve` (CSV, for `dvc plots`) and a PNG next to it.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ import torch
 
 from cache_format import atomic_write_text
 from stages.config import Config
+from stages.kinds import TASK_KINDS
 from stages._io import check_outputs
 from stages._train import pick_device
 from stages.data import DataError, Examples, collate, model_inputs
 from stages.any_student import load_trained
-from stages.models import load_tokenizer, num_parameters
+from stages.fastbert import FastBertError, curve_rows, is_fastbert, load_fastbert, speed_curve, write_curve
+from stages.models import load_model_config, load_tokenizer, num_parameters
 from stages.report import save_predictions
 from stages.tasks import get_task
 from stages.teacher import load_split, resolve_model
@@ -60,7 +64,11 @@ def evaluate(cfg: Config) -> dict[str, dict]:
     compares single-task runs).
     """
     e = cfg.evaluate
-    check_outputs({"evaluate.output": (e.output, "file"), "evaluate.predictions": (e.predictions, "file")})
+    outputs = {"evaluate.output": (e.output, "file"), "evaluate.predictions": (e.predictions, "file")}
+    fastbert = not cfg.tasks and any(is_fastbert(resolve_model(p)) for p in e.models.values())
+    if fastbert:
+        outputs["evaluate.fastbert_curve"] = (e.fastbert_curve, "file")
+    check_outputs(outputs)
     device = pick_device()
     if cfg.tasks:
         results: dict[str, dict] = {}
@@ -75,6 +83,9 @@ def evaluate(cfg: Config) -> dict[str, dict]:
         save_predictions(e.predictions, split=e.split, data=str(getattr(cfg.data, e.split)),
                          ids=examples.ids if predictions else [], labels=examples.labels if predictions else [],
                          models=predictions)
+        if fastbert:
+            layers = {m: load_model_config(resolve_model(p)).num_hidden_layers for m, p in e.models.items()}
+            write_curve(e.fastbert_curve, curve_rows(results, layers))
     atomic_write_text(Path(e.output), json.dumps(results, indent=2) + "\n")
     return results
 
@@ -93,7 +104,14 @@ def _score_models(cfg: Config, device: torch.device) -> tuple[dict[str, dict], d
     for name, path in sorted(e.models.items(), key=lambda item: item[0] != "teacher"):
         src = resolve_model(path)
         tokenizer = load_tokenizer(src)
-        model = load_trained(src, task).to(device)  # a module student, or the task's load_model
+        if is_fastbert(src) and not TASK_KINDS[cfg.data.task].sequence_kd:
+            raise FastBertError(f"evaluate.models.{name} is a FastBERT model, which exits on one class distribution "
+                                f"per example; data.task {cfg.data.task} has none, evaluate it with "
+                                "sequence_classification")
+        if is_fastbert(src):  # the full model here (no early exit); per speed below
+            model = load_fastbert(src, task.num_labels, label_names=task.label_names).to(device)
+        else:
+            model = load_trained(src, task).to(device)  # a module student, or the task's load_model
         if name == "teacher":
             reference = model
         data = task.encode(tokenizer, examples, e.max_length)
@@ -111,4 +129,8 @@ def _score_models(cfg: Config, device: torch.device) -> tuple[dict[str, dict], d
             "split": e.split,
             "examples": len(examples),
         }
+        if is_fastbert(src):
+            results[name]["fastbert"] = speed_curve(
+                model, data, task, e.fastbert_speeds, e.batch_size, device=device,
+                throughput=lambda m: measure_throughput(m, data, e.batch_size, e.throughput_batches, device))
     return {name: results[name] for name in e.models}, predictions, examples

@@ -58,13 +58,13 @@ class LMObjective:
     """Next-token CE + a KD term, computed in one chunked pass over the scored positions."""
 
     def __init__(self, cfg: Config, source: CachedTeachers | None, teacher: nn.Module | None, codec: str | None,
-                 settings: dict, student_offsets: dict[str, np.ndarray] | None, teacher_length: int):
+                 settings: dict, pairs: dict[str, tuple[np.ndarray, np.ndarray]] | None, teacher_length: int):
         self.cfg = cfg
         self.source = source
         self.teacher = teacher
         self.codec = codec
         self.settings = settings
-        self.student_offsets = student_offsets  # cross-tokenizer: row id -> the student's char offsets
+        self.pairs = pairs  # cross-tokenizer: row id -> (student positions, teacher positions) to compare
         self.teacher_length = teacher_length
         self.modules = nn.ModuleList()  # no projections: only the student trains
 
@@ -99,20 +99,18 @@ class LMObjective:
         names = ("topk_logprobs",) if self.cfg.distill.lm.cross_tokenizer else _CODEC_FIELDS[self.codec]
         if not self.cfg.distill.lm.cross_tokenizer:
             return {n: cached[n][:, :-1][keep] for n in names}, torch.ones(int(keep.sum()), device=keep.device)
-        # Another tokenizer: student position i takes the teacher position that predicts a token starting at
-        # the same character; positions without one get no KD term (mask 0).
+        # Another tokenizer: the (student, teacher) position pairs of each row were found once, from the cached
+        # character offsets (`_alignment`); positions without a partner get no KD term (mask 0).
         s_len = batch["input_ids"].shape[1] - 1
         k = cached["topk_logprobs"].shape[-1]
+        rows = [np.full(len(self.pairs[r][0]), b) for b, r in enumerate(ids)]
+        b_idx = torch.from_numpy(np.concatenate(rows)).to(keep.device)
+        s_idx = torch.from_numpy(np.concatenate([self.pairs[r][0] for r in ids])).to(keep.device)
+        t_idx = torch.from_numpy(np.concatenate([self.pairs[r][1] for r in ids])).to(keep.device)
         target = torch.zeros(len(ids), s_len, k, device=keep.device)
         mask = torch.zeros(len(ids), s_len, device=keep.device)
-        t_off = cached["char_offsets"].cpu()
-        for b, row in enumerate(ids):
-            t_len = int(cached["length"][b]) if "length" in cached else t_off.shape[1]
-            s_pos, t_pos = align_by_offsets(torch.from_numpy(self.student_offsets[row]), t_off[b, :t_len])
-            ok = (s_pos < s_len) & (t_pos < t_len - 1)
-            s_pos, t_pos = s_pos[ok].to(keep.device), t_pos[ok].to(keep.device)
-            target[b, s_pos] = cached["topk_logprobs"][b, t_pos].float()
-            mask[b, s_pos] = 1.0
+        target[b_idx, s_idx] = cached["topk_logprobs"][b_idx, t_idx].float()
+        mask[b_idx, s_idx] = 1.0
         return {"topk_logprobs": target[keep]}, mask[keep]
 
     def losses(self, model: nn.Module, batch: dict[str, Tensor], ids: Sequence[str], step: int,
@@ -158,6 +156,20 @@ class LMObjective:
     def close(self) -> None:
         if self.source is not None:
             self.source.close()
+
+
+def _alignment(rows: Encoded, reader: cf.CacheReader, max_length: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """For each student row, the scored student positions and the teacher positions (in the cache) whose next
+    tokens start at the same character of the block: what ULD compares."""
+    out = {}
+    for i, row in enumerate(rows.ids):
+        s_off = torch.from_numpy(np.asarray(rows.extras["char_offsets"][rows.offsets[i]:rows.offsets[i + 1]]))
+        cached = reader.get(row)
+        t_len = int(cached["length"])
+        s_pos, t_pos = align_by_offsets(s_off, torch.from_numpy(np.array(cached["char_offsets"][:t_len])))
+        ok = (s_pos < min(len(s_off), max_length) - 1) & (t_pos < t_len - 1)  # both must predict a real token
+        out[row] = (s_pos[ok].numpy().astype(np.int64), t_pos[ok].numpy().astype(np.int64))
+    return out
 
 
 def _build_student(cfg: Config) -> tuple[nn.Module, object]:
@@ -221,18 +233,15 @@ def distill_lm(cfg: Config, *, on_step: Callable[[int], None] | None = None) -> 
         if missing:
             raise KDError(f"{len(missing)} training block(s) are not in cache {readers[0].path}, e.g. {missing[:2]}; "
                           "rerun `kd precompute` with the same data, teacher and precompute.max_length")
-        fields = list(_CODEC_FIELDS[codec]) + (["char_offsets"] if d.lm.cross_tokenizer else [])
+        fields = list(_CODEC_FIELDS[codec])
         source = CachedTeachers(readers, fields, device, prefetch=d.prefetch)
     elif d.teacher_signal == "online":
         teacher = load_causal_lm(resolve_model(_teacher_name(cfg))).to(device).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
     settings = dict(readers[0].manifest.settings.get("lm", {})) if readers else {}
-    offsets = None
-    if d.lm.cross_tokenizer:
-        cut = train.offsets
-        offsets = {row: train.extras["char_offsets"][cut[i]:cut[i + 1]] for i, row in enumerate(train.ids)}
-    objective = LMObjective(cfg, source, teacher, codec, settings, offsets, cfg.precompute.max_length)
+    pairs = _alignment(train, readers[0], d.max_length) if d.lm.cross_tokenizer else None
+    objective = LMObjective(cfg, source, teacher, codec, settings, pairs, cfg.precompute.max_length)
     result = fit(student, objective, train, dev, d, output=output, log_dir=Path(d.log_dir), device=device,
                  desc=f"distill LM ({d.teacher_signal})", on_step=on_step,
                  run_settings={**distill_settings(cfg, readers), "lm": d.lm.model_dump()},

@@ -272,6 +272,8 @@ class CachedTeachers:
             outs = {}
             for f in self.fields:
                 x = got[f]
+                if x.dtype == torch.uint16:  # narrow LM token ids: CUDA cannot index with (or by) uint16
+                    x = x.to(torch.int32)
                 if self._pin:
                     x = x.pin_memory()
                 x = x.to(self.device, non_blocking=True)

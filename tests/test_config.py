@@ -68,8 +68,8 @@ def test_unknown_key_lists_the_valid_keys_of_its_section():
     lines = str(err.value).splitlines()[1:]
     assert lines[0].strip().startswith("distill.kd.temprature: unknown key; valid keys here: loss, weight,")
     assert "temperature" in lines[0] and "teacher_weights" in lines[0]
-    assert lines[1].strip() == ("evaluat: unknown key; valid keys here: data, prepare, train_teacher, precompute, "
-                                "distill, evaluate, tasks")
+    assert lines[1].strip() == ("evaluat: unknown key; valid keys here: data, prepare, augment, train_teacher, "
+                                "precompute, distill, evaluate, tasks")
 
 
 def test_choices_list_the_allowed_values_and_lists_name_the_item():

@@ -26,7 +26,7 @@ CODE_DIRS = ("pipeline", "stages", "cache_format")
 # The module fixture runs the whole pipeline (~2 min on 2 idle cores); allow for a loaded machine.
 pytestmark = pytest.mark.timeout(1800)
 
-STAGES = ("prepare", "train_teacher", "precompute", "distill", "baseline", "evaluate")
+STAGES = ("prepare", "augment", "train_teacher", "precompute", "distill", "baseline", "evaluate")
 
 
 class Repo:
@@ -235,3 +235,16 @@ def test_precompute_setting_reruns_precompute(repo: Repo):
     assert "Running stage 'train_teacher'" not in out, out
     rows = {r["name"]: r for r in _exp_show(repo)}
     assert _out_hash(rows["fp32"], "caches") != _out_hash(rows["main"], "caches")
+
+
+def test_augmentation_turned_on_labels_the_views(repo: Repo):
+    # Off by default (the repro above wrote an empty views file); on, with the views as the transfer set.
+    # `+`: DVC (Hydra) adds a key the params file does not have yet only when told to.
+    out = repo.dvc("exp", "run", "-n", "aug", "-S", "+augment.ops.mask.p=0.3", "-S", "+augment.ops.delete.p=0.2",
+                   "-S", "data.transfer=augmented/views.csv", timeout=300)
+    # (train_teacher runs too: its params are the whole data section, data.transfer included.)
+    for stage in ("augment", "precompute", "distill"):
+        assert f"Running stage '{stage}'" in out, out
+    rows = {r["name"]: r for r in _exp_show(repo)}
+    assert _out_hash(rows["aug"], "augmented") != _out_hash(rows["main"], "augmented")
+    assert _out_hash(rows["aug"], "caches") != _out_hash(rows["main"], "caches")

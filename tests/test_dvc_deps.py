@@ -17,6 +17,7 @@ PACKAGES = ("stages", "cache_format")
 # The module whose function each DVC stage's `kd` command calls.
 ENTRY = {
     "prepare": "stages/prepare.py",
+    "augment": "stages/augment.py",
     "train_teacher": "stages/train_teacher.py",
     "precompute": "stages/precompute.py",
     "distill": "stages/distill.py",

@@ -162,3 +162,27 @@ def test_num_kv_heads_is_refused_for_classifiers(tmp_path):
     cfg = config_from_dict({"distill": {"student": {"config": "x", "num_kv_heads": 1}}})
     with pytest.raises(ConfigError, match="num_kv_heads"):
         build_student(cfg)
+
+
+def test_uld_pairs_positions_that_predict_the_same_character(lm, tmp_path):
+    import cache_format as cf
+    from stages.lm_distill import _alignment
+    from stages.models import load_tokenizer
+    from stages.tasks import get_task
+
+    cfg = _cfg(lm, tmp_path, codec={"codec": "topk", "k": 8})
+    cache = precompute(cfg)[0].path
+    task = get_task(cfg.data)
+    teacher_rows = task.encode(load_tokenizer(str(lm / "teacher")), task.load(lm / "train.txt"), L)
+    student_rows = task.encode_like(load_tokenizer(str(lm / "other")), teacher_rows, L)
+    pairs = _alignment(student_rows, cf.CacheReader(cache), L)
+    checked = 0
+    for i, row in enumerate(student_rows.ids[:20]):
+        s_off = student_rows.extras["char_offsets"][student_rows.offsets[i]:student_rows.offsets[i + 1]]
+        t_off = teacher_rows.extras["char_offsets"][teacher_rows.offsets[i]:teacher_rows.offsets[i + 1]]
+        s_pos, t_pos = pairs[row]
+        assert len(s_pos) > 0
+        for a, b in zip(s_pos, t_pos):
+            assert s_off[a + 1][0] == t_off[b + 1][0]  # the tokens they predict start at the same character
+            checked += 1
+    assert checked > 50

