@@ -33,6 +33,7 @@ from cache_format._manifest import MAX_ID_BYTES
 from stages._io import progress_bar
 
 __all__ = [
+    "read_text",
     "DataError",
     "Examples",
     "Encoded",
@@ -64,6 +65,16 @@ class DataError(KDError, ValueError):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Reading
+
+
+def read_text(path: Path) -> str:
+    """A UTF-8 text file's content; an unreadable or non-UTF-8 file is a one-line DataError."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte {e.start}); re-save it as UTF-8") from e
+    except OSError as e:
+        raise DataError(f"cannot read {path} ({e}); fix the path") from e
 
 
 def read_table(path: str | os.PathLike, *, string_columns: Sequence[str] = ()) -> pa.Table:

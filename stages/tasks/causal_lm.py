@@ -37,7 +37,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 import cache_format as cf
 from cache_format._errors import KDError
 from stages.config import LMCacheConfig
-from stages.data import DataError, Encoded, Examples, read_table, string_column
+from stages.data import DataError, Encoded, Examples, read_table, read_text, string_column
 from stages.lm_codecs import check_codec, check_dense_size, codec_fields, codec_settings, encode_rows
 from stages.lm_models import head_logits, lm_metrics
 from stages.models import ModelError, load_causal_lm
@@ -68,12 +68,7 @@ class CausalLM(Task):
                             "unlabelled); remove data.transfer")
         path = Path(path)
         if path.suffix.lower() == ".txt" and not path.is_dir():
-            try:
-                text = path.read_text(encoding="utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path} is not UTF-8 text (byte {e.start}); re-save it as UTF-8") from e
-            except OSError as e:
-                raise DataError(f"cannot read {path} ({e}); fix the path") from e
+            text = read_text(path)
             docs = [line.removesuffix("\r") for line in text.split("\n")]
         else:
             field = self.data.text_field

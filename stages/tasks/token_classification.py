@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 from transformers import AutoModelForTokenClassification
 
-from stages.data import IGNORE_LABEL, DataError, Encoded, Examples, check_ids, content_ids, read_table, where
+from stages.data import IGNORE_LABEL, DataError, Encoded, Examples, check_ids, content_ids, read_table, read_text, where
 from stages.losses import hard_ce_loss, kd_loss
 from stages.tasks.base import Task
 
@@ -49,12 +49,7 @@ def read_conll(path: str | Path) -> list[tuple[list[str], list[str]]]:
     Columns are split at TABs when the line has one (words may then hold spaces), else at whitespace.
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text (byte {e.start}); re-save it as UTF-8") from e
-    except OSError as e:
-        raise DataError(f"cannot read {path} ({e}); fix the path") from e
+    text = read_text(path)
     rows: list[tuple[list[str], list[str]]] = []
     words: list[str] = []
     tags: list[str] = []
