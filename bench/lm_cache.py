@@ -40,7 +40,7 @@ from _common import StepClock, log, median, quiet, table, write_results
 from cache_format._tools import cache_info
 from stages import distill, precompute
 from stages.config import DataConfig, config_from_dict
-from stages.lm_models import lm_metrics
+from stages.lm_models import lm_metrics, lm_scores
 from stages.models import load_causal_lm, load_tokenizer, make_tiny_causal_lm
 from stages.tasks import get_task
 from stages.teacher import resolve_model
@@ -59,12 +59,14 @@ def _ptb(root: Path, train_lines: int, test_lines: int) -> tuple[Path, Path, lis
 
 
 @torch.inference_mode()
-def _bare_forward_tokens_per_second(model, rows, batch_size: int, device: torch.device) -> float:
-    """Tokens/s of the teacher's plain forward (full logits) over the same blocks precompute reads."""
+def _bare_forward_tokens_per_second(model, rows, batch_size: int, device: torch.device, blocks: int) -> float:
+    """Tokens/s of the teacher's plain forward (full logits) over the first `blocks` of the blocks precompute
+    reads (a rate: a slow teacher need not run over all of them)."""
     from stages.data import collate
 
     model.eval()
-    batches = [collate(rows, np.arange(s, min(s + batch_size, len(rows))))[0] for s in range(0, len(rows), batch_size)]
+    n = min(len(rows), blocks)
+    batches = [collate(rows, np.arange(s, min(s + batch_size, n)))[0] for s in range(0, n, batch_size)]
     batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
     model(input_ids=batches[0]["input_ids"], attention_mask=batches[0]["attention_mask"])  # warm-up
     _sync(device)
@@ -89,6 +91,8 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=64)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--epochs", type=float, default=3)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--bare-blocks", type=int, default=64, help="blocks the bare teacher forward is timed on")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--heads", type=int, default=4)
@@ -113,8 +117,11 @@ def main() -> None:
         test_rows = task.encode(teacher_tok, task.load(test_txt), args.block)
         log(f"{len(train_rows)} training blocks, {len(test_rows)} held-out blocks of {args.block} tokens")
         teacher = load_causal_lm(teacher_path).to(device)
-        bare = _bare_forward_tokens_per_second(teacher, train_rows, args.batch, device)
+        bare = _bare_forward_tokens_per_second(teacher, train_rows, args.batch, device, args.bare_blocks)
         log(f"bare teacher forward: {bare:.0f} tokens/s")
+        # The teacher's held-out metrics and top-1 once: every same-vocabulary student's agreement reuses them.
+        teacher_m, teacher_top1 = lm_scores(teacher, test_rows, batch_size=args.batch, device=device)
+        log(f"teacher held-out perplexity {teacher_m['perplexity']:.1f}")
 
         def params(name: str, signal: str, lm: dict | None = None, student: dict | None = None,
                    distill_lm: dict | None = None) -> dict:
@@ -123,7 +130,7 @@ def main() -> None:
                 "precompute": {"teachers": [teacher_path], "cache_root": str(root / "caches"),
                                "max_length": args.block, "batch_size": args.batch, "lm": lm or {}},
                 "distill": {"teacher_signal": signal, "max_length": args.block, "batch_size": args.batch,
-                            "epochs": args.epochs, "lr": 1e-3, "warmup_ratio": 0.05, "seed": 0,
+                            "epochs": args.epochs, "lr": args.lr, "warmup_ratio": 0.05, "seed": 0,
                             "student": student or {"config": teacher_path, "num_layers": args.layers,
                                                    "hidden_size": args.hidden, "num_heads": args.heads,
                                                    "num_kv_heads": 1, "intermediate_size": 3 * args.hidden},
@@ -153,27 +160,31 @@ def main() -> None:
                     row["precompute_vs_bare"] = info["tokens"] / pre.seconds / bare
             clock = StepClock()
             log(f"distill: {name}")
+            t0 = time.perf_counter()
             res = distill(cfg, on_step=clock.on_step)
+            row["distill_seconds"] = time.perf_counter() - t0
             row["seconds_per_step"] = clock.seconds_per_step(warmup=3)
+            # The median step: on a shared machine, other jobs' bursts inflate the mean of some runs only.
+            row["median_seconds_per_step"] = median(np.diff(clock.times[2:]).tolist())
             row["steps"] = res.fit.steps
             model = load_causal_lm(cfg.distill.output).to(device)
             same_vocab = student is None
             rows = test_rows if same_vocab else task.encode_like(load_tokenizer(cfg.distill.output), test_rows,
                                                                  4 * args.block)
-            m = lm_metrics(model, rows, batch_size=args.batch, device=device, teacher=teacher if same_vocab else None)
+            m = lm_metrics(model, rows, batch_size=args.batch, device=device,
+                           teacher_top1=teacher_top1 if same_vocab else None)
             row.update({k: m.get(k, float("nan")) for k in ("perplexity", "word_perplexity", "ece", "top1_agreement")})
             if not same_vocab:
                 row["perplexity"] = float("nan")  # per token of another vocabulary: not comparable
             results.append(row)
             log(json.dumps(row))
-        teacher_m = lm_metrics(teacher, test_rows, batch_size=args.batch, device=device)
-        base = results[0]["seconds_per_step"]
+        base, base_median = results[0]["seconds_per_step"], results[0]["median_seconds_per_step"]
         headers = ["run", "bytes/token", "precompute tokens/s vs bare forward", "distill step vs labels only",
-                   "perplexity", "word perplexity", "ECE", "top-1 agreement"]
+                   "median step vs labels only", "perplexity", "word perplexity", "ECE", "top-1 agreement"]
         out_rows = [[r["run"], r.get("bytes_per_token", "-"), r.get("precompute_vs_bare", "-"),
-                     r["seconds_per_step"] / base, r["perplexity"], r["word_perplexity"], r["ece"],
-                     r["top1_agreement"]] for r in results]
-        out_rows.append(["(teacher)", "-", "-", "-", teacher_m["perplexity"], teacher_m["word_perplexity"],
+                     r["seconds_per_step"] / base, r["median_seconds_per_step"] / base_median, r["perplexity"],
+                     r["word_perplexity"], r["ece"], r["top1_agreement"]] for r in results]
+        out_rows.append(["(teacher)", "-", "-", "-", "-", teacher_m["perplexity"], teacher_m["word_perplexity"],
                          teacher_m["ece"], 1.0])
         print(table(headers, out_rows))
         print(f"\nteacher {args.teacher} on {device}: bare forward {bare:.0f} tokens/s; labels-only step {base:.3f} s; "

@@ -99,7 +99,7 @@ def _score_models(cfg: Config, device: torch.device) -> tuple[dict[str, dict], d
         raise DataError(f"data.{e.split} has no labels (data.label_field is unset); evaluation needs them")
     results: dict[str, dict] = {}
     predictions: dict[str, np.ndarray] = {}
-    # The teacher is loaded first and kept: kinds that compare models with it (top-1 agreement) get it.
+    # The teacher is scored first: kinds that compare models with it (top-1 agreement) get what it predicted.
     reference = None
     for name, path in sorted(e.models.items(), key=lambda item: item[0] != "teacher"):
         src = resolve_model(path)
@@ -112,12 +112,12 @@ def _score_models(cfg: Config, device: torch.device) -> tuple[dict[str, dict], d
             model = load_fastbert(src, task.num_labels, label_names=task.label_names).to(device)
         else:
             model = load_trained(src, task).to(device)  # a module student, or the task's load_model
-        if name == "teacher":
-            reference = model
         data = task.encode(tokenizer, examples, e.max_length)
         if task.class_per_example:  # what `kd report`'s paired statistics compare
             predictions[name] = task.predict(model, data, e.batch_size, device)
             metrics = task.score(data, predictions[name])
+        elif name == "teacher":
+            metrics, reference = task.evaluate_teacher(model, data, e.batch_size, device)
         else:
             metrics = task.evaluate(model, data, e.batch_size, device, reference=reference)
         results[name] = {

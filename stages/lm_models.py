@@ -17,6 +17,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,8 @@ __all__ = [
     "load_causal_lm",
     "causal_lm_student",
     "lm_metrics",
+    "lm_scores",
+    "Top1",
     "head_logits",
 ]
 
@@ -239,36 +242,61 @@ def _scored_hidden(model: PreTrainedModel, batch: dict[str, torch.Tensor], keep:
     return out.last_hidden_state[:, :-1][keep]
 
 
-@torch.no_grad()
+@dataclass(frozen=True)
+class Top1:
+    """A model's argmax next token at every scored position of some rows, in `lm_metrics`' order: what top-1
+    agreement compares against, computed once per teacher and reused for every model scored on the same rows."""
+
+    vocab_size: int
+    input_ids: np.ndarray  # the rows' tokens and offsets: agreement is only defined on the same rows
+    offsets: np.ndarray
+    ids: torch.Tensor  # int64 [scored positions], on the CPU
+
+    def covers(self, rows: Encoded) -> bool:
+        """Whether `rows` are the rows these predictions were made on."""
+        return np.array_equal(self.offsets, rows.offsets) and np.array_equal(self.input_ids, rows.input_ids)
+
+
 def lm_metrics(model: PreTrainedModel, rows: Encoded, *, batch_size: int, device: torch.device | str,
-               teacher: PreTrainedModel | None = None, chunk_tokens: int = 1024) -> dict[str, float]:
+               teacher_top1: Top1 | None = None, chunk_tokens: int = 1024) -> dict[str, float]:
     """Next-token metrics of a causal LM on `rows` (position t of a row predicts its token t+1).
 
     perplexity: exp(mean next-token NLL) over positions 0..T-2 of every row; word_perplexity (when
     `rows.extras["words"]` counts each row's whitespace words): exp(total NLL / total words); ece: expected
     calibration error of the top-1 next-token probability in 15 equal-width bins; tokens_per_second: scored
     positions per second of the model's forward pass and scoring (a measurement); top1_agreement (with
-    `teacher`, which must share the tokenizer): fraction of positions where both argmaxes agree.
-    Logits are made `chunk_tokens` positions at a time, so [B, T, V] never exists in float32. The models
-    must already be on `device`.
+    `teacher_top1`, the teacher's `Top1` on the same rows, from `lm_scores`): fraction of positions where both
+    argmaxes agree. Logits are made `chunk_tokens` positions at a time, so [B, T, V] never exists in float32.
+    The model must already be on `device`.
     """
+    return lm_scores(model, rows, batch_size=batch_size, device=device, teacher_top1=teacher_top1,
+                     chunk_tokens=chunk_tokens)[0]
+
+
+@torch.no_grad()
+def lm_scores(model: PreTrainedModel, rows: Encoded, *, batch_size: int, device: torch.device | str,
+              teacher_top1: Top1 | None = None, chunk_tokens: int = 1024) -> tuple[dict[str, float], Top1]:
+    """`lm_metrics` and, from the same forward pass, the model's own `Top1` on `rows` (a teacher's is what its
+    students' top-1 agreement is measured against)."""
     if batch_size < 1 or chunk_tokens < 1:
         raise ValueError(f"batch_size and chunk_tokens must be >= 1 (got {batch_size}, {chunk_tokens})")
     device = torch.device(device)
-    models = [m for m in (model, teacher) if m is not None]
-    if teacher is not None:
-        v_s, v_t = (m.get_output_embeddings().out_features for m in models)
-        if v_s != v_t:
-            raise ModelError(f"top-1 agreement needs one vocabulary, but the model has {v_s} logits and the teacher "
-                             f"{v_t}; compare models that share a tokenizer")
-    modes = [m.training for m in models]
-    for m in models:
-        m.eval()
-    nll_sum, n_tokens, agree = 0.0, 0, 0
+    vocab = model.get_output_embeddings().out_features
+    if teacher_top1 is not None:
+        if teacher_top1.vocab_size != vocab:
+            raise ModelError(f"top-1 agreement needs one vocabulary, but the model has {vocab} logits and the "
+                             f"teacher {teacher_top1.vocab_size}; compare models that share a tokenizer")
+        if not teacher_top1.covers(rows):
+            raise ModelError("the teacher's top-1 predictions were made on other rows than these; compute them "
+                             "(lm_scores) on the rows the model is scored on")
+    mode = model.training
+    model.eval()
+    nll_sum, n_tokens = 0.0, 0
     bin_count = torch.zeros(ECE_BINS, dtype=torch.float64)
     bin_conf = torch.zeros(ECE_BINS, dtype=torch.float64)
     bin_correct = torch.zeros(ECE_BINS, dtype=torch.float64)
     seconds = 0.0
+    preds: list[torch.Tensor] = []
     try:
         for start in range(0, len(rows), batch_size):
             batch, _ = collate(rows, np.arange(start, min(start + batch_size, len(rows))))
@@ -280,7 +308,6 @@ def lm_metrics(model: PreTrainedModel, rows: Encoded, *, batch_size: int, device
                 continue
             t0 = _clock(device)
             hidden = _scored_hidden(model, batch, keep)
-            preds = []
             for c in range(0, targets.numel(), chunk_tokens):
                 logp = torch.log_softmax(head_logits(model, hidden[c:c + chunk_tokens]), dim=-1)
                 target = targets[c:c + chunk_tokens]
@@ -291,20 +318,14 @@ def lm_metrics(model: PreTrainedModel, rows: Encoded, *, batch_size: int, device
                 bin_count += torch.bincount(bins, minlength=ECE_BINS)
                 bin_conf += torch.bincount(bins, weights=conf, minlength=ECE_BINS)
                 bin_correct += torch.bincount(bins, weights=(pred == target).double().cpu(), minlength=ECE_BINS)
-                preds.append(pred)
+                preds.append(pred.cpu())
             seconds += _clock(device) - t0
             n_tokens += targets.numel()
-            if teacher is not None:
-                t_hidden = _scored_hidden(teacher, batch, keep)
-                pred = torch.cat(preds)
-                for c in range(0, targets.numel(), chunk_tokens):
-                    t_pred = head_logits(teacher, t_hidden[c:c + chunk_tokens]).argmax(dim=-1)
-                    agree += int((t_pred == pred[c:c + chunk_tokens]).sum())
     finally:
-        for m, mode in zip(models, modes):
-            m.train(mode)
+        model.train(mode)
     if n_tokens == 0:
         raise DataError("no row has 2 or more tokens, so there is no next token to score; give longer rows")
+    top1 = Top1(vocab, rows.input_ids, rows.offsets, torch.cat(preds))
     out = {
         "perplexity": math.exp(nll_sum / n_tokens),
         "ece": float((bin_correct - bin_conf).abs().sum()) / n_tokens,
@@ -316,9 +337,10 @@ def lm_metrics(model: PreTrainedModel, rows: Encoded, *, batch_size: int, device
         total_words = int(np.sum(words))
         if total_words > 0:
             out["word_perplexity"] = math.exp(nll_sum / total_words)
-    if teacher is not None:
+    if teacher_top1 is not None:
+        agree = int((teacher_top1.ids == top1.ids).sum())
         out["top1_agreement"] = agree / n_tokens
-    return out
+    return out, top1
 
 
 def _clock(device: torch.device) -> float:

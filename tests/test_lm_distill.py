@@ -108,6 +108,40 @@ def test_labels_only_and_evaluate(lm, tmp_path):
     assert 1 < s["perplexity"] < 1000
 
 
+def test_evaluate_runs_the_teacher_once_for_every_models_agreement(lm, tmp_path, monkeypatch):
+    """The teacher's top-1 is computed in its own scoring pass and reused: three students add no teacher pass."""
+    import stages.lm_models as lm_models
+    from stages.lm_models import lm_metrics, lm_scores
+    from stages.models import load_causal_lm, load_tokenizer
+    from stages.tasks import get_task
+
+    cfg = _cfg(lm, tmp_path, signal="none")
+    distill(cfg)
+    models = {"teacher": str(lm / "teacher"), "a": str(tmp_path / "student"), "b": str(tmp_path / "student"),
+              "c": str(lm / "teacher")}
+    cfg = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"models": models})})
+    passes: dict[str, int] = {}
+    scored_hidden = lm_models._scored_hidden
+
+    def counting(model, batch, keep):
+        passes[model.name_or_path] = passes.get(model.name_or_path, 0) + 1
+        return scored_hidden(model, batch, keep)
+
+    monkeypatch.setattr(lm_models, "_scored_hidden", counting)
+    out = evaluate(cfg)
+    monkeypatch.setattr(lm_models, "_scored_hidden", scored_hidden)
+    task = get_task(cfg.data)
+    rows = task.encode(load_tokenizer(str(lm / "teacher")), task.load(lm / "test.txt"), L)
+    batches = -(-len(rows) // 8)
+    # One scoring pass for "teacher" and one for "c" (the same folder, evaluated as a model): none per student.
+    assert passes == {str(lm / "teacher"): 2 * batches, str(tmp_path / "student"): 2 * batches}
+    assert out["c"]["top1_agreement"] == 1.0 and "top1_agreement" not in out["teacher"]
+    _, top1 = lm_scores(load_causal_lm(str(lm / "teacher")), rows, batch_size=8, device="cpu")
+    direct = lm_metrics(load_causal_lm(str(tmp_path / "student")), rows, batch_size=8, device="cpu",
+                        teacher_top1=top1)["top1_agreement"]
+    assert out["a"]["top1_agreement"] == out["b"]["top1_agreement"] == pytest.approx(direct, abs=1e-4)
+
+
 def test_cross_tokenizer_uld(lm, tmp_path):
     cfg = _cfg(lm, tmp_path, codec={"codec": "topk", "k": 8}, lm={"cross_tokenizer": True},
                student={"config": str(lm / "other"), "num_layers": 1})

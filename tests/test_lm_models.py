@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import os
@@ -17,7 +18,7 @@ import stages.lm_models as lm
 from stages._io import cache_home
 from stages.bundled import data_home
 from stages.data import DataError, Encoded
-from stages.lm_models import BUNDLED_LM, bundled_lm_folder, causal_lm_student, lm_metrics
+from stages.lm_models import BUNDLED_LM, bundled_lm_folder, causal_lm_student, lm_metrics, lm_scores
 from stages.models import ModelError, load_causal_lm, load_tokenizer, make_tiny_causal_lm
 from stages.teacher import resolve_model
 
@@ -183,7 +184,11 @@ def test_ece_and_perplexity_on_a_crafted_model():
 def test_top1_agreement(teacher_dir, tmp_path):
     model = load_causal_lm(str(teacher_dir)).eval()
     rows = _rows(load_tokenizer(str(teacher_dir)), TEXTS[:4])
-    assert lm_metrics(model, rows, batch_size=2, device="cpu", teacher=model)["top1_agreement"] == 1.0
+    own, top1 = lm_scores(model, rows, batch_size=2, device="cpu")
+    again = lm_metrics(model, rows, batch_size=2, device="cpu")  # the same pass, without its predictions
+    assert {k: v for k, v in own.items() if k != "tokens_per_second"} == pytest.approx(
+        {k: v for k, v in again.items() if k != "tokens_per_second"})
+    assert lm_metrics(model, rows, batch_size=2, device="cpu", teacher_top1=top1)["top1_agreement"] == 1.0
     other = causal_lm_student(str(teacher_dir), num_layers=1).eval()
     same, n = 0, 0
     with torch.no_grad():
@@ -191,7 +196,9 @@ def test_top1_agreement(teacher_dir, tmp_path):
             ids = torch.from_numpy(rows.input_ids[rows.offsets[i]:rows.offsets[i + 1]].astype(np.int64))[None]
             a, b = model(ids).logits[0, :-1].argmax(-1), other(ids).logits[0, :-1].argmax(-1)
             same, n = same + int((a == b).sum()), n + len(a)
-    got = lm_metrics(other, rows, batch_size=3, device="cpu", teacher=model, chunk_tokens=5)
+    assert top1.ids.numel() == n
+    # The teacher's predictions made once (batch 2, whole rows) serve any batch size and chunking of the model.
+    got = lm_metrics(other, rows, batch_size=3, device="cpu", teacher_top1=top1, chunk_tokens=5)
     assert got["top1_agreement"] == pytest.approx(same / n)
     assert model.training is False and other.training is False
 
@@ -203,9 +210,12 @@ def test_metric_errors(teacher_dir, tmp_path):
                   labels=None, pad_token_id=tok.pad_token_id)
     with pytest.raises(DataError, match="no row has 2 or more tokens"):
         lm_metrics(model, one, batch_size=2, device="cpu")
-    small = make_tiny_causal_lm(tmp_path / "small", texts=TEXTS, vocab_size=280)
-    with pytest.raises(ModelError, match="one vocabulary"):
-        lm_metrics(model, _rows(tok, TEXTS[:2]), batch_size=2, device="cpu", teacher=load_causal_lm(str(small)))
+    rows = _rows(tok, TEXTS[:2])
+    _, top1 = lm_scores(model, rows, batch_size=2, device="cpu")
+    with pytest.raises(ModelError, match="one vocabulary"):  # a teacher with 280 logits
+        lm_metrics(model, rows, batch_size=2, device="cpu", teacher_top1=dataclasses.replace(top1, vocab_size=280))
+    with pytest.raises(ModelError, match="made on other rows"):
+        lm_metrics(model, _rows(tok, TEXTS[1:3]), batch_size=2, device="cpu", teacher_top1=top1)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -173,7 +173,14 @@ class Task:
         return load_classifier(path_or_name, self.num_labels, auto_model=self.auto_model, label_names=self.label_names)
 
     def evaluate(self, model: nn.Module, data: Encoded, batch_size: int, device: torch.device,
-                 reference: nn.Module | None = None) -> dict[str, float]:
+                 reference: Any = None) -> dict[str, float]:
         """`score(predict(...))`: the metrics of a model on an encoded, labelled split. `reference` (the teacher,
-        when `kd evaluate` has one) is for kinds that compare against it; this default does not."""
+        when `kd evaluate` has one) is what `evaluate_teacher` returned, for kinds that compare against it; this
+        default does not."""
         return self.score(data, self.predict(model, data, batch_size, device))
+
+    def evaluate_teacher(self, model: nn.Module, data: Encoded, batch_size: int, device: torch.device
+                         ) -> tuple[dict[str, float], Any]:
+        """The teacher's own metrics and the `reference` that `evaluate` compares the other models against,
+        computed once per evaluation (default: its metrics and no reference)."""
+        return self.evaluate(model, data, batch_size, device), None

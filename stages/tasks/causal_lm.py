@@ -39,7 +39,7 @@ from cache_format._errors import KDError
 from stages.config import LMCacheConfig
 from stages.data import DataError, Encoded, Examples, read_table, read_text, string_column
 from stages.lm_codecs import check_codec, check_dense_size, codec_fields, codec_settings, encode_rows
-from stages.lm_models import head_logits, lm_metrics
+from stages.lm_models import Top1, head_logits, lm_metrics, lm_scores
 from stages.models import ModelError, load_causal_lm
 from stages.tasks.base import Task
 
@@ -180,12 +180,19 @@ class CausalLM(Task):
         return load_causal_lm(path_or_name)
 
     def evaluate(self, model: nn.Module, data: Encoded, batch_size: int, device: torch.device,
-                 reference: nn.Module | None = None) -> dict[str, float]:
-        """Perplexity (per token and per word), ECE, tokens/s and, with a `reference` (the teacher) of the same
-        vocabulary, top-1 agreement with it (stages/lm_models.py `lm_metrics`)."""
-        same_vocab = reference is not None and reference.config.vocab_size == model.config.vocab_size
+                 reference: Top1 | None = None) -> dict[str, float]:
+        """Perplexity (per token and per word), ECE, tokens/s and, with the teacher's `reference` top-1 made on
+        the same rows (a model with the teacher's tokenizer), top-1 agreement with it (`lm_metrics`)."""
+        same_rows = reference is not None and reference.covers(data)
+        vocab = model.get_output_embeddings().out_features
         return lm_metrics(model, data, batch_size=batch_size, device=device,
-                          teacher=reference if same_vocab and reference is not model else None)
+                          teacher_top1=reference if same_rows and reference.vocab_size == vocab else None)
+
+    def evaluate_teacher(self, model: nn.Module, data: Encoded, batch_size: int, device: torch.device
+                         ) -> tuple[dict[str, float], Top1]:
+        """The teacher's metrics and its top-1 predictions, from one forward pass: every model's agreement is
+        counted against these, so the teacher runs once however many models are evaluated."""
+        return lm_scores(model, data, batch_size=batch_size, device=device)
 
 
 def _lm(spec: Any) -> Any:
