@@ -10,6 +10,8 @@ same number of optimizer steps; only the teacher signal differs:
     online full KD         forward KL on the live teacher's full distribution
     cached topk k          forward KL against the cached top-k (tail as one bucket), k in --topk
     cached sampled n       the unbiased importance-sampled estimator, n draws per position, n in --samples
+    labels only, own-tok.  the ULD student below on next-token CE alone over its own blocks (the step-time
+                           baseline of ULD: its smaller vocabulary makes every step cheaper)
     cross-tokenizer ULD    a student with its own BPE vocabulary (8,192, trained on the same text): Universal
                            Logit Distillation over the cached top-32, positions aligned by character offsets
 
@@ -145,6 +147,9 @@ def main() -> None:
         runs += [(f"cached topk k={k}", "cached", {"codec": "topk", "k": k}, None, None) for k in args.topk]
         runs += [(f"cached sampled n={n}", "cached", {"codec": "sampled", "samples": n}, None, None)
                  for n in args.samples]
+        # The ULD student's own labels-only step: its 8,192-token head makes every step cheaper than the
+        # 49,152-token students', so this is the baseline that shows what ULD itself adds.
+        runs.append(("labels only, own-tokenizer student", "none", None, {"config": str(bpe)}, None))
         runs.append(("cross-tokenizer ULD (topk k=32)", "cached", {"codec": "topk", "k": 32},
                      {"config": str(bpe)}, {"cross_tokenizer": True}))
 
@@ -189,6 +194,10 @@ def main() -> None:
         print(table(headers, out_rows))
         print(f"\nteacher {args.teacher} on {device}: bare forward {bare:.0f} tokens/s; labels-only step {base:.3f} s; "
               f"{results[0]['steps']} steps of {args.batch} x {args.block} tokens per run")
+        by_name = {r["run"]: r for r in results}
+        own, uld = by_name["labels only, own-tokenizer student"], by_name["cross-tokenizer ULD (topk k=32)"]
+        print(f"ULD step vs the same student's labels-only step: {uld['seconds_per_step'] / own['seconds_per_step']:.2f} "
+              f"(median {uld['median_seconds_per_step'] / own['median_seconds_per_step']:.2f})")
         path = write_results("lm_cache", {"args": {k: str(v) for k, v in vars(args).items()}, "bare_tokens_per_second": bare,
                                           "teacher": teacher_m, "runs": results})
         log(f"wrote {path}")
