@@ -102,6 +102,9 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--topk", type=int, nargs="+", default=[8, 32, 128])
     ap.add_argument("--samples", type=int, nargs="+", default=[12, 32])
+    ap.add_argument("--repeats", type=int, default=1, help="make every run this many times, in rotated orders, "
+                    "for steadier step-time ratios on a shared machine (held-out metrics: the first repeat)")
+    ap.add_argument("--no-quality", action="store_true", help="timings only: skip the held-out metrics")
     ap.add_argument("--keep", type=Path, default=None, help="work folder to keep (default: a temporary one)")
     ap.add_argument("--teacher", default=TEACHER, help="another causal-LM teacher (e.g. a random-weight model "
                     "of SmolLM2's shape where the real one cannot be installed: then only the timings mean anything)")
@@ -123,9 +126,11 @@ def main() -> None:
         teacher = load_causal_lm(teacher_path).to(device)
         bare = _bare_forward_tokens_per_second(teacher, train_rows, args.batch, device, args.bare_blocks)
         log(f"bare teacher forward: {bare:.0f} tokens/s")
-        # The teacher's held-out metrics and top-1 once: every same-vocabulary student's agreement reuses them.
-        teacher_m, teacher_top1 = lm_scores(teacher, test_rows, batch_size=args.batch, device=device)
-        log(f"teacher held-out perplexity {teacher_m['perplexity']:.1f}")
+        teacher_m, teacher_top1 = {k: float("nan") for k in ("perplexity", "word_perplexity", "ece")}, None
+        if not args.no_quality:
+            # The teacher's held-out metrics and top-1 once: every same-vocabulary student's agreement reuses them.
+            teacher_m, teacher_top1 = lm_scores(teacher, test_rows, batch_size=args.batch, device=device)
+            log(f"teacher held-out perplexity {teacher_m['perplexity']:.1f}")
 
         def params(name: str, signal: str, lm: dict | None = None, student: dict | None = None,
                    distill_lm: dict | None = None) -> dict:
@@ -155,42 +160,59 @@ def main() -> None:
         runs.append(("cross-tokenizer ULD (topk k=32)", "cached", {"codec": "topk", "k": 32},
                      {"config": str(bpe)}, {"cross_tokenizer": True}))
 
-        results = []
-        for i, (name, signal, lm, student, distill_lm) in enumerate(runs):
-            cfg = config_from_dict(params(f"run{i}", signal, lm, student, distill_lm))
-            row = {"run": name}
-            if signal == "cached":
-                pre = precompute(cfg)[0]
-                info = cache_info(pre.path)
-                row["bytes_per_token"] = info["bytes_per_token"]
-                if pre.status != "up to date":
-                    row["precompute_vs_bare"] = info["tokens"] / pre.seconds / bare
-            clock = StepClock()
-            log(f"distill: {name}")
-            t0 = time.perf_counter()
-            res = distill(cfg, on_step=clock.on_step)
-            row["distill_seconds"] = time.perf_counter() - t0
-            row["seconds_per_step"] = clock.seconds_per_step(warmup=3)
-            # The median step: on a shared machine, other jobs' bursts inflate the mean of some runs only.
-            row["median_seconds_per_step"] = median(np.diff(clock.times[2:]).tolist())
-            row["steps"] = res.fit.steps
-            model = load_causal_lm(cfg.distill.output).to(device)
-            same_vocab = student is None
-            rows = test_rows if same_vocab else task.encode_like(load_tokenizer(cfg.distill.output), test_rows,
-                                                                 4 * args.block)
-            m = lm_metrics(model, rows, batch_size=args.batch, device=device,
-                           teacher_top1=teacher_top1 if same_vocab else None)
-            row.update({k: m.get(k, float("nan")) for k in ("perplexity", "word_perplexity", "ece", "top1_agreement")})
-            if not same_vocab:
-                row["perplexity"] = float("nan")  # per token of another vocabulary: not comparable
-            results.append(row)
-            log(json.dumps(row))
-        base, base_median = results[0]["seconds_per_step"], results[0]["median_seconds_per_step"]
+        results = [{"run": name} for name, *_ in runs]
+        ratios: list[list[tuple[float, float]]] = [[] for _ in runs]  # per run: (mean, median) step / labels-only's
+        for rep in range(args.repeats):
+            # Each repeat starts one run later, so a slow phase of a shared machine does not hit one run only.
+            order = [(i + rep) % len(runs) for i in range(len(runs))]
+            steps: dict[int, tuple[float, float]] = {}
+            for i in order:
+                name, signal, lm, student, distill_lm = runs[i]
+                cfg = config_from_dict(params(f"run{i}-{rep}", signal, lm, student, distill_lm))
+                row = results[i] if rep == 0 else {}
+                if signal == "cached":
+                    pre = precompute(cfg)[0]
+                    info = cache_info(pre.path)
+                    row["bytes_per_token"] = info["bytes_per_token"]
+                    if pre.status != "up to date":
+                        row["precompute_vs_bare"] = info["tokens"] / pre.seconds / bare
+                clock = StepClock()
+                log(f"distill: {name} (repeat {rep + 1} of {args.repeats})")
+                t0 = time.perf_counter()
+                res = distill(cfg, on_step=clock.on_step)
+                # The median step too: other jobs' bursts on a shared machine inflate the mean of some runs only.
+                steps[i] = (clock.seconds_per_step(warmup=3), median(np.diff(clock.times[2:]).tolist()))
+                log(f"{name}: {res.fit.steps} steps in {time.perf_counter() - t0:.1f} s, mean step {steps[i][0]:.3f} s, "
+                    f"median {steps[i][1]:.3f} s")
+                if rep > 0:
+                    continue
+                row.update({"distill_seconds": time.perf_counter() - t0, "seconds_per_step": steps[i][0],
+                            "median_seconds_per_step": steps[i][1], "steps": res.fit.steps})
+                same_vocab = student is None
+                if args.no_quality:
+                    row.update({k: float("nan") for k in ("perplexity", "word_perplexity", "ece", "top1_agreement")})
+                else:
+                    model = load_causal_lm(cfg.distill.output).to(device)
+                    rows = test_rows if same_vocab else task.encode_like(load_tokenizer(cfg.distill.output),
+                                                                         test_rows, 4 * args.block)
+                    m = lm_metrics(model, rows, batch_size=args.batch, device=device,
+                                   teacher_top1=teacher_top1 if same_vocab else None)
+                    row.update({k: m.get(k, float("nan"))
+                                for k in ("perplexity", "word_perplexity", "ece", "top1_agreement")})
+                if not same_vocab:
+                    row["perplexity"] = float("nan")  # per token of another vocabulary: not comparable
+                log(json.dumps(row))
+            for i in order:
+                ratios[i].append((steps[i][0] / steps[0][0], steps[i][1] / steps[0][1]))
+        for row, rs in zip(results, ratios):
+            row["step_ratios"] = rs  # per repeat: (mean, median) step over the labels-only one's
+        base = results[0]["seconds_per_step"]
         headers = ["run", "bytes/token", "precompute tokens/s vs bare forward", "distill step vs labels only",
                    "median step vs labels only", "perplexity", "word perplexity", "ECE", "top-1 agreement"]
+        # Over several repeats: the median of the per-repeat ratios.
         out_rows = [[r["run"], r.get("bytes_per_token", "-"), r.get("precompute_vs_bare", "-"),
-                     r["seconds_per_step"] / base, r["median_seconds_per_step"] / base_median, r["perplexity"],
-                     r["word_perplexity"], r["ece"], r["top1_agreement"]] for r in results]
+                     median([a for a, _ in r["step_ratios"]]), median([b for _, b in r["step_ratios"]]),
+                     r["perplexity"], r["word_perplexity"], r["ece"], r["top1_agreement"]] for r in results]
         out_rows.append(["(teacher)", "-", "-", "-", "-", teacher_m["perplexity"], teacher_m["word_perplexity"],
                          teacher_m["ece"], 1.0])
         print(table(headers, out_rows))
@@ -198,8 +220,9 @@ def main() -> None:
               f"{results[0]['steps']} steps of {args.batch} x {args.block} tokens per run")
         by_name = {r["run"]: r for r in results}
         own, uld = by_name["labels only, own-tokenizer student"], by_name["cross-tokenizer ULD (topk k=32)"]
-        print(f"ULD step vs the same student's labels-only step: {uld['seconds_per_step'] / own['seconds_per_step']:.2f} "
-              f"(median {uld['median_seconds_per_step'] / own['median_seconds_per_step']:.2f})")
+        uld_vs_own = [(u[0] / o[0], u[1] / o[1]) for u, o in zip(uld["step_ratios"], own["step_ratios"])]
+        print(f"ULD step vs the same student's labels-only step: {median([a for a, _ in uld_vs_own]):.2f} "
+              f"(median step: {median([b for _, b in uld_vs_own]):.2f})")
         path = write_results("lm_cache", {"args": {k: str(v) for k, v in vars(args).items()}, "bare_tokens_per_second": bare,
                                           "teacher": teacher_m, "runs": results})
         log(f"wrote {path}")
