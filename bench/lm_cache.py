@@ -214,7 +214,7 @@ def main() -> None:
                      median([a for a, _ in r["step_ratios"]]), median([b for _, b in r["step_ratios"]]),
                      r["perplexity"], r["word_perplexity"], r["ece"], r["top1_agreement"]] for r in results]
         out_rows.append(["(teacher)", "-", "-", "-", "-", teacher_m["perplexity"], teacher_m["word_perplexity"],
-                         teacher_m["ece"], 1.0])
+                         teacher_m["ece"], float("nan") if args.no_quality else 1.0])
         print(table(headers, out_rows))
         print(f"\nteacher {args.teacher} on {device}: bare forward {bare:.0f} tokens/s; labels-only step {base:.3f} s; "
               f"{results[0]['steps']} steps of {args.batch} x {args.block} tokens per run")
