@@ -128,6 +128,11 @@ def distill(params: str, overrides: tuple[str, ...], resume: bool) -> None:
     <output>/snapshots/gs<step> at each evaluation), callbacks (package.module:function list, called as
     fn(step=, metrics=, model=) after each evaluation).
 
+    Intermediate matches: distill.matches (a list of {kind, teacher_layer, student_layer, weight, projection,
+    projection_lr}; projection_lr trains that projection at its own learning rate; TextBrewer's gram and nst
+    are aliases of fsp and mmd) and distill.match_preset (TextBrewer's presets, joined with +, e.g.
+    small_hidden_mse+L3_attention_ce_mean; README "Distillation methods" lists them).
+
     With --set distill.method=fastbert: FastBERT instead. Branch classifiers (distill.fastbert.branch_width,
     branch_heads) after every block of a fine-tuned backbone (distill.fastbert.backbone; default: the first
     teacher) learn from its final classifier; the saved folder exits early in `kd evaluate`.
