@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from cache_format import CacheReader
+from stages.config import EvaluateConfig
 from stages.models import TEACHER_MEMOS
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -163,8 +164,7 @@ def test_repro_runs_every_stage(repo: Repo):
     assert results["student"]["parameters"] < results["teacher"]["parameters"]
     assert results["student"]["parameters"] == results["baseline"]["parameters"]
     # The fastbert stage's model, evaluated at every speed of evaluate.fastbert_speeds, next to the others.
-    speeds = yaml.safe_load((root / "params.yaml").read_text())["evaluate"]["fastbert_speeds"]
-    assert [p["speed"] for p in results["fastbert"]["fastbert"]] == speeds
+    assert [p["speed"] for p in results["fastbert"]["fastbert"]] == EvaluateConfig().fastbert_speeds
     curve = list(csv.DictReader(open(root / "metrics" / "fastbert_curve.csv")))
     assert {r["model"] for r in curve} == {"teacher", "student", "baseline", "fastbert"}
     # Metrics and plots are `cache: false`: git must track them, or clones and experiments lose them.
