@@ -28,9 +28,13 @@ def _common(f: Callable) -> Callable:
 def _run(section: str | None, params: str, overrides: tuple[str, ...], fn: Callable[[Config], object]) -> object:
     """Parse config, log the resolved section, run the stage, turn user errors into one line."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun started several processes
+    if launched and section not in _TORCHRUN_STAGES:
+        raise click.ClickException(f"kd {(section or 'this command').replace('_', '-')} runs as one process; start it without torchrun "
+                                   f"(under torchrun: kd {' and kd '.join(_TORCHRUN_STAGES)})")
     try:
         cfg = load_config(params, overrides)
-        if section:
+        if section and os.environ.get("RANK", "0") == "0":  # one copy of the settings under torchrun
             click.echo(f"# {section} settings\n" + yaml.safe_dump({section: config_to_dict(getattr(cfg, section))},
                                                                  sort_keys=False).rstrip(), err=True)
         t0 = time.perf_counter()
@@ -39,6 +43,14 @@ def _run(section: str | None, params: str, overrides: tuple[str, ...], fn: Calla
         return out
     except KDError as e:
         raise click.ClickException(str(e)) from None
+    finally:
+        if launched:
+            from stages import dist  # imported here: it imports torch, which most commands never need
+
+            dist.destroy()
+
+
+_TORCHRUN_STAGES = ("precompute", "distill")  # the stages that run as several processes under torchrun
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
