@@ -118,7 +118,11 @@ def train_teacher(params: str, overrides: tuple[str, ...], resume: bool) -> None
 @cli.command()
 @_common
 def precompute(params: str, overrides: tuple[str, ...]) -> None:
-    """Run each teacher once over the split and write its outputs to a cache."""
+    """Run each teacher once over the split and write its outputs to a cache.
+
+    Under `torchrun --nproc-per-node N` each process runs the teacher over every N-th example; rank 0 writes
+    the manifest once all have committed (README "Many processes (torchrun)").
+    """
     from stages.precompute import precompute as run
 
     for r in _run("precompute", params, overrides, run):
@@ -146,6 +150,9 @@ def distill(params: str, overrides: tuple[str, ...], resume: bool) -> None:
     Any torch.nn.Module as the student: distill.student.module (package.module:Class, e.g.
     stages.any_student:BiLSTMClassifier) with distill.student.module_kwargs, in place of
     from_teacher/pretrained/config: --set 'distill.student={"module": "stages.any_student:BiLSTMClassifier"}'.
+
+    Under `torchrun --nproc-per-node N`: DistributedDataParallel, each process on every N-th row of each
+    distill.batch_size batch (the same optimizer steps as one process); rank 0 writes every output.
     """
     from stages.distill import distill as run
 

@@ -20,6 +20,7 @@ __all__ = ["DistError", "TIMEOUT_ENV", "launched", "init", "rank", "world_size",
 
 TIMEOUT_ENV = "KD_DIST_TIMEOUT"  # seconds a rank waits for the others in a collective before the run fails
 DEFAULT_TIMEOUT_S = 1800
+_nccl = False  # whether the process group has NCCL (CUDA collectives then need this process's GPU)
 
 
 class DistError(KDError):
@@ -45,7 +46,8 @@ def _timeout() -> datetime.timedelta:
 def init() -> bool:
     """Join the process group torchrun describes (once per process); False when there is none to join.
 
-    gloo carries CPU tensors and NCCL CUDA ones (each process then uses GPU LOCAL_RANK). A collective that
+    gloo carries CPU tensors and NCCL CUDA ones (each process then uses GPU LOCAL_RANK; with fewer GPUs than
+    processes on a machine, gloo carries everything). A collective that
     waits longer than KD_DIST_TIMEOUT seconds (default 1800) fails, so a rank that hangs or vanished takes the
     run down instead of stalling it. Ranks other than 0 draw no progress bars.
     """
@@ -54,11 +56,12 @@ def init() -> bool:
     if not launched():
         return False
     timeout = _timeout()
-    backend = "gloo"
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        backend = "cpu:gloo,cuda:nccl"
-    dist.init_process_group(backend, timeout=timeout)
+    global _nccl
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    _nccl = torch.cuda.is_available() and local < torch.cuda.device_count()  # else gloo, for CUDA tensors too
+    if _nccl:
+        torch.cuda.set_device(local)
+    dist.init_process_group("cpu:gloo,cuda:nccl" if _nccl else "gloo", timeout=timeout)
     if dist.get_rank() != 0:
         os.environ["KD_PROGRESS"] = "0"  # one bar per job (rank 0's), not one per process
     return True
@@ -86,7 +89,7 @@ def is_main() -> bool:
 def barrier() -> None:
     """Wait until every rank gets here (no-op without a process group)."""
     if _active():
-        dist.barrier(device_ids=[torch.cuda.current_device()] if torch.cuda.is_available() else None)
+        dist.barrier(device_ids=[torch.cuda.current_device()] if _nccl else None)
 
 
 def all_same(value: str, what: str) -> None:

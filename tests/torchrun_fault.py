@@ -2,7 +2,8 @@
 
     python -m torch.distributed.run --nproc-per-node 2 tests/torchrun_fault.py step 5 distill --params ...
 
-kills rank 1 right after optimizer step 5 (`step`), or right after its 1st committed cache shard (`commit 1`).
+kills rank 1 right after optimizer step 5 (`step`), or right after its 1st committed cache shard (`commit 1`);
+`set 16` runs rank 1 with precompute.max_length=16 instead.
 """
 
 from __future__ import annotations
@@ -41,8 +42,10 @@ def main() -> None:
                     _die()
 
             CacheWriter._commit = killed_commit
+        elif where == "set":  # not a kill: rank 1 runs with other settings
+            args += ["--set", f"precompute.max_length={at}"]
         else:
-            raise SystemExit(f"unknown fault {where!r}: use step or commit")
+            raise SystemExit(f"unknown fault {where!r}: use step, commit or set")
     from pipeline.cli import cli
 
     cli.main(args, prog_name="kd")
