@@ -30,8 +30,9 @@ def _run(section: str | None, params: str, overrides: tuple[str, ...], fn: Calla
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun started several processes
     if launched and section not in _TORCHRUN_STAGES:
-        raise click.ClickException(f"kd {(section or 'this command').replace('_', '-')} runs as one process; start it without torchrun "
-                                   f"(under torchrun: kd {' and kd '.join(_TORCHRUN_STAGES)})")
+        name = (section or "this command").replace("_", "-")
+        raise click.ClickException(f"kd {name} runs as one process; start it without torchrun (under torchrun: "
+                                   f"kd {' and kd '.join(_TORCHRUN_STAGES)})")
     try:
         cfg = load_config(params, overrides)
         if section and os.environ.get("RANK", "0") == "0":  # one copy of the settings under torchrun

@@ -36,9 +36,9 @@ from stages._io import progress_bar
 from stages.config import ConfigError, TrainingConfig
 from stages.data import DataError, Encoded, collate
 
-__all__ = ["EpochSampler", "TaskMix", "TaskSampler", "Objective", "FitResult", "fit", "pick_device", "set_seed", "save_model",
-           "write_model", "write_run_record", "replace_folder", "import_object", "load_callbacks", "NonFiniteLossError",
-           "ResumeError", "CallbackError", "RUN_FILE", "SNAPSHOTS"]
+__all__ = ["EpochSampler", "TaskMix", "TaskSampler", "Objective", "FitResult", "fit", "rank_share", "pick_device",
+           "set_seed", "save_model", "write_model", "write_run_record", "replace_folder", "import_object",
+           "load_callbacks", "NonFiniteLossError", "ResumeError", "CallbackError", "RUN_FILE", "SNAPSHOTS"]
 
 RUN_FILE = "kd_run.json"  # written into every finished model folder: the run's settings and final metrics
 SNAPSHOTS = "snapshots"  # <output>/snapshots/gs{step}: the model at each evaluation (`snapshots: true`)

@@ -68,7 +68,7 @@ class _BackgroundWriter:
             raise self.error
 
 
-def writer_id(rank: int, world: int) -> str:
+def _writer_id(rank: int, world: int) -> str:
     """The cache writer id of one rank: "0" for a single process, `w{world}r{rank}` under torchrun.
 
     The shards' file names thus record how many processes wrote them, so a resume with another number
@@ -87,14 +87,14 @@ def _check_writers(path: Path, world: int) -> None:
     """Refuse to resume an unfinished cache that a run with another number of processes started."""
     if not path.is_dir() or (path / MANIFEST_NAME).exists():
         return
-    writers = {m["writer"] for name in os.listdir(path) if (m := SHARD_RE.match(name))}
-    others = sorted(w for w in writers if _writers_world(w) != world)
+    # Writers of other names (the CacheWriter API) are left alone, as a single process always did.
+    worlds = {_writers_world(m["writer"]) for name in os.listdir(path) if (m := SHARD_RE.match(name))}
+    others = sorted(w for w in worlds - {None, world})
     if others:
-        worlds = sorted({_writers_world(w) for w in others} - {None})
-        before = f"{' or '.join(map(str, worlds))} process(es)" if worlds else f"writer(s) {', '.join(others)}"
         raise dist.DistError(
-            f"{path} is an unfinished cache started by {before}, this run has {world}; finish it with the same "
-            f"number of processes (torchrun --nproc-per-node), or delete the folder to start over"
+            f"{path} is an unfinished cache started by {' or '.join(map(str, others))} process(es), this run has "
+            f"{world}; finish it with the same number of processes (torchrun --nproc-per-node), or delete the "
+            "folder to start over"
         )
 
 
@@ -110,8 +110,9 @@ def _precompute_one(cfg: Config, teacher: str, examples: Examples, device: torch
     spec.check_layers(int(config.num_hidden_layers), teacher)
     target = cache_target(cfg, teacher, examples)
     rank, world = dist.rank(), dist.world_size()
-    dist.all_same(json.dumps([str(target.path), target.teacher_fingerprint, target.data_fingerprint, target.settings],
-                             sort_keys=True, default=str), f"the cache of teacher {teacher} (folder {target.path.name})")
+    identity = [str(target.path), target.teacher_fingerprint, target.data_fingerprint, target.settings]
+    dist.all_same(json.dumps(identity, sort_keys=True, default=str),
+                  f"the cache of teacher {teacher} (folder {target.path.name})")
     _check_writers(target.path, world)
 
     def tokenize_and_load() -> tuple[Encoded, torch.nn.Module]:
@@ -128,7 +129,7 @@ def _precompute_one(cfg: Config, teacher: str, examples: Examples, device: torch
     writer = cf.CacheWriter(target.path, cache_fields(spec, config, examples.labels is not None, task),
                             teacher_fingerprint=target.teacher_fingerprint, data_fingerprint=target.data_fingerprint,
                             settings=target.settings, commit_examples=p.commit_examples,
-                            commit_seconds=p.commit_seconds, writer_id=writer_id(rank, world))
+                            commit_seconds=p.commit_seconds, writer_id=_writer_id(rank, world))
     if writer.complete:
         return PrecomputeResult(teacher, target.path, len(examples), 0, 0.0, "up to date")
     if finished:  # the manifest vanished between the check and the open
