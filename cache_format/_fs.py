@@ -18,11 +18,14 @@ from typing import Any
 
 from cache_format._errors import CacheCorruptError, CacheStoreError
 
-__all__ = ["Store", "is_remote", "join", "resolve"]
+__all__ = ["Store", "exists", "is_remote", "join", "parent", "resolve"]
 
 # The package (and the kd-pipeline extra, where there is one) that provides each protocol's filesystem.
 _PACKAGES = {"s3": "s3fs (pip install 'kd-pipeline[s3]')", "s3a": "s3fs (pip install 'kd-pipeline[s3]')",
              "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs"}
+_S3_CREDENTIALS = "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE or ~/.aws/credentials"
+_CREDENTIALS = {"s3": _S3_CREDENTIALS, "s3a": _S3_CREDENTIALS,
+                "gs": "GOOGLE_APPLICATION_CREDENTIALS or gcloud auth", "gcs": "GOOGLE_APPLICATION_CREDENTIALS"}
 # Protocols whose first path component is a bucket (container) that the cache never creates.
 _BUCKETS = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
 _URL_RE = re.compile(r"^(?P<protocol>[A-Za-z][A-Za-z0-9+.-]*)://")
@@ -44,6 +47,21 @@ def join(root: str | os.PathLike, name: str) -> str | Path:
     if is_remote(root):
         return f"{str(root).rstrip('/')}/{name}"
     return _local(root) / name
+
+
+def parent(path: str | os.PathLike) -> str | Path:
+    """The folder holding `path` (a URL string for remote paths)."""
+    if is_remote(path):
+        return str(path).rstrip("/").rsplit("/", 1)[0]
+    return _local(path).parent
+
+
+def exists(path: str | os.PathLike) -> bool:
+    """Whether a file or folder exists at a local path or URL (on an object store: any object under it)."""
+    where = resolve(path)
+    if isinstance(where, Path):
+        return where.exists()
+    return bool(where._call(where.fs.exists, where.root))
 
 
 def _local(path: str | os.PathLike) -> Path:
@@ -82,6 +100,9 @@ class Store:
 
         self.url = display(url)
         self.protocol = _protocol(url) or ""
+        if _USERINFO_RE.match(url):  # would end up in error messages and logs
+            raise CacheStoreError(f"{self.url}: a cache URL must not hold credentials (user:password@); set them the "
+                                  f"usual way for {self.protocol}:// ({_CREDENTIALS.get(self.protocol, 'see its filesystem package')})")
         try:
             self.fs, root = url_to_fs(url)
         except ImportError:
@@ -96,9 +117,11 @@ class Store:
             if not bucket:
                 raise CacheStoreError(f"{self.url} names no bucket: use {self.protocol}://BUCKET/PREFIX")
             # A missing bucket otherwise looks like an empty folder; the cache never creates buckets.
-            if not self._call(self.fs.exists, bucket):
+            try:
+                self._call(self.fs.info, bucket)  # not fs.exists: it reports missing credentials as "no bucket"
+            except FileNotFoundError:
                 raise CacheStoreError(f"bucket {bucket!r} of {self.url} does not exist (or is not visible with "
-                                      "these credentials): create it or fix the URL")
+                                      "these credentials): create it or fix the URL") from None
 
     def __repr__(self) -> str:
         return f"Store({self.url!r})"
@@ -121,8 +144,7 @@ class Store:
         if "credential" in type(e).__name__.lower() or "credential" in str(e).lower():
             return CacheStoreError(
                 f"{self.url}: no usable credentials ({_secret_free(e)}): set them the usual way for "
-                f"{self.protocol}:// (for s3: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE or "
-                "~/.aws/credentials)"
+                f"{self.protocol}:// ({_CREDENTIALS.get(self.protocol, 'see its filesystem package')})"
             )
         return CacheStoreError(f"{self.url}: {_secret_free(e)}")
 
