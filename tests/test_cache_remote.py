@@ -250,3 +250,24 @@ def test_no_secret_in_output_or_errors(bucket, monkeypatch, capfd, caplog):
     captured = capfd.readouterr()
     for text in (*outputs, captured.out, captured.err, caplog.text):
         assert secret not in text
+
+
+def test_precompute_to_s3_then_distill_from_it(tmp_path, bucket, tiny_data_dir, tiny_teacher_dir):
+    """The stages with precompute.cache_root an s3:// URL: the same cache as a local run, and distill reads it."""
+    from stages import distill, precompute
+    from stages.config import config_from_dict
+    from tests.helpers import stage_params
+
+    files = {split: str(tiny_data_dir / f"{split}.csv") for split in ("train", "dev", "test")}
+    remote_cfg = stage_params(tmp_path, tiny_teacher_dir, files,
+                              precompute={"cache_root": f"{bucket}/caches"}, distill={"epochs": 0.25})
+    [res] = precompute(config_from_dict(remote_cfg))
+    assert res.status == "written" and str(res.path).startswith(f"{bucket}/caches/")
+    [again] = precompute(config_from_dict(remote_cfg))
+    assert again.status == "up to date" and again.path == res.path
+    [local] = precompute(config_from_dict(stage_params(tmp_path, tiny_teacher_dir, files)))
+    _assert_same(cf.CacheReader(local.path), cf.CacheReader(res.path))
+
+    out = distill(config_from_dict(remote_cfg))
+    assert out.caches == [res.path]
+    assert json.loads((tmp_path / "m_distill.json").read_text())["steps"] > 0
