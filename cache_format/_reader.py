@@ -219,6 +219,8 @@ class CacheReader:
         for s in np.unique(shard_of).tolist():
             rows = row_of[shard_of == s]
             shard, remote = self._shards[s], self._remote[s]
+            if remote.complete:
+                continue
             starts, ends = [], []
             for name in names:
                 spec, values = self.fields[name], shard.values[name]

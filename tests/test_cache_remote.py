@@ -133,18 +133,30 @@ def test_remote_reads_fetch_only_what_is_read(bucket):
     """Ranged requests: opening reads metadata, ids and offsets; an example's values come on first read."""
     url = f"{bucket}/big"
     rng = np.random.default_rng(0)
-    fields = [cf.FieldSpec("hidden.1", "float16", ("T", 256))]
-    ids = [f"e{i:03d}" for i in range(64)]
-    with cf.CacheWriter(url, fields, **IDENTITY) as w:
-        w.append(ids, np.full(64, 32), {"hidden.1": rng.standard_normal((64, 32, 256)).astype(np.float16)})
+    fields = [cf.FieldSpec("hidden.1", "float16", ("T", 512))]
+    ids = [f"e{i:03d}" for i in range(256)]
+    with cf.CacheWriter(url, fields, **IDENTITY) as w:  # one 16 MiB shard
+        w.append(ids, np.full(256, 64), {"hidden.1": rng.standard_normal((256, 64, 512)).astype(np.float16)})
     reader = cf.CacheReader(url)
     [shard] = reader._remote
     assert shard.filled.mean() < 0.2
-    one = reader.get("e010")["hidden.1"]
+    one = reader.get("e100")["hidden.1"]
     assert shard.filled.mean() < 0.3 and not shard.verified
-    assert one.shape == (32, 256) and one.any()
+    assert one.shape == (64, 512) and one.any()
     reader.gather(ids)  # every byte read: the hash is checked
     assert shard.filled.all() and shard.verified
+
+    # The same with a damaged value byte: the first full read fails, and so does every later one.
+    fs = s3fs.S3FileSystem()
+    key = f"{url[5:]}/{shard.name}"
+    data = bytearray(fs.cat_file(key))
+    data[len(data) // 2] ^= 0xFF
+    fs.pipe_file(key, bytes(data))
+    reader = cf.CacheReader(url)
+    reader.get("e100")
+    for _ in range(2):
+        with pytest.raises(cf.CacheCorruptError, match="content hash differs"):
+            reader.gather(ids)
 
 
 def test_interrupted_upload_is_not_complete_and_resumes(tmp_path, bucket):
