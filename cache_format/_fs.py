@@ -101,8 +101,9 @@ class Store:
         self.url = display(url)
         self.protocol = _protocol(url) or ""
         if _USERINFO_RE.match(url):  # would end up in error messages and logs
+            how = _CREDENTIALS.get(self.protocol, "see its filesystem package")
             raise CacheStoreError(f"{self.url}: a cache URL must not hold credentials (user:password@); set them the "
-                                  f"usual way for {self.protocol}:// ({_CREDENTIALS.get(self.protocol, 'see its filesystem package')})")
+                                  f"usual way for {self.protocol}:// ({how})")
         try:
             self.fs, root = url_to_fs(url)
         except ImportError:
@@ -167,10 +168,6 @@ class Store:
             if e.get("type") == "file" and e["name"].rstrip("/") != self.root:
                 out[name] = int(e.get("size") or 0)
         return out
-
-    def exists(self) -> bool:
-        """True when anything is stored under the folder."""
-        return bool(self.listdir()) or self._call(self.fs.isdir, self.root)
 
     def read_bytes(self, name: str) -> bytes:
         return self._call(self.fs.cat_file, self.path(name))

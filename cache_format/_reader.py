@@ -240,7 +240,9 @@ class CacheReader:
         rows = self._rows(ids)
         self._fetch(names, self._shard_of[rows], self._row_of[rows])
 
-    def _read_ahead(self, batches: Iterable[Sequence[str]], names: Sequence[str], depth: int) -> Iterator[Sequence[str]]:
+    def _read_ahead(
+        self, batches: Iterable[Sequence[str]], names: Sequence[str], depth: int
+    ) -> Iterator[Sequence[str]]:
         """Yield `batches` once their bytes are local, fetching up to `depth` batches ahead concurrently."""
         from concurrent.futures import ThreadPoolExecutor
 

@@ -2,9 +2,9 @@
 
 The shard's bytes are mapped at their file offsets into an unlinked, sparse temporary file (under $TMPDIR), so
 pyarrow parses it exactly like a local shard and the reader's numpy views work unchanged. At open only the
-Arrow metadata (head and footer) and the small columns (ids, lengths, ragged offsets) are fetched; the values of
-an example are fetched, in blocks of BLOCK bytes (1 MiB), before the first read of that example. A shard whose bytes have
-all been fetched is hashed once against the manifest (the remote form of the reader's lazy verification).
+Arrow metadata (head and footer) and the small columns (ids, lengths, ragged offsets) are fetched; the values
+of an example are fetched, in blocks of BLOCK bytes (1 MiB), before the first read of that example. A shard
+whose bytes have all been fetched is hashed once against the manifest (the reader's lazy verification).
 """
 
 from __future__ import annotations
