@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 import cache_format as cf
+from cache_format._fs import exists as path_exists, is_remote, join, resolve
 from cache_format._manifest import MANIFEST_NAME, SHARD_RE
 from stages import dist
 from stages.config import Config
@@ -83,12 +84,17 @@ def _writers_world(writer: str) -> int | None:
     return 1 if writer == "0" else int(m[1]) if m else None
 
 
-def _check_writers(path: Path, world: int) -> None:
+def _check_writers(path: str | Path, world: int) -> None:
     """Refuse to resume an unfinished cache that a run with another number of processes started."""
-    if not path.is_dir() or (path / MANIFEST_NAME).exists():
+    folder = resolve(path)
+    if isinstance(folder, Path):
+        names = os.listdir(folder) if folder.is_dir() else []
+    else:  # an object store
+        names = list(folder.listdir())
+    if MANIFEST_NAME in names:
         return
     # Writers of other names (the CacheWriter API) are left alone, as a single process always did.
-    worlds = {_writers_world(m["writer"]) for name in os.listdir(path) if (m := SHARD_RE.match(name))}
+    worlds = {_writers_world(m["writer"]) for name in names if (m := SHARD_RE.match(name))}
     others = sorted(w for w in worlds - {None, world})
     if others:
         raise dist.DistError(
@@ -112,7 +118,7 @@ def _precompute_one(cfg: Config, teacher: str, examples: Examples, device: torch
     rank, world = dist.rank(), dist.world_size()
     identity = [str(target.path), target.teacher_fingerprint, target.data_fingerprint, target.settings]
     dist.all_same(json.dumps(identity, sort_keys=True, default=str),
-                  f"the cache of teacher {teacher} (folder {target.path.name})")
+                  f"the cache of teacher {teacher} (folder {Path(str(target.path)).name})")
     _check_writers(target.path, world)
 
     def tokenize_and_load() -> tuple[Encoded, torch.nn.Module]:
@@ -122,7 +128,7 @@ def _precompute_one(cfg: Config, teacher: str, examples: Examples, device: torch
 
     # A finished cache needs neither tokens nor model; any other is written from both, so they come before the
     # writer creates its folder.
-    finished = (target.path / MANIFEST_NAME).exists()
+    finished = path_exists(join(target.path, MANIFEST_NAME))
     if not finished:
         enc, model = tokenize_and_load()
     t0 = time.perf_counter()
@@ -190,7 +196,8 @@ def precompute(cfg: Config) -> list[PrecomputeResult]:
     if cfg.tasks:
         return [r for name in cfg.task_names() for r in precompute(cfg.for_task(name))]
     p = cfg.precompute
-    check_outputs({"precompute.cache_root": (p.cache_root, "folder")})
+    if not is_remote(p.cache_root):  # an object store is checked when the writer opens it
+        check_outputs({"precompute.cache_root": (p.cache_root, "folder")})
     examples = load_split(cfg, p.split, transfer=p.split == "train")
     device = pick_device(p.device)
     return [_precompute_one(cfg, t, examples, device) for t in p.teachers]
