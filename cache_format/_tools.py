@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from cache_format import _zarr
 from cache_format._errors import CacheError, CacheNotFoundError
 from cache_format._manifest import (
     FLOAT_DTYPES,
@@ -20,7 +21,7 @@ from cache_format._manifest import (
     read_json,
     sidecar_name,
 )
-from cache_format._reader import arrow_schema, file_hash, open_shard
+from cache_format._reader import arrow_schema, open_shard
 
 
 def human_bytes(n: float) -> str:
@@ -33,7 +34,7 @@ def human_bytes(n: float) -> str:
 
 
 def _folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    return sum(_zarr.stored_size(p) or 0 for p in folder.iterdir() if p.is_file() or _zarr.is_zarr(p))
 
 
 def cache_info(path: str | os.PathLike) -> dict[str, Any]:
@@ -47,6 +48,12 @@ def cache_info(path: str | os.PathLike) -> dict[str, Any]:
     field_bytes = {f.name: 0 for f in manifest.fields}
     tokens = 0
     for info in manifest.shards:
+        if manifest.shard_format == "zarr":
+            shard = _zarr.ZarrShard(folder / info.file, {f.name: f for f in manifest.fields})
+            tokens += int(shard.lengths.sum())
+            for f in manifest.fields:  # the values' uncompressed bytes (plus the offsets), as for Arrow
+                field_bytes[f.name] += shard.field_nbytes(f.name) + shard.offsets.get(f.name, np.zeros(0)).nbytes
+            continue
         batch = open_shard(folder / info.file)
         tokens += int(batch.column("length").to_numpy().sum())
         for f in manifest.fields:
@@ -56,6 +63,7 @@ def cache_info(path: str | os.PathLike) -> dict[str, Any]:
     return {
         "path": str(folder),
         "format_version": manifest.format_version,
+        "shard_format": manifest.shard_format,
         "teacher_fingerprint": manifest.teacher_fingerprint,
         "data_fingerprint": manifest.data_fingerprint,
         "settings": dict(manifest.settings),
@@ -118,49 +126,64 @@ def _verify_shard(
 ) -> int | None:
     """Append the shard's problems; return its row count, or None when it could not be read."""
     file = folder / info.file
-    if not file.is_file():
+    size = _zarr.stored_size(file)
+    if size is None:
         problems.append(f"{info.file}: missing")
         return None
-    size = file.stat().st_size
     if size != info.bytes:
         problems.append(f"{info.file}: {size} bytes, manifest says {info.bytes}")
         return None
-    if file_hash(file, manifest.hash_algo) != info.hash:
+    if _zarr.stored_hash(file, manifest.hash_algo) != info.hash:
         problems.append(f"{info.file}: content hash differs from the manifest (corrupt)")
         return None
     try:
-        batch = open_shard(file)
+        n, ids, lengths, columns = _shard_contents(file, manifest, schema)
     except CacheError as e:
         problems.append(f"{info.file}: unreadable ({e})")
         return None
-    if not batch.schema.remove_metadata().equals(schema):
+    if columns is None:
         problems.append(f"{info.file}: columns differ from the manifest's fields")
-        return batch.num_rows
-    if batch.num_rows != info.count:
-        problems.append(f"{info.file}: {batch.num_rows} rows, manifest says {info.count}")
-    ids = batch.column("id").to_pylist()
+        return n
+    if n != info.count:
+        problems.append(f"{info.file}: {n} rows, manifest says {info.count}")
     dups = [i for i in ids if i in seen]
     if dups or len(set(ids)) != len(ids):
         problems.append(f"{info.file}: duplicate ids, e.g. {(dups or ids)[:3]!r}")
     seen.update(ids)
-    lengths = batch.column("length").to_numpy()
     if (lengths < 0).any():
         problems.append(f"{info.file}: negative lengths")
     for spec in manifest.fields:
-        col = batch.column(spec.name)
+        values, offsets = columns[spec.name]
         if spec.ragged:
-            counts = np.diff(col.offsets.to_numpy())
+            counts = np.diff(offsets)
             expect = spec.size(1) * lengths.astype(np.int64) ** spec.shape.count("T")
             if not np.array_equal(counts, expect):
                 problems.append(f"{info.file}: field {spec.name!r} value counts disagree with lengths")
-            values = col.values.to_numpy()
-        else:
-            values = col.flatten().to_numpy() if spec.shape else col.to_numpy()
         if spec.dtype in FLOAT_DTYPES:
             bad = ((values & 0x7F80) == 0x7F80) if spec.dtype == "bfloat16" else ~np.isfinite(values)
             if bad.any():
                 problems.append(f"{info.file}: field {spec.name!r} has {int(bad.sum())} NaN/inf values")
-    return batch.num_rows
+    return n
+
+
+def _shard_contents(file: Path, manifest: Manifest, schema: Any) -> tuple[int, list, np.ndarray, dict | None]:
+    """(rows, ids, lengths, {field: (flat values, offsets or None)}) of a shard; None columns if they differ."""
+    if manifest.shard_format == "zarr":
+        shard = _zarr.ZarrShard(file, {f.name: f for f in manifest.fields})  # checks arrays against the fields
+        rows = shard.take(np.arange(shard.n), shard.fields)
+        return shard.n, shard.id_list(), shard.lengths, {
+            f.name: (rows.values[f.name].reshape(-1), rows.offsets.get(f.name)) for f in manifest.fields}
+    batch = open_shard(file)
+    if not batch.schema.remove_metadata().equals(schema):
+        return batch.num_rows, [], np.zeros(0), None
+    columns = {}
+    for spec in manifest.fields:
+        col = batch.column(spec.name)
+        if spec.ragged:
+            columns[spec.name] = (col.values.to_numpy(), col.offsets.to_numpy())
+        else:
+            columns[spec.name] = (col.flatten().to_numpy() if spec.shape else col.to_numpy(), None)
+    return batch.num_rows, batch.column("id").to_pylist(), batch.column("length").to_numpy(), columns
 
 
 def list_caches(root: str | os.PathLike) -> list[dict[str, Any]]:

@@ -106,7 +106,10 @@ def train_teacher(params: str, overrides: tuple[str, ...], resume: bool) -> None
 @cli.command()
 @_common
 def precompute(params: str, overrides: tuple[str, ...]) -> None:
-    """Run each teacher once over the split and write its outputs to a cache."""
+    """Run each teacher once over the split and write its outputs to a cache.
+
+    precompute.format: arrow (default, memory-mapped) or zarr (Zarr v3, compressed shards).
+    """
     from stages.precompute import precompute as run
 
     for r in _run("precompute", params, overrides, run):
