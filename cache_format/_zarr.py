@@ -32,6 +32,7 @@ SUFFIX = ".zarr"
 # Rows per inner chunk aim at this many uncompressed bytes: the decode unit of a random read. Smaller chunks
 # read less per example but cost more per-chunk overhead (and index entries); see bench/cache_formats.py.
 INNER_CHUNK_BYTES = 128 << 10
+_MAX_SLICES = 4  # contiguous runs of rows read one slice each; more runs are read with one index array
 
 
 def _zarr() -> Any:
@@ -286,17 +287,13 @@ class ZarrShard:
             spec = self.fields[name]
             arr = self.array(name)
             if not spec.ragged:
-                values[name] = arr.oindex[rows] if len(rows) else np.zeros((0, *spec.shape), spec.storage_dtype)
+                values[name] = _read_rows(arr, rows, rows + 1)
                 continue
             r = spec.size(1)
             off = self.offsets[name]
             start, stop = off[rows] // r, off[rows + 1] // r
             counts = stop - start
-            total = int(counts.sum())
-            # The row indices of every example, concatenated: start_i, start_i+1, ..., stop_i - 1.
-            idx = np.repeat(start - np.cumsum(counts) + counts, counts) + np.arange(total, dtype=np.int64)
-            got = arr.oindex[idx] if total else np.zeros((0, r), spec.storage_dtype)
-            values[name] = np.ascontiguousarray(got).reshape(-1)
+            values[name] = _read_rows(arr, start, stop).reshape(-1)
             new_off = np.zeros(len(rows) + 1, dtype=np.int64)
             np.cumsum(counts * r, out=new_off[1:])
             offsets[name] = new_off
@@ -305,6 +302,24 @@ class ZarrShard:
     def field_nbytes(self, name: str) -> int:
         """Uncompressed bytes of a field's values in this shard."""
         return int(self.array(name).nbytes)
+
+
+def _read_rows(arr: Any, start: np.ndarray, stop: np.ndarray) -> np.ndarray:
+    """Rows start[i]:stop[i] of a zarr array, concatenated (ranges sorted and disjoint)."""
+    counts = stop - start
+    total = int(counts.sum())
+    if total == 0:
+        return np.zeros((0, *arr.shape[1:]), dtype=arr.dtype)
+    # Adjacent ranges merge into runs; a few runs are read as slices, which zarr reads several times faster
+    # than an index array (sequential batches are one run). Many runs: one orthogonal read of every row.
+    breaks = np.flatnonzero(start[1:] != stop[:-1]) + 1
+    run_start, run_stop = start[np.r_[0, breaks]], stop[np.r_[breaks - 1, len(stop) - 1]]
+    if len(run_start) <= _MAX_SLICES:
+        parts = [arr[int(a) : int(b)] for a, b in zip(run_start, run_stop) if b > a]
+        return np.concatenate(parts) if len(parts) > 1 else np.ascontiguousarray(parts[0])
+    # The row indices of every range, concatenated: start_i, start_i+1, ..., stop_i - 1.
+    idx = np.repeat(start - np.cumsum(counts) + counts, counts) + np.arange(total, dtype=np.int64)
+    return np.ascontiguousarray(arr.oindex[idx])
 
 
 def take_groups(
