@@ -112,6 +112,13 @@ def test_info_verify_and_reopen_as_writer(both):
     assert zarr["shard_format"] == "zarr" and zarr["tokens"] == arrow["tokens"] and zarr["count"] == 60
     assert zarr["bytes_on_disk"] > 0
     assert verify_cache(both[1]).ok, verify_cache(both[1]).problems
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    r = CliRunner().invoke(cli, ["cache", "info", str(both[1])])
+    assert r.exit_code == 0 and "v2, zarr shards" in r.output, r.output
+    assert CliRunner().invoke(cli, ["cache", "verify", str(both[1])]).exit_code == 0
     # Same identity, finished: complete; another format at the same path: refused, not overwritten.
     assert CacheWriter(both[1], FIELDS, shard_format="zarr", **KW).complete
     with pytest.raises(cf.CacheExistsError, match="shard_format 'zarr' there vs 'arrow' now"):
