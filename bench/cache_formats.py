@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cache_format import CacheReader, CacheWriter, FieldSpec, cache_info  # noqa: E402
+from cache_format import CacheReader, CacheWriter, FieldSpec, cache_info
 
 BATCH = 32
 FORMATS = ("arrow", "zarr")
@@ -191,7 +191,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.url and importlib.util.find_spec("cache_format._fs") is None:
         sys.exit("--url needs cache paths that are URLs (cache_format/_fs.py), which this checkout does not have")
-    from bench._common import log, table, write_results  # noqa: F401  (torch is imported by _common)
+    from bench._common import log, write_results  # imports torch: only when running
 
     rng = np.random.default_rng(0)
     store = Path(args.store)

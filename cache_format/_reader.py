@@ -110,7 +110,8 @@ VERIFY_MODES = ("lazy", "open", "off")
 class CacheReader:
     """Random access to a finished cache; safe to open in many processes at once (read-only mmap, no locks).
 
-    Arrays from `get` are read-only views into the shard files; `gather` returns fresh, writable arrays.
+    Arrays from `get` are read-only views into Arrow shard files (copies for zarr shards); `gather` returns
+    fresh, writable arrays. The shard format (SPEC.md sections 3 and 10) comes from the manifest.
     bfloat16 fields come back from numpy methods as uint16 bit patterns; `gather_torch` views them as bf16.
 
     `verify` says when each shard's content hash is checked against the manifest (a mismatch raises

@@ -13,13 +13,12 @@ network session belongs to the parent).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import shutil
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -189,12 +188,6 @@ def shard_hash(location: str | os.PathLike, algo: str, storage_options: Mapping[
     """The content hash of a stored zarr shard, as `objects_hash` computed it at write time."""
     keys = _stored_objects(location, storage_options)
     return objects_hash(((k, _read_object(location, k, storage_options)) for k in keys), algo)
-
-
-def remove_shard(location: str | os.PathLike) -> None:
-    """Delete a local shard folder (a leftover without sidecar, or a partial one)."""
-    with contextlib.suppress(FileNotFoundError):
-        shutil.rmtree(location)
 
 
 # --- reading ---------------------------------------------------------------------------------------
