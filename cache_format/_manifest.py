@@ -23,6 +23,7 @@ from cache_format._errors import (
     CacheValueError,
     CacheVersionError,
 )
+from cache_format._fs import Store, resolve
 
 FORMAT_VERSION = 1
 # Version 2 = version 1 plus the manifest key `shard_format` (SPEC.md section 10): only zarr caches carry it,
@@ -369,8 +370,10 @@ def read_json(path: Path) -> Any:
 
 
 def load_manifest(path: str | os.PathLike) -> Manifest:
-    """Read and validate `path/manifest.json` with the error classes the reader documents."""
-    folder = Path(path)
+    """Read and validate `path/manifest.json` with the error classes the reader documents (path may be a URL)."""
+    folder = resolve(path)
+    if isinstance(folder, Store):
+        return _load_remote_manifest(folder)
     if not folder.is_dir():
         raise CacheNotFoundError(f"no cache folder at {folder}: check the path or run precompute to create it")
     mpath = folder / MANIFEST_NAME
@@ -383,6 +386,22 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
     if not isinstance(data, dict):
         raise CacheCorruptError(f"{mpath} is not a JSON object: delete the folder and rerun precompute")
     return Manifest.from_dict(data, where=str(mpath))
+
+
+def _load_remote_manifest(store: Store) -> Manifest:
+    try:
+        data = store.read_json(MANIFEST_NAME)
+    except FileNotFoundError:
+        if not store.listdir():
+            raise CacheNotFoundError(f"no cache at {store.url}: check the URL or run precompute to create it") from None
+        raise CacheIncompleteError(
+            f"{store.url} has no {MANIFEST_NAME}: precompute did not finish; rerun precompute with the same "
+            "settings to resume it"
+        ) from None
+    if not isinstance(data, dict):
+        raise CacheCorruptError(f"{store.url_of(MANIFEST_NAME)} is not a JSON object: delete the folder and rerun "
+                                "precompute")
+    return Manifest.from_dict(data, where=store.url_of(MANIFEST_NAME))
 
 
 def fields_from_list(items: Sequence[Mapping[str, Any]]) -> tuple[FieldSpec, ...]:

@@ -6,6 +6,7 @@ import mmap
 import os
 import queue
 import threading
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -16,6 +17,7 @@ import pyarrow.ipc as ipc
 
 from cache_format import _zarr
 from cache_format._errors import CacheCorruptError, CacheMismatchError, CacheMissError, CacheValueError
+from cache_format._fs import Store, join, resolve
 from cache_format._manifest import FieldSpec, Manifest, canonical_settings, file_hash, load_manifest
 
 
@@ -110,6 +112,10 @@ VERIFY_MODES = ("lazy", "open", "off")
 class CacheReader:
     """Random access to a finished cache; safe to open in many processes at once (read-only mmap, no locks).
 
+    `path` may be a URL (`s3://bucket/prefix/cache`, `memory://...`): shards are then read with ranged requests
+    into a sparse local mapping (cache_format/_remote.py), and `prefetch` fetches batches ahead concurrently;
+    zarr shards are read by zarr itself through fsspec (ranged requests into each array's object).
+
     Arrays from `get` are read-only views into Arrow shard files (copies for zarr shards); `gather` returns
     fresh, writable arrays. The shard format (SPEC.md sections 3 and 10) comes from the manifest.
     bfloat16 fields come back from numpy methods as uint16 bit patterns; `gather_torch` views them as bf16.
@@ -130,14 +136,16 @@ class CacheReader:
     ) -> None:
         if verify not in VERIFY_MODES:
             raise CacheValueError(f"verify={verify!r} is not one of {VERIFY_MODES}")
-        self.path = Path(path)
+        where = resolve(path)
+        self.path: Path | str = where if isinstance(where, Path) else where.url
+        self._remote: list[Any] | None = None  # RemoteShard per shard for a URL, else None
         self._options = {
             "expect_teacher": expect_teacher,
             "expect_data": expect_data,
             "expect_settings": expect_settings,
             "verify": verify,
         }
-        self.manifest: Manifest = load_manifest(self.path)
+        self.manifest: Manifest = load_manifest(path)
         _check_expected(self.manifest, expect_teacher, expect_data, expect_settings)
         self.fields: dict[str, FieldSpec] = {f.name: f for f in self.manifest.fields}
         schema = arrow_schema(self.manifest.fields)
@@ -147,8 +155,10 @@ class CacheReader:
         self._hash_lock = threading.Lock()
         self._zarr = self.manifest.shard_format == "zarr"
         self._shards: list[Any] = []  # _Shard, or _zarr.ZarrShard (rows copied out per read)
-        for k, info in enumerate(self.manifest.shards):
-            file = self.path / info.file
+        if isinstance(where, Store) and not self._zarr:
+            self._open_remote(where, schema, verify)
+        for k, info in enumerate(self.manifest.shards if self._remote is None else ()):
+            file = join(self.path, info.file)
             size = _zarr.stored_size(file)
             if size != info.bytes:
                 raise CacheCorruptError(
@@ -188,6 +198,86 @@ class CacheReader:
         )
         self._all_verified = all(self._verified)
 
+    def _open_remote(self, store: Store, schema: pa.Schema, verify: Verify) -> None:
+        """Open every shard of a cache on an object store (metadata and small columns only, concurrently)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from cache_format._remote import RemoteShard
+
+        sizes = store.listdir()
+        algo = self.manifest.hash_algo
+
+        def open_one(info: Any) -> tuple[RemoteShard, _Shard]:
+            where = store.url_of(info.file)
+            if sizes.get(info.file) != info.bytes:
+                raise CacheCorruptError(
+                    f"shard {where} has {sizes.get(info.file, 'no object')} bytes, the manifest says {info.bytes}: "
+                    f"the cache is damaged; run `kd cache verify {self.path}`, then rerun precompute into a new folder"
+                )
+            shard = RemoteShard(store, info.file, info.bytes, None if verify == "off" else info.hash, algo)
+            if verify == "open":
+                shard.fill_all()  # hashes it
+            if not shard.batch.schema.remove_metadata().equals(schema) or shard.batch.num_rows != info.count:
+                raise CacheCorruptError(f"shard {where} does not match the manifest (columns or row count): rerun "
+                                        "precompute into a new folder")
+            return shard, _Shard(shard.batch, self.fields)
+
+        infos = self.manifest.shards
+        with ThreadPoolExecutor(max(1, min(16, len(infos))), thread_name_prefix="cache-open") as pool:
+            opened = list(pool.map(open_one, infos))
+        self._remote = [r for r, _ in opened]
+        self._shards = [s for _, s in opened]
+        self._verified = [True] * len(infos)  # remote shards check their own hash once fully fetched
+
+    def _fetch(self, names: Sequence[str], shard_of: np.ndarray, row_of: np.ndarray) -> None:
+        """Remote caches: fetch the bytes of these rows' fields that are not local yet (ranged requests)."""
+        assert self._remote is not None
+        for s in np.unique(shard_of).tolist():
+            rows = row_of[shard_of == s]
+            shard, remote = self._shards[s], self._remote[s]
+            if remote.complete:
+                continue
+            starts, ends = [], []
+            for name in names:
+                spec, values = self.fields[name], shard.values[name]
+                at = remote.offset_of(values)
+                if spec.ragged:
+                    offsets = shard.offsets[name]
+                    starts.append(at + offsets[rows] * values.itemsize)
+                    ends.append(at + offsets[rows + 1] * values.itemsize)
+                else:
+                    row_bytes = spec.size() * values.itemsize
+                    starts.append(at + rows * row_bytes)
+                    ends.append(starts[-1] + row_bytes)
+            if starts:
+                remote.fill(np.concatenate(starts), np.concatenate(ends))
+
+    def _fetch_ids(self, ids: Sequence[str], names: Sequence[str]) -> None:
+        rows = self._rows(ids)
+        self._fetch(names, self._shard_of[rows], self._row_of[rows])
+
+    def _read_ahead(
+        self, batches: Iterable[Sequence[str]], names: Sequence[str], depth: int
+    ) -> Iterator[Sequence[str]]:
+        """Yield `batches` once their bytes are local, fetching up to `depth` batches ahead concurrently."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        pending: deque = deque()
+        pool = ThreadPoolExecutor(depth, thread_name_prefix="cache-fetch")
+        try:
+            for ids in batches:
+                pending.append((ids, pool.submit(self._fetch_ids, ids, names)))
+                if len(pending) > depth:
+                    ids, future = pending.popleft()
+                    future.result()
+                    yield ids
+            while pending:
+                ids, future = pending.popleft()
+                future.result()
+                yield ids
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
     # --- plumbing ---------------------------------------------------------------------------
 
     def __len__(self) -> int:
@@ -212,6 +302,8 @@ class CacheReader:
     def close(self) -> None:
         """Drop the shard mappings (they are unmapped once no array views them)."""
         self._shards = []
+        if self._remote is not None:
+            self._remote = []
 
     def _check_hashes(self, shards: Iterable[int]) -> None:
         """Raise CacheCorruptError unless each of `shards` matches its manifest hash (hashed once per process)."""
@@ -220,7 +312,7 @@ class CacheReader:
                 if self._verified[s]:
                     continue
                 info = self.manifest.shards[s]
-                file = self.path / info.file
+                file = join(self.path, info.file)
                 hasher = _zarr.shard_hash if self._zarr else file_hash
                 if hasher(file, self.manifest.hash_algo) != info.hash:
                     raise CacheCorruptError(
@@ -255,6 +347,8 @@ class CacheReader:
     def get(self, example_id: str) -> dict[str, np.ndarray]:
         """All fields of one example as zero-copy, read-only views with their real shapes (plus `length`)."""
         row = int(self._rows([example_id])[0])
+        if self._remote is not None:
+            self._fetch(list(self.fields), self._shard_of[row : row + 1], self._row_of[row : row + 1])
         if not self._all_verified:
             self._check_hashes([int(self._shard_of[row])])
         shard = self._shards[self._shard_of[row]]
@@ -286,6 +380,8 @@ class CacheReader:
         if not self._all_verified:
             self._check_hashes(np.unique(shard_of).tolist())
         row_of = self._row_of[rows]
+        if self._remote is not None:
+            self._fetch(names, shard_of, row_of)
         lengths = self._lengths[rows]
         t_pad = int(pad_to) if pad_to is not None else int(lengths.max(initial=0))
         # Group rows by shard once; usually a few shards per batch, each handled with vectorised indexing.
@@ -408,6 +504,9 @@ class CacheReader:
                     continue
             return False
 
+        ahead = None if self._remote is None else self._read_ahead(batches, self._field_names(fields), depth)
+        batches = batches if ahead is None else ahead
+
         def _work() -> None:
             try:
                 for ids in batches:
@@ -419,6 +518,9 @@ class CacheReader:
                 _put(done)
             except BaseException as e:  # handed to the consumer, raised there
                 _put(_Failure(e))
+            finally:
+                if ahead is not None:  # stops its fetch threads
+                    ahead.close()
 
         thread = threading.Thread(target=_work, name="cache-prefetch", daemon=True)
         thread.start()

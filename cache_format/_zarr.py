@@ -140,6 +140,17 @@ def write_shard(location: str | os.PathLike, objects: Mapping[str, bytes],
     _fsync_dir(final.parent)
 
 
+def upload_shard(store: Any, name: str, objects: Mapping[str, bytes]) -> None:
+    """Upload a shard's objects to `name` in a cache folder on an object store (`_fs.Store`), concurrently.
+
+    Objects of an earlier upload of the same name that was cut short (no sidecar) are removed first, so none
+    is left over to change the shard's size and hash.
+    """
+    store.remove(name)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(lambda item: store.write_bytes(f"{name}/{item[0]}", item[1]), objects.items()))
+
+
 def _write_synced(file: Path, data: bytes) -> None:
     with open(file, "wb") as f:
         f.write(data)

@@ -14,6 +14,7 @@ from torch import nn
 
 import cache_format as cf
 from cache_format._errors import CacheMismatchError, CacheMissError, KDError
+from cache_format._fs import exists as path_exists, parent
 from stages.config import Config, ConfigError, DataConfig, DistillConfig, KDConfig, config_to_dict
 from stages.kinds import TASK_KINDS
 from stages._io import check_outputs
@@ -22,11 +23,12 @@ from stages.any_student import as_output, module_student
 from stages.data import IGNORE_LABEL, Encoded, Examples, data_fingerprint, model_inputs
 from stages.losses import (Match, MatchError, build_projections, check_matches, feature_map, match_loss,
                            needed_teacher_layers, preset_matches)
-from stages.models import (TEACHER_MEMOS, ModelError, hidden_size, load_classifier, load_tokenizer, missing_folder,
+from stages.models import (ModelError, hidden_size, load_classifier, load_tokenizer, missing_folder,
                            num_layers, student_from_config, student_from_teacher, teacher_fingerprint)
 from stages.schedules import combine_teachers, cwsm_temperature, flsw_temperature, probability_shift, weight_at
 from stages.tasks import Task, get_task
-from stages.teacher import (CachedTeachers, OnlineTeachers, TeacherSpec, cache_target, load_split, resolve_model)
+from stages.teacher import (CachedTeachers, OnlineTeachers, TeacherSpec, cache_target, load_split, resolve_model,
+                            teacher_memos)
 
 __all__ = ["DistillResult", "DistillObjective", "build_student", "distill", "distill_batches", "distill_objective",
            "distill_settings", "load_distill_data", "logit_terms", "write_metrics"]
@@ -183,7 +185,7 @@ def _check_cache_teachers(cfg: Config, readers: Sequence[cf.CacheReader]) -> Non
                   "is gone", file=sys.stderr)
             continue
         # Memoised by path and file stats next to the cache: no weight file is read unless one changed.
-        expected = teacher_fingerprint(src, Path(r.path).parent / TEACHER_MEMOS)
+        expected = teacher_fingerprint(src, teacher_memos(parent(r.path)))
         if r.manifest.teacher_fingerprint != expected:
             raise CacheMismatchError(
                 f"cache {r.path} was made by another teacher (fingerprint {r.manifest.teacher_fingerprint}) than "
@@ -209,7 +211,7 @@ def _open_caches(cfg: Config, train_examples) -> list[cf.CacheReader]:
         # The caches precompute writes for precompute.teachers: same teacher + data + settings -> same folder.
         for teacher in cfg.precompute.teachers:
             target = cache_target(cfg, teacher, train_examples)
-            if not target.path.exists():
+            if not path_exists(target.path):
                 raise KDError(f"no cache for teacher {teacher} at {target.path}; run `kd precompute` first "
                               "(or set distill.caches to an existing cache folder)")
             readers.append(cf.CacheReader(target.path, expect_teacher=target.teacher_fingerprint,

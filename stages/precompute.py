@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 import cache_format as cf
+from cache_format._fs import exists as path_exists, is_remote, join
 from cache_format._manifest import MANIFEST_NAME
 from stages.config import Config
 from stages._io import check_outputs, progress_bar
@@ -83,7 +84,7 @@ def _precompute_one(cfg: Config, teacher: str, examples: Examples, device: torch
 
     # A finished cache needs neither tokens nor model; any other is written from both, so they come before the
     # writer creates its folder.
-    finished = (target.path / MANIFEST_NAME).exists()
+    finished = path_exists(join(target.path, MANIFEST_NAME))
     if not finished:
         enc, model = tokenize_and_load()
     t0 = time.perf_counter()
@@ -142,7 +143,8 @@ def precompute(cfg: Config) -> list[PrecomputeResult]:
     if cfg.tasks:
         return [r for name in cfg.task_names() for r in precompute(cfg.for_task(name))]
     p = cfg.precompute
-    check_outputs({"precompute.cache_root": (p.cache_root, "folder")})
+    if not is_remote(p.cache_root):  # an object store is checked when the writer opens it
+        check_outputs({"precompute.cache_root": (p.cache_root, "folder")})
     examples = load_split(cfg, p.split, transfer=p.split == "train")
     device = pick_device(p.device)
     return [_precompute_one(cfg, t, examples, device) for t in p.teachers]
