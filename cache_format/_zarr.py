@@ -2,8 +2,8 @@
 
 SPEC.md section 10 gives the layout. A shard is encoded into an in-memory store first, so its objects,
 their total size and their content hash are known before anything is published; a local shard is then
-written as `<name>.<uuid>.partial/` (every file fsynced) and renamed to `<name>` (atomic), a URL shard is
-uploaded object by object (on a store without rename the sidecar written after it is the commit).
+written as `<name>.<uuid>.partial/` (every file fsynced) and renamed to `<name>` (atomic); on an object store
+it is uploaded through the cache's `_fs.Store` (no rename there: the sidecar written after it is the commit).
 
 `location` is a local path or an fsspec URL (`s3://bucket/cache/shard-0-000000.zarr`, `memory://...`);
 URLs need fsspec and the store's package (s3fs, gcsfs). zarr is imported on first use, and array handles
@@ -114,13 +114,8 @@ def objects_hash(objects: Mapping[str, bytes] | Iterable[tuple[str, bytes]], alg
     return f"{algo}:{h.hexdigest()}"
 
 
-def write_shard(location: str | os.PathLike, objects: Mapping[str, bytes],
-                storage_options: Mapping[str, Any] | None = None) -> None:
-    """Publish encoded objects at `location`: atomically (partial folder + rename) on a local disk."""
-    if is_url(location):
-        fs, root = _url_fs(location, storage_options)
-        fs.pipe({_join(root, k): v for k, v in objects.items()})
-        return
+def write_shard(location: str | os.PathLike, objects: Mapping[str, bytes]) -> None:
+    """Write encoded objects as the shard folder `location` on a local disk, atomically (partial folder + rename)."""
     final = Path(location)
     partial = final.with_name(f"{final.name}.{uuid.uuid4().hex}.partial")
     try:
