@@ -212,6 +212,9 @@ class CacheWriter:
 
     Buffered rows are committed as a shard when they reach `shard_bytes`, `commit_examples` rows, or (checked
     on append) `commit_seconds` since the last commit, whichever comes first: committed rows survive a kill.
+
+    `shard_format` "arrow" (default) writes Arrow IPC shard files, "zarr" Zarr v3 shard folders (SPEC.md section
+    10); the manifest records it and readers follow it.
     """
 
     def __init__(
