@@ -16,6 +16,7 @@ import cache_format as cf
 from cache_format._errors import CacheMismatchError, CacheMissError, KDError
 from cache_format._fs import exists as path_exists, parent
 from stages.config import Config, ConfigError, DataConfig, DistillConfig, KDConfig, config_to_dict
+from stages import dist
 from stages.kinds import TASK_KINDS
 from stages._io import check_outputs
 from stages._train import FitResult, NonFiniteLossError, fit, pick_device, save_model, set_seed, write_model
@@ -268,7 +269,17 @@ def distill(cfg: Config, *, on_step: Callable[[int], None] | None = None) -> Dis
     With `tasks:` in the params, one student with a head per task (stages/multitask.py); with
     `distill.method: theseus`, BERT-of-Theseus module replacing (stages/theseus.py); with `distill.method:
     fastbert`, FastBERT's self-distilled branches on a fine-tuned backbone (stages/fastbert.py).
-    `on_step(step)` is called after every optimizer step (the benchmarks time steps with it)."""
+    `on_step(step)` is called after every optimizer step (the benchmarks time steps with it).
+
+    Under torchrun, every process trains its share of each batch with DistributedDataParallel (stages/dist.py);
+    rank 0 alone writes the outputs, and every rank returns once they are written."""
+    dist.init()
+    result = _distill(cfg, on_step)
+    dist.barrier()
+    return result
+
+
+def _distill(cfg: Config, on_step: Callable[[int], None] | None) -> DistillResult:
     if cfg.tasks:
         from stages.multitask import distill_tasks  # it builds on this module
 
@@ -378,7 +389,9 @@ def distill_objective(cfg: Config, student: nn.Module, train_ex: Examples, train
 
 
 def write_metrics(cfg: Config, result: FitResult) -> None:
-    """distill.metrics: the dev metrics, steps, time and speed of a finished run."""
+    """distill.metrics: the dev metrics, steps, time and speed of a finished run (rank 0 writes it)."""
+    if not dist.is_main():
+        return
     d = cfg.distill
     metrics = {"method": d.method, "teacher_signal": d.teacher_signal,
                **{f"dev_{k}": v for k, v in (result.dev or {}).items()},
