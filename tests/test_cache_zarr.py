@@ -313,3 +313,17 @@ def test_zarr_cache_on_s3_server(tmp_path, monkeypatch):
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
         server.stop()
+
+
+def test_two_writers_then_finalize(tmp_path):
+    # Ranks write their own zarr shards into one folder; one process finalizes (as precompute under torchrun).
+    ids, lengths, arrays = _data()
+    path = tmp_path / "c"
+    for rank, part in enumerate((slice(0, 25), slice(25, 60))):
+        w = CacheWriter(path, FIELDS, shard_format="zarr", writer_id=str(rank), **KW)
+        w.append(ids[part], lengths[part], {k: v[part] for k, v in arrays.items()})
+        w.close(finalize=False)
+    manifest = cf.finalize_cache(path, expected_count=60)
+    assert manifest.shard_format == "zarr" and [s.writer for s in manifest.shards] == ["0", "1"]
+    assert verify_cache(path).ok
+    _assert_same(CacheReader(_write(tmp_path / "a", "arrow")).gather(ids), CacheReader(path).gather(ids))
