@@ -167,6 +167,8 @@ class Store:
             name = e["name"].rstrip("/").rsplit("/", 1)[-1]
             if e.get("type") == "file" and e["name"].rstrip("/") != self.root:
                 out[name] = int(e.get("size") or 0)
+            elif name.endswith(".zarr"):  # a zarr shard (SPEC section 10) is a folder: its objects' total size
+                out[name] = int(self._call(self.fs.du, e["name"], total=True))
         return out
 
     def read_bytes(self, name: str) -> bytes:
@@ -196,7 +198,10 @@ class Store:
 
     def remove(self, name: str) -> None:
         try:
-            self._call(self.fs.rm_file, self.path(name))
+            if name.endswith(".zarr"):  # a zarr shard: every object under it
+                self._call(self.fs.rm, self.path(name), recursive=True)
+            else:
+                self._call(self.fs.rm_file, self.path(name))
         except FileNotFoundError:
             pass
 

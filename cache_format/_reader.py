@@ -15,8 +15,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
+from cache_format import _zarr
 from cache_format._errors import CacheCorruptError, CacheMismatchError, CacheMissError, CacheValueError
-from cache_format._fs import Store, resolve
+from cache_format._fs import Store, join, resolve
 from cache_format._manifest import FieldSpec, Manifest, canonical_settings, file_hash, load_manifest
 
 
@@ -56,6 +57,8 @@ def open_shard(path: Path) -> pa.RecordBatch:
 
 
 def shard_ids(path: Path) -> list[str]:
+    if _zarr.is_zarr(path):
+        return _zarr.ZarrShard(path, {}).id_list()
     return open_shard(path).column("id").to_pylist()
 
 
@@ -77,6 +80,9 @@ class _Shard:
                 self.values[name] = col.to_numpy(zero_copy_only=True)
             else:
                 self.values[name] = col.flatten().to_numpy(zero_copy_only=True).reshape((self.n, *spec.shape))
+
+    def id_list(self) -> list[str]:
+        return self.ids_column.to_pylist()
 
 
 def _check_expected(manifest: Manifest, teacher: str | None, data: str | None, settings: Mapping | None) -> None:
@@ -107,9 +113,11 @@ class CacheReader:
     """Random access to a finished cache; safe to open in many processes at once (read-only mmap, no locks).
 
     `path` may be a URL (`s3://bucket/prefix/cache`, `memory://...`): shards are then read with ranged requests
-    into a sparse local mapping (cache_format/_remote.py), and `prefetch` fetches batches ahead concurrently.
+    into a sparse local mapping (cache_format/_remote.py), and `prefetch` fetches batches ahead concurrently;
+    zarr shards are read by zarr itself through fsspec (ranged requests into each array's object).
 
-    Arrays from `get` are read-only views into the shard files; `gather` returns fresh, writable arrays.
+    Arrays from `get` are read-only views into Arrow shard files (copies for zarr shards); `gather` returns
+    fresh, writable arrays. The shard format (SPEC.md sections 3 and 10) comes from the manifest.
     bfloat16 fields come back from numpy methods as uint16 bit patterns; `gather_torch` views them as bf16.
 
     `verify` says when each shard's content hash is checked against the manifest (a mismatch raises
@@ -145,12 +153,13 @@ class CacheReader:
         # the lock makes the prefetch thread and the caller agree on which shards are checked.
         self._verified = [verify == "off"] * len(self.manifest.shards)
         self._hash_lock = threading.Lock()
-        self._shards: list[_Shard] = []
-        if isinstance(where, Store):
+        self._zarr = self.manifest.shard_format == "zarr"
+        self._shards: list[Any] = []  # _Shard, or _zarr.ZarrShard (rows copied out per read)
+        if isinstance(where, Store) and not self._zarr:
             self._open_remote(where, schema, verify)
         for k, info in enumerate(self.manifest.shards if self._remote is None else ()):
-            file = self.path / info.file
-            size = file.stat().st_size if file.is_file() else None
+            file = join(self.path, info.file)
+            size = _zarr.stored_size(file)
             if size != info.bytes:
                 raise CacheCorruptError(
                     f"shard {file} has {size if size is not None else 'no file'} bytes, the manifest says "
@@ -159,6 +168,13 @@ class CacheReader:
                 )
             if verify == "open":
                 self._check_hashes([k])  # before parsing: a damaged file is reported as such
+            if self._zarr:
+                shard = _zarr.ZarrShard(file, self.fields)
+                if shard.n != info.count:
+                    raise CacheCorruptError(f"shard {file} holds {shard.n} rows, the manifest says {info.count}: "
+                                            "rerun precompute into a new folder")
+                self._shards.append(shard)
+                continue
             batch = open_shard(file)
             if not batch.schema.remove_metadata().equals(schema) or batch.num_rows != info.count:
                 raise CacheCorruptError(
@@ -167,7 +183,7 @@ class CacheReader:
                 )
             self._shards.append(_Shard(batch, self.fields))
         counts = np.array([s.n for s in self._shards], dtype=np.int64)
-        self.ids: list[str] = [i for s in self._shards for i in s.ids_column.to_pylist()]
+        self.ids: list[str] = [i for s in self._shards for i in s.id_list()]
         self._index: dict[str, int] = dict(zip(self.ids, range(len(self.ids))))
         if len(self._index) != len(self.ids) or len(self.ids) != self.manifest.count:
             raise CacheCorruptError(
@@ -296,8 +312,9 @@ class CacheReader:
                 if self._verified[s]:
                     continue
                 info = self.manifest.shards[s]
-                file = self.path / info.file
-                if file_hash(file, self.manifest.hash_algo) != info.hash:
+                file = join(self.path, info.file)
+                hasher = _zarr.shard_hash if self._zarr else file_hash
+                if hasher(file, self.manifest.hash_algo) != info.hash:
                     raise CacheCorruptError(
                         f"shard {file} content hash differs from the manifest: the file is damaged; run "
                         f"`kd cache verify {self.path}`, then rerun precompute into a new folder"
@@ -336,6 +353,8 @@ class CacheReader:
             self._check_hashes([int(self._shard_of[row])])
         shard = self._shards[self._shard_of[row]]
         r = int(self._row_of[row])
+        if self._zarr:
+            shard, r = shard.take(np.array([r]), self.fields), 0
         length = int(shard.lengths[r])
         out: dict[str, np.ndarray] = {"length": shard.lengths[r : r + 1].reshape(())}
         for name, spec in self.fields.items():
@@ -370,26 +389,31 @@ class CacheReader:
             groups = [(0, slice(None))]
         else:
             groups = [(int(s), np.flatnonzero(shard_of == s)) for s in np.unique(shard_of)]
+        shards = self._shards
+        if self._zarr:  # read the batch's rows out of each zarr shard, then gather from those copies
+            shards, row_of = _zarr.take_groups(self._shards, groups, row_of, names)
         out: dict[str, np.ndarray] = {"length": lengths.copy()}
         for name in names:
             spec = self.fields[name]
             if spec.ragged:
-                arr = self._gather_ragged(name, spec, groups, shard_of, row_of, lengths, t_pad)
+                arr = self._gather_ragged(shards, name, spec, groups, shard_of, row_of, lengths, t_pad)
             else:
-                arr = self._gather_fixed(name, spec, groups, row_of)
+                arr = self._gather_fixed(shards, name, spec, groups, row_of)
             out[name] = _logical_view(arr, spec)
         return out
 
-    def _gather_fixed(self, name: str, spec: FieldSpec, groups: list, row_of: np.ndarray) -> np.ndarray:
+    @staticmethod
+    def _gather_fixed(shards: Any, name: str, spec: FieldSpec, groups: list, row_of: np.ndarray) -> np.ndarray:
         if len(groups) == 1:
-            return np.take(self._shards[groups[0][0]].values[name], row_of, axis=0)
+            return np.take(shards[groups[0][0]].values[name], row_of, axis=0)
         out = np.empty((len(row_of), *spec.shape), dtype=spec.storage_dtype)
         for s, sel in groups:
-            out[sel] = np.take(self._shards[s].values[name], row_of[sel], axis=0)
+            out[sel] = np.take(shards[s].values[name], row_of[sel], axis=0)
         return out
 
+    @staticmethod
     def _gather_ragged(
-        self, name: str, spec: FieldSpec, groups: list, shard_of: np.ndarray, row_of: np.ndarray,
+        shards: Any, name: str, spec: FieldSpec, groups: list, shard_of: np.ndarray, row_of: np.ndarray,
         lengths: np.ndarray, t_pad: int,
     ) -> np.ndarray:
         b = len(row_of)
@@ -398,14 +422,14 @@ class CacheReader:
             row_size = spec.size(1)  # >= 1: fixed dimensions are positive
             if len(groups) == 1:
                 s, _ = groups[0]
-                tokens = self._shards[s].values[name].reshape(-1, row_size)
-                out = _take_windows(tokens, self._shards[s].offsets[name][row_of] // row_size, keep, t_pad)
+                tokens = shards[s].values[name].reshape(-1, row_size)
+                out = _take_windows(tokens, shards[s].offsets[name][row_of] // row_size, keep, t_pad)
             else:
                 # Rows from several shards: one memcpy per example straight into the output beats a
                 # windowed take per shard plus a scatter (measured 2.1x -> 1.3x of a memmap at 393 KB rows).
                 out = np.empty((b, t_pad * row_size), dtype=spec.storage_dtype)
                 for i in range(b):
-                    shard = self._shards[shard_of[i]]
+                    shard = shards[shard_of[i]]
                     start = int(shard.offsets[name][row_of[i]])
                     n = int(keep[i]) * row_size
                     out[i, :n] = shard.values[name][start : start + n]
@@ -417,7 +441,7 @@ class CacheReader:
         # Several "T" axes (attention maps) or T not first: one strided copy per example.
         out = np.zeros((b, *spec.resolve(t_pad)), dtype=spec.storage_dtype)
         for i in range(b):
-            shard = self._shards[shard_of[i]]
+            shard = shards[shard_of[i]]
             length = int(lengths[i])
             start = int(shard.offsets[name][row_of[i]])
             value = shard.values[name][start : start + spec.size(length)].reshape(spec.resolve(length))

@@ -10,8 +10,9 @@ from typing import Any
 
 import numpy as np
 
+from cache_format import _zarr
 from cache_format._errors import CacheError, CacheNotFoundError
-from cache_format._fs import Store, resolve
+from cache_format._fs import Store, join, resolve
 from cache_format._manifest import (
     FLOAT_DTYPES,
     LOCK_RE,
@@ -22,7 +23,7 @@ from cache_format._manifest import (
     read_json,
     sidecar_name,
 )
-from cache_format._reader import arrow_schema, file_hash, open_shard
+from cache_format._reader import arrow_schema, open_shard
 
 
 def human_bytes(n: float) -> str:
@@ -37,7 +38,7 @@ def human_bytes(n: float) -> str:
 def _folder_bytes(folder: Path | Store) -> int:
     if isinstance(folder, Store):
         return sum(folder.listdir().values())
-    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    return sum(_zarr.stored_size(p) or 0 for p in folder.iterdir() if p.is_file() or _zarr.is_zarr(p))
 
 
 def _where(folder: Path | Store) -> str:
@@ -59,6 +60,12 @@ def cache_info(path: str | os.PathLike) -> dict[str, Any]:
     field_bytes = {f.name: 0 for f in manifest.fields}
     tokens = 0
     for info in manifest.shards:
+        if manifest.shard_format == "zarr":
+            shard = _zarr.ZarrShard(join(_where(folder), info.file), {f.name: f for f in manifest.fields})
+            tokens += int(shard.lengths.sum())
+            for f in manifest.fields:  # the values' uncompressed bytes (plus the offsets), as for Arrow
+                field_bytes[f.name] += shard.field_nbytes(f.name) + shard.offsets.get(f.name, np.zeros(0)).nbytes
+            continue
         if isinstance(folder, Store):  # the metadata, ids, lengths and offsets: not the values
             from cache_format._remote import RemoteShard
 
@@ -73,6 +80,7 @@ def cache_info(path: str | os.PathLike) -> dict[str, Any]:
     return {
         "path": _where(folder),
         "format_version": manifest.format_version,
+        "shard_format": manifest.shard_format,
         "teacher_fingerprint": manifest.teacher_fingerprint,
         "data_fingerprint": manifest.data_fingerprint,
         "settings": dict(manifest.settings),
@@ -139,53 +147,68 @@ def verify_cache(path: str | os.PathLike) -> VerifyReport:
 
 
 def _verify_shard(
-    folder: Path, manifest: Manifest, info: Any, schema: Any, seen: set, problems: list
+    folder: Path | str, manifest: Manifest, info: Any, schema: Any, seen: set, problems: list
 ) -> int | None:
     """Append the shard's problems; return its row count, or None when it could not be read."""
-    file = folder / info.file
-    if not file.is_file():
+    file = join(folder, info.file)
+    size = _zarr.stored_size(file)
+    if size is None:
         problems.append(f"{info.file}: missing")
         return None
-    size = file.stat().st_size
     if size != info.bytes:
         problems.append(f"{info.file}: {size} bytes, manifest says {info.bytes}")
         return None
-    if file_hash(file, manifest.hash_algo) != info.hash:
+    if _zarr.stored_hash(file, manifest.hash_algo) != info.hash:
         problems.append(f"{info.file}: content hash differs from the manifest (corrupt)")
         return None
     try:
-        batch = open_shard(file)
+        n, ids, lengths, columns = _shard_contents(file, manifest, schema)
     except CacheError as e:
         problems.append(f"{info.file}: unreadable ({e})")
         return None
-    if not batch.schema.remove_metadata().equals(schema):
+    if columns is None:
         problems.append(f"{info.file}: columns differ from the manifest's fields")
-        return batch.num_rows
-    if batch.num_rows != info.count:
-        problems.append(f"{info.file}: {batch.num_rows} rows, manifest says {info.count}")
-    ids = batch.column("id").to_pylist()
+        return n
+    if n != info.count:
+        problems.append(f"{info.file}: {n} rows, manifest says {info.count}")
     dups = [i for i in ids if i in seen]
     if dups or len(set(ids)) != len(ids):
         problems.append(f"{info.file}: duplicate ids, e.g. {(dups or ids)[:3]!r}")
     seen.update(ids)
-    lengths = batch.column("length").to_numpy()
     if (lengths < 0).any():
         problems.append(f"{info.file}: negative lengths")
     for spec in manifest.fields:
-        col = batch.column(spec.name)
+        values, offsets = columns[spec.name]
         if spec.ragged:
-            counts = np.diff(col.offsets.to_numpy())
+            counts = np.diff(offsets)
             expect = spec.size(1) * lengths.astype(np.int64) ** spec.shape.count("T")
             if not np.array_equal(counts, expect):
                 problems.append(f"{info.file}: field {spec.name!r} value counts disagree with lengths")
-            values = col.values.to_numpy()
-        else:
-            values = col.flatten().to_numpy() if spec.shape else col.to_numpy()
         if spec.dtype in FLOAT_DTYPES:
             bad = ((values & 0x7F80) == 0x7F80) if spec.dtype == "bfloat16" else ~np.isfinite(values)
             if bad.any():
                 problems.append(f"{info.file}: field {spec.name!r} has {int(bad.sum())} NaN/inf values")
-    return batch.num_rows
+    return n
+
+
+def _shard_contents(file: Path, manifest: Manifest, schema: Any) -> tuple[int, list, np.ndarray, dict | None]:
+    """(rows, ids, lengths, {field: (flat values, offsets or None)}) of a shard; None columns if they differ."""
+    if manifest.shard_format == "zarr":
+        shard = _zarr.ZarrShard(file, {f.name: f for f in manifest.fields})  # checks arrays against the fields
+        rows = shard.take(np.arange(shard.n), shard.fields)
+        return shard.n, shard.id_list(), shard.lengths, {
+            f.name: (rows.values[f.name].reshape(-1), rows.offsets.get(f.name)) for f in manifest.fields}
+    batch = open_shard(file)
+    if not batch.schema.remove_metadata().equals(schema):
+        return batch.num_rows, [], np.zeros(0), None
+    columns = {}
+    for spec in manifest.fields:
+        col = batch.column(spec.name)
+        if spec.ragged:
+            columns[spec.name] = (col.values.to_numpy(), col.offsets.to_numpy())
+        else:
+            columns[spec.name] = (col.flatten().to_numpy() if spec.shape else col.to_numpy(), None)
+    return batch.num_rows, batch.column("id").to_pylist(), batch.column("length").to_numpy(), columns
 
 
 def _verify_remote_shard(
@@ -195,6 +218,8 @@ def _verify_remote_shard(
     if info.file not in names:
         problems.append(f"{info.file}: missing")
         return None
+    if manifest.shard_format == "zarr":  # read in place: zarr reads URLs (and the hash reads every object once)
+        return _verify_shard(store.url, manifest, info, schema, seen, problems)
     with tempfile.TemporaryDirectory(prefix="kd-verify-") as tmp:
         store.download(info.file, Path(tmp) / info.file)
         return _verify_shard(Path(tmp), manifest, info, schema, seen, problems)

@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -21,6 +22,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 from filelock import FileLock, Timeout
 
+from cache_format import _zarr
 from cache_format._errors import (
     CacheCorruptError,
     CacheExistsError,
@@ -32,13 +34,13 @@ from cache_format._errors import (
 from cache_format._fs import Store, resolve
 from cache_format._manifest import (
     FLOAT_DTYPES,
-    FORMAT_VERSION,
     HASH_ALGO,
     LOCK_RE,
     MANIFEST_NAME,
     MAX_ID_BYTES,
     MAX_LENGTH,
     PENDING_NAME,
+    SHARD_FORMATS,
     SHARD_RE,
     FieldSpec,
     Manifest,
@@ -50,6 +52,7 @@ from cache_format._manifest import (
     check_writer_id,
     create_json_exclusive,
     fields_from_list,
+    format_version_of,
     holder_name,
     load_manifest,
     lock_name,
@@ -75,13 +78,16 @@ def _library_version() -> str:
         return "0+unknown"
 
 
-def _identity(fields: Sequence[FieldSpec], teacher: str, data: str, settings: Mapping) -> dict[str, Any]:
+def _identity(fields: Sequence[FieldSpec], teacher: str, data: str, settings: Mapping,
+              shard_format: str = "arrow") -> dict[str, Any]:
+    extra = {} if shard_format == "arrow" else {"shard_format": shard_format}  # Arrow caches: as before
     return {
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version_of(shard_format),
         "teacher_fingerprint": teacher,
         "data_fingerprint": data,
         "settings": settings,
         "fields": [f.to_dict() for f in fields],
+        **extra,
     }
 
 
@@ -90,6 +96,9 @@ def _identity_diff(expected: Mapping[str, Any], found: Mapping[str, Any]) -> lis
     for key in ("format_version", "teacher_fingerprint", "data_fingerprint", "fields"):
         if expected.get(key) != found.get(key):
             diffs.append(f"{key} {found.get(key)!r} there vs {expected.get(key)!r} now")
+    if expected.get("shard_format", "arrow") != found.get("shard_format", "arrow"):
+        diffs.append(f"shard_format {found.get('shard_format', 'arrow')!r} there vs "
+                     f"{expected.get('shard_format', 'arrow')!r} now")
     exp_s, found_s = expected.get("settings", {}), found.get("settings", {})
     for key in sorted(set(exp_s) | set(found_s)):
         if exp_s.get(key) != found_s.get(key):
@@ -203,6 +212,9 @@ class CacheWriter:
 
     Buffered rows are committed as a shard when they reach `shard_bytes`, `commit_examples` rows, or (checked
     on append) `commit_seconds` since the last commit, whichever comes first: committed rows survive a kill.
+
+    `shard_format` "arrow" (default) writes Arrow IPC shard files, "zarr" Zarr v3 shard folders (SPEC.md section
+    10); the manifest records it and readers follow it.
     """
 
     def __init__(
@@ -217,10 +229,14 @@ class CacheWriter:
         shard_bytes: int = DEFAULT_SHARD_BYTES,
         commit_examples: int | None = None,
         commit_seconds: float | None = None,
+        shard_format: str = "arrow",
     ) -> None:
         where = resolve(path)
         self._store: Store | None = where if isinstance(where, Store) else None
         self.path: Path | str = where if self._store is None else self._store.url
+        if shard_format not in SHARD_FORMATS:
+            raise CacheValueError(f"shard_format={shard_format!r} is not one of {SHARD_FORMATS}")
+        self.shard_format = shard_format
         self.fields = check_fields(fields)
         self.writer_id = check_writer_id(writer_id)
         if not isinstance(shard_bytes, int) or not 1 <= shard_bytes <= MAX_SHARD_BYTES:
@@ -242,7 +258,7 @@ class CacheWriter:
         self.commit_seconds = commit_seconds
         self._specs = {f.name: f for f in self.fields}
         self._identity = _identity(self.fields, str(teacher_fingerprint), str(data_fingerprint),
-                                   canonical_settings(settings))
+                                   canonical_settings(settings), shard_format)
         self._schema = arrow_schema(self.fields)
         self._buffer: list[_Chunk] = []
         self._buffered_bytes = 0
@@ -306,7 +322,7 @@ class CacheWriter:
     def _open_finished(self) -> None:
         manifest = load_manifest(self.path)
         found = _identity(manifest.fields, manifest.teacher_fingerprint, manifest.data_fingerprint,
-                          dict(manifest.settings))
+                          dict(manifest.settings), manifest.shard_format)
         diffs = _identity_diff(self._identity, found)
         if diffs:
             raise CacheExistsError(
@@ -318,7 +334,7 @@ class CacheWriter:
 
     def _shard_ids(self, info: ShardInfo) -> list[str]:
         if self._store is not None:
-            return remote_shard_ids(self._store, info.file, info.bytes)
+            return _remote_ids(self._store, info.file, info.bytes)
         return shard_ids(self.path / info.file)
 
     def _open_remote(self, store: Store) -> None:
@@ -476,34 +492,52 @@ class CacheWriter:
     def _commit(self, chunks: list[_Chunk]) -> None:
         """Write the rows of `chunks` as one shard + sidecar, each atomically."""
         ids = [i for c in chunks for i in c.ids]
-        columns = [pa.array(ids, type=pa.large_string()), pa.array(np.concatenate([c.lengths for c in chunks]))]
+        lengths = np.concatenate([c.lengths for c in chunks])
+        values, offsets = {}, {}
         for name, spec in self._specs.items():
             parts = [c.values[name] for c in chunks]
-            values = pa.array(parts[0] if len(parts) == 1 else np.concatenate(parts))
+            values[name] = parts[0] if len(parts) == 1 else np.concatenate(parts)
             if spec.ragged:
                 counts = np.concatenate([c.counts[name] for c in chunks])
-                offsets = np.zeros(len(counts) + 1, dtype=np.int64)
-                np.cumsum(counts, out=offsets[1:])
-                columns.append(pa.LargeListArray.from_arrays(pa.array(offsets), values))
-            elif spec.shape == ():
-                columns.append(values)
+                offsets[name] = np.zeros(len(counts) + 1, dtype=np.int64)
+                np.cumsum(counts, out=offsets[name][1:])
+        file = shard_name(self.writer_id, self._next_seq, self.shard_format)
+        if self.shard_format == "zarr":
+            objects = _zarr.encode_shard(self.fields, ids, lengths, values, offsets)
+            size, digest = sum(map(len, objects.values())), _zarr.objects_hash(objects, HASH_ALGO)
+            if self._store is not None:  # the objects, then the sidecar below: the commit on a store
+                _zarr.upload_shard(self._store, file, objects)
             else:
-                columns.append(pa.FixedSizeListArray.from_arrays(values, spec.size()))
+                _zarr.write_shard(self.path / file, objects)
+        else:
+            size, digest = self._write_arrow(file, ids, lengths, values, offsets)
+        info = ShardInfo(
+            file=file, writer=self.writer_id, seq=self._next_seq, count=len(ids), bytes=size, hash=digest,
+            first_id=ids[0], last_id=ids[-1], ids_hash=hashlib.sha256("\n".join(ids).encode("utf-8")).hexdigest(),
+        )
+        self._write_json(sidecar_name(file), {"format_version": self._identity["format_version"], **info.to_dict()})
+        self.done_ids.update(ids)
+        self._next_seq += 1
+        self._last_commit = _clock()
+
+    def _write_arrow(self, file: str, ids: list[str], lengths: np.ndarray, values: dict[str, np.ndarray],
+                     offsets: dict[str, np.ndarray]) -> tuple[int, str]:
+        """Write one Arrow IPC shard file atomically; return its size and content hash."""
+        columns = [pa.array(ids, type=pa.large_string()), pa.array(lengths)]
+        for name, spec in self._specs.items():
+            flat = pa.array(values[name])
+            if spec.ragged:
+                columns.append(pa.LargeListArray.from_arrays(pa.array(offsets[name]), flat))
+            elif spec.shape == ():
+                columns.append(flat)
+            else:
+                columns.append(pa.FixedSizeListArray.from_arrays(flat, spec.size()))
         batch = pa.RecordBatch.from_arrays(columns, schema=self._schema)
-        file = shard_name(self.writer_id, self._next_seq)
         with self._shard_file(file) as f:
             sink = _HashingFile(f)
             with ipc.new_file(pa.PythonFile(sink, mode="w"), self._schema) as w:
                 w.write_batch(batch)
-        info = ShardInfo(
-            file=file, writer=self.writer_id, seq=self._next_seq, count=len(ids), bytes=sink.size,
-            hash=f"{HASH_ALGO}:{sink.hash.hexdigest()}", first_id=ids[0], last_id=ids[-1],
-            ids_hash=hashlib.sha256("\n".join(ids).encode("utf-8")).hexdigest(),
-        )
-        self._write_json(sidecar_name(file), {"format_version": FORMAT_VERSION, **info.to_dict()})
-        self.done_ids.update(ids)
-        self._next_seq += 1
-        self._last_commit = _clock()
+        return sink.size, f"{HASH_ALGO}:{sink.hash.hexdigest()}"
 
     @contextlib.contextmanager
     def _shard_file(self, name: str) -> Iterator[BinaryIO]:
@@ -738,6 +772,10 @@ def _is_cache_file(name: str) -> bool:
 
 
 def _unlink(path: Path) -> None:
+    """Delete a file, or a folder (a zarr shard, or its partial)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+        return
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
 
@@ -789,7 +827,7 @@ def finalize_cache(path: str | os.PathLike, expected_count: int | None = None) -
     owner: dict[str, str] = {}
     for info in shards:
         file = folder / info.file
-        size = file.stat().st_size if file.exists() else None
+        size = _zarr.stored_size(file)
         if size != info.bytes:
             raise CacheCorruptError(
                 f"shard {file} has {size} bytes but its sidecar says {info.bytes}: delete the shard and its .json, "
@@ -824,7 +862,7 @@ def _check_count(where: str, count: int, expected_count: int | None) -> None:
 
 def _new_manifest(identity: Mapping[str, Any], shards: Sequence[ShardInfo], count: int) -> Manifest:
     return Manifest(
-        format_version=FORMAT_VERSION,
+        format_version=int(identity["format_version"]),
         teacher_fingerprint=identity["teacher_fingerprint"],
         data_fingerprint=identity["data_fingerprint"],
         settings=identity["settings"],
@@ -833,7 +871,14 @@ def _new_manifest(identity: Mapping[str, Any], shards: Sequence[ShardInfo], coun
         count=count,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         library_version=_library_version(),
+        shard_format=identity.get("shard_format", "arrow"),
     )
+
+
+def _remote_ids(store: Store, name: str, nbytes: int) -> list[str]:
+    if _zarr.is_zarr(name):
+        return _zarr.ZarrShard(store.url_of(name), {}).id_list()
+    return remote_shard_ids(store, name, nbytes)
 
 
 def _finalize_remote(store: Store, expected_count: int | None) -> Manifest:
@@ -857,7 +902,7 @@ def _finalize_remote(store: Store, expected_count: int | None) -> Manifest:
                 f"shard {store.url_of(info.file)} has {files.get(info.file)} bytes but its sidecar says {info.bytes}: "
                 "delete the shard and its .json, then rerun precompute to redo it"
             )
-        for i in remote_shard_ids(store, info.file, info.bytes):
+        for i in _remote_ids(store, info.file, info.bytes):
             if i in owner:
                 raise CacheValueError(
                     f"example id {i!r} is in both {owner[i]} and {info.file}: writers must write disjoint ids; "

@@ -46,7 +46,8 @@ def info_cmd(path: str, as_json: bool) -> None:
         click.echo(json.dumps(info, indent=2))
         return
     click.echo(f"cache      {info['path']}")
-    click.echo(f"format     v{info['format_version']} (written by kd-pipeline {info['library_version']}, "
+    click.echo(f"format     v{info['format_version']}, {info['shard_format']} shards (written by kd-pipeline "
+               f"{info['library_version']}, "
                f"{info['created']})")
     click.echo(f"teacher    {info['teacher_fingerprint']}")
     click.echo(f"data       {info['data_fingerprint']}")

@@ -121,6 +121,7 @@ def train_teacher(params: str, overrides: tuple[str, ...], resume: bool) -> None
 def precompute(params: str, overrides: tuple[str, ...]) -> None:
     """Run each teacher once over the split and write its outputs to a cache.
 
+    precompute.format: arrow (default, memory-mapped) or zarr (Zarr v3, compressed shards).
     Under `torchrun --nproc-per-node N` each process runs the teacher over every N-th example; rank 0 writes
     the manifest once all have committed (README "Many processes (torchrun)").
     """

@@ -135,7 +135,8 @@ def _precompute_one(cfg: Config, teacher: str, examples: Examples, device: torch
     writer = cf.CacheWriter(target.path, cache_fields(spec, config, examples.labels is not None, task),
                             teacher_fingerprint=target.teacher_fingerprint, data_fingerprint=target.data_fingerprint,
                             settings=target.settings, commit_examples=p.commit_examples,
-                            commit_seconds=p.commit_seconds, writer_id=_writer_id(rank, world))
+                            commit_seconds=p.commit_seconds, writer_id=_writer_id(rank, world),
+                            shard_format=target.shard_format)
     if writer.complete:
         return PrecomputeResult(teacher, target.path, len(examples), 0, 0.0, "up to date")
     if finished:  # the manifest vanished between the check and the open

@@ -169,6 +169,7 @@ class CacheTarget:
     teacher_fingerprint: str
     data_fingerprint: str
     settings: dict
+    shard_format: str = "arrow"  # precompute.format
 
 
 def cache_target(cfg: Config, teacher: str, examples: Examples) -> CacheTarget:
@@ -184,8 +185,8 @@ def cache_target(cfg: Config, teacher: str, examples: Examples) -> CacheTarget:
     dfp = data_fingerprint(examples)
     settings = cache_settings(spec, p.max_length, p.split, int(load_model_config(src).num_hidden_layers),
                               get_task(cfg.data))
-    name = cf.cache_dir_name(Path(teacher).name or teacher, tfp, dfp, settings)
-    return CacheTarget(join(p.cache_root, name), tfp, dfp, settings)
+    name = cf.cache_dir_name(Path(teacher).name or teacher, tfp, dfp, settings, p.format)
+    return CacheTarget(join(p.cache_root, name), tfp, dfp, settings, p.format)
 
 
 def teacher_memos(cache_root: str | os.PathLike) -> Path:
