@@ -16,7 +16,7 @@ import torch.distributed as dist
 from cache_format._errors import KDError
 
 __all__ = ["DistError", "TIMEOUT_ENV", "launched", "init", "rank", "world_size", "is_main", "barrier", "all_same",
-           "all_reduce_mean", "destroy"]
+           "all_reduce_sum", "all_reduce_mean", "destroy"]
 
 TIMEOUT_ENV = "KD_DIST_TIMEOUT"  # seconds a rank waits for the others in a collective before the run fails
 DEFAULT_TIMEOUT_S = 1800
@@ -106,6 +106,13 @@ def all_same(value: str, what: str) -> None:
     if odd:
         raise DistError(f"the torchrun ranks disagree on {what} (rank(s) {', '.join(map(str, odd))} differ from "
                         "rank 0); give every rank the same params, data and code")
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """`t` summed over the ranks, in place (unchanged without a process group)."""
+    if _active():
+        dist.all_reduce(t)
+    return t
 
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:

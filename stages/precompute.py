@@ -34,8 +34,8 @@ class PrecomputeResult:
     teacher: str
     path: Path
     examples: int
-    written: int
-    seconds: float
+    written: int  # rows this run wrote, all torchrun processes together
+    seconds: float  # the teacher loop and the writes (tokenising and loading the model come before)
     status: str  # "written", "resumed" or "up to date"
 
 
@@ -177,12 +177,14 @@ def _precompute_one(cfg: Config, teacher: str, examples: Examples, device: torch
             bg.thread.join()
         writer.close(finalize=False)  # keep the committed shards: the next run resumes from them
         raise
+    written = len(todo)
     if world > 1:
+        written = int(dist.all_reduce_sum(torch.tensor(written)).item())  # the job's, not this rank's share
         dist.barrier()  # every rank's shards are committed
         if rank == 0:  # the manifest, the one commit marker, is written once all rows are there
             cf.finalize_cache(target.path, expected_count=len(enc))
         dist.barrier()
-    return PrecomputeResult(teacher, target.path, len(examples), len(todo), time.perf_counter() - t0, status)
+    return PrecomputeResult(teacher, target.path, len(examples), written, time.perf_counter() - t0, status)
 
 
 def precompute(cfg: Config) -> list[PrecomputeResult]:

@@ -129,9 +129,12 @@ def test_precompute_killed_rank_refused_with_one_process_resumed_with_two(setup)
         precompute(config_from_dict(params))
     assert sorted(p.name for p in folder.iterdir()) == before  # refused before writing anything
 
+    committed = sum(json.loads(p.read_text())["count"] for p in folder.glob("shard-*.json"))
     run = _torchrun("precompute", "--params", "params.yaml", *root, cwd=tmp)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "resumed" in run.stdout
+    # the job's rows (both processes), not rank 0's share
+    assert f"{cf.CacheReader(folder).manifest.count - committed} written" in run.stdout, run.stdout
     assert (folder / "shard-w2r1-000000.json").read_text() == kept
     _same_cache(setup["cache"], folder)
 
