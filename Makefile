@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # The whole pipeline on the embedded default: prepare -> train-teacher -> precompute ->
-# distill (+ labels-only baseline) -> evaluate, then the results side by side.
+# distill (+ labels-only baseline, FastBERT branches) -> evaluate, then the results side by side.
 demo: setup
 	PATH=$(abspath $(BIN)):$$PATH dvc repro
 	$(BIN)/kd report

@@ -12,6 +12,7 @@ from cache_format._errors import (
     CacheMismatchError,
     CacheMissError,
     CacheNotFoundError,
+    CacheStoreError,
     CacheValueError,
     CacheVersionError,
     KDError,
@@ -63,4 +64,5 @@ __all__ = [
     "CacheValueError",
     "CacheExistsError",
     "CacheLockedError",
+    "CacheStoreError",
 ]

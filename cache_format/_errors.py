@@ -18,6 +18,7 @@ __all__ = [
     "CacheValueError",
     "CacheExistsError",
     "CacheLockedError",
+    "CacheStoreError",
 ]
 
 
@@ -66,3 +67,7 @@ class CacheExistsError(CacheError, FileExistsError):
 
 class CacheLockedError(CacheError, RuntimeError):
     """Another live process is writing the same unfinished cache with the same writer id."""
+
+
+class CacheStoreError(CacheError, OSError):
+    """A cache URL cannot be used: its filesystem package is missing, its bucket or credentials are wrong."""

@@ -118,17 +118,20 @@ def _slug(name: str) -> str:
     return slug or "teacher"
 
 
-def cache_dir_name(teacher_name: str, teacher_fingerprint: str, data_fingerprint: str, settings: Mapping) -> str:
+def cache_dir_name(teacher_name: str, teacher_fingerprint: str, data_fingerprint: str, settings: Mapping,
+                   shard_format: str = "arrow") -> str:
     """Default folder name for a cache: same teacher + data + settings -> same name; anything else differs.
 
-    The format version is part of the key so a new format never reuses an old folder.
+    The format version is part of the key so a new format never reuses an old folder; so is a shard format
+    other than Arrow (Arrow caches keep the names they always had).
     """
-    key = fingerprint(
-        {
-            "format_version": FORMAT_VERSION,
-            "teacher": teacher_fingerprint,
-            "data": data_fingerprint,
-            "settings": dict(settings),
-        }
-    )
+    identity = {
+        "format_version": FORMAT_VERSION,
+        "teacher": teacher_fingerprint,
+        "data": data_fingerprint,
+        "settings": dict(settings),
+    }
+    if shard_format != "arrow":
+        identity["shard_format"] = shard_format
+    key = fingerprint(identity)
     return f"{_slug(teacher_name)}-{key[:16]}"

@@ -23,9 +23,14 @@ from cache_format._errors import (
     CacheValueError,
     CacheVersionError,
 )
+from cache_format._fs import Store, resolve
 
 FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+# Version 2 = version 1 plus the manifest key `shard_format` (SPEC.md section 10): only zarr caches carry it,
+# so readers that know version 1 only refuse them instead of misreading; Arrow caches stay version 1.
+SUPPORTED_VERSIONS = (1, 2)
+SHARD_FORMATS = ("arrow", "zarr")
+SHARD_SUFFIXES = {"arrow": ".arrow", "zarr": ".zarr"}
 MANIFEST_NAME = "manifest.json"
 PENDING_NAME = "pending.json"
 HASH_ALGO = "sha256"  # faster than blake2b on CPUs with SHA extensions (measured 1.7 vs 1.2 GB/s)
@@ -40,7 +45,7 @@ CODECS = ("arrow",)
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)*$")
 _WRITER_RE = re.compile(r"^[A-Za-z0-9]{1,32}$")
-SHARD_RE = re.compile(r"^shard-(?P<writer>[A-Za-z0-9]{1,32})-(?P<seq>\d{6,})\.arrow$")
+SHARD_RE = re.compile(r"^shard-(?P<writer>[A-Za-z0-9]{1,32})-(?P<seq>\d{6,})\.(arrow|zarr)$")
 # A writer's lock file and the JSON naming its holder (host, pid, start): present only while unfinished.
 LOCK_RE = re.compile(r"^writer-[A-Za-z0-9]{1,32}\.(lock|holder\.json)$")
 
@@ -171,8 +176,10 @@ class Manifest:
     created: str
     library_version: str
     hash_algo: str = HASH_ALGO
+    shard_format: str = "arrow"
 
     def to_dict(self) -> dict[str, Any]:
+        extra = {} if self.shard_format == "arrow" else {"shard_format": self.shard_format}
         return {
             "format_version": self.format_version,
             "teacher_fingerprint": self.teacher_fingerprint,
@@ -184,6 +191,7 @@ class Manifest:
             "shards": [s.to_dict() for s in self.shards],
             "created": self.created,
             "library_version": self.library_version,
+            **extra,
         }
 
     @classmethod
@@ -200,6 +208,12 @@ class Manifest:
                 f"{where} uses field codecs {unknown} that this kd-pipeline cannot read (it knows {list(CODECS)}): "
                 "upgrade kd-pipeline"
             )
+        shard_format = d.get("shard_format", "arrow")
+        if shard_format not in SHARD_FORMATS:
+            raise CacheVersionError(
+                f"{where} has shard_format {shard_format!r}; this kd-pipeline reads {list(SHARD_FORMATS)}: "
+                "upgrade kd-pipeline"
+            )
         try:
             return cls(
                 format_version=int(version),
@@ -212,6 +226,7 @@ class Manifest:
                 created=str(d["created"]),
                 library_version=str(d["library_version"]),
                 hash_algo=str(d.get("hash_algo", HASH_ALGO)),
+                shard_format=shard_format,
             )
         except (KeyError, TypeError, ValueError) as e:
             raise CacheCorruptError(f"{where} is malformed ({e!r}): rerun precompute into a new folder") from e
@@ -243,12 +258,17 @@ def check_writer_id(writer_id: str) -> str:
     return writer_id
 
 
-def shard_name(writer: str, seq: int) -> str:
-    return f"shard-{writer}-{seq:06d}.arrow"
+def format_version_of(shard_format: str) -> int:
+    """The format_version a cache of this shard format is written with (old readers refuse zarr caches)."""
+    return FORMAT_VERSION if shard_format == "arrow" else 2
+
+
+def shard_name(writer: str, seq: int, shard_format: str = "arrow") -> str:
+    return f"shard-{writer}-{seq:06d}{SHARD_SUFFIXES[shard_format]}"
 
 
 def sidecar_name(shard_file: str) -> str:
-    return shard_file[: -len(".arrow")] + ".json"
+    return shard_file.rsplit(".", 1)[0] + ".json"
 
 
 def lock_name(writer: str) -> str:
@@ -350,8 +370,10 @@ def read_json(path: Path) -> Any:
 
 
 def load_manifest(path: str | os.PathLike) -> Manifest:
-    """Read and validate `path/manifest.json` with the error classes the reader documents."""
-    folder = Path(path)
+    """Read and validate `path/manifest.json` with the error classes the reader documents (path may be a URL)."""
+    folder = resolve(path)
+    if isinstance(folder, Store):
+        return _load_remote_manifest(folder)
     if not folder.is_dir():
         raise CacheNotFoundError(f"no cache folder at {folder}: check the path or run precompute to create it")
     mpath = folder / MANIFEST_NAME
@@ -364,6 +386,22 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
     if not isinstance(data, dict):
         raise CacheCorruptError(f"{mpath} is not a JSON object: delete the folder and rerun precompute")
     return Manifest.from_dict(data, where=str(mpath))
+
+
+def _load_remote_manifest(store: Store) -> Manifest:
+    try:
+        data = store.read_json(MANIFEST_NAME)
+    except FileNotFoundError:
+        if not store.listdir():
+            raise CacheNotFoundError(f"no cache at {store.url}: check the URL or run precompute to create it") from None
+        raise CacheIncompleteError(
+            f"{store.url} has no {MANIFEST_NAME}: precompute did not finish; rerun precompute with the same "
+            "settings to resume it"
+        ) from None
+    if not isinstance(data, dict):
+        raise CacheCorruptError(f"{store.url_of(MANIFEST_NAME)} is not a JSON object: delete the folder and rerun "
+                                "precompute")
+    return Manifest.from_dict(data, where=store.url_of(MANIFEST_NAME))
 
 
 def fields_from_list(items: Sequence[Mapping[str, Any]]) -> tuple[FieldSpec, ...]:

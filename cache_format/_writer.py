@@ -8,9 +8,11 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import socket
+import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -20,6 +22,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 from filelock import FileLock, Timeout
 
+from cache_format import _zarr
 from cache_format._errors import (
     CacheCorruptError,
     CacheExistsError,
@@ -28,15 +31,16 @@ from cache_format._errors import (
     CacheMismatchError,
     CacheValueError,
 )
+from cache_format._fs import Store, resolve
 from cache_format._manifest import (
     FLOAT_DTYPES,
-    FORMAT_VERSION,
     HASH_ALGO,
     LOCK_RE,
     MANIFEST_NAME,
     MAX_ID_BYTES,
     MAX_LENGTH,
     PENDING_NAME,
+    SHARD_FORMATS,
     SHARD_RE,
     FieldSpec,
     Manifest,
@@ -48,6 +52,7 @@ from cache_format._manifest import (
     check_writer_id,
     create_json_exclusive,
     fields_from_list,
+    format_version_of,
     holder_name,
     load_manifest,
     lock_name,
@@ -57,6 +62,7 @@ from cache_format._manifest import (
     write_json_atomic,
 )
 from cache_format._reader import arrow_schema, shard_ids
+from cache_format._remote import shard_ids as remote_shard_ids
 
 DEFAULT_SHARD_BYTES = 256 << 20
 MAX_SHARD_BYTES = 16 << 30  # the writer holds about one shard in memory (twice while encoding it)
@@ -72,13 +78,16 @@ def _library_version() -> str:
         return "0+unknown"
 
 
-def _identity(fields: Sequence[FieldSpec], teacher: str, data: str, settings: Mapping) -> dict[str, Any]:
+def _identity(fields: Sequence[FieldSpec], teacher: str, data: str, settings: Mapping,
+              shard_format: str = "arrow") -> dict[str, Any]:
+    extra = {} if shard_format == "arrow" else {"shard_format": shard_format}  # Arrow caches: as before
     return {
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version_of(shard_format),
         "teacher_fingerprint": teacher,
         "data_fingerprint": data,
         "settings": settings,
         "fields": [f.to_dict() for f in fields],
+        **extra,
     }
 
 
@@ -87,6 +96,9 @@ def _identity_diff(expected: Mapping[str, Any], found: Mapping[str, Any]) -> lis
     for key in ("format_version", "teacher_fingerprint", "data_fingerprint", "fields"):
         if expected.get(key) != found.get(key):
             diffs.append(f"{key} {found.get(key)!r} there vs {expected.get(key)!r} now")
+    if expected.get("shard_format", "arrow") != found.get("shard_format", "arrow"):
+        diffs.append(f"shard_format {found.get('shard_format', 'arrow')!r} there vs "
+                     f"{expected.get('shard_format', 'arrow')!r} now")
     exp_s, found_s = expected.get("settings", {}), found.get("settings", {})
     for key in sorted(set(exp_s) | set(found_s)):
         if exp_s.get(key) != found_s.get(key):
@@ -194,8 +206,15 @@ class CacheWriter:
     no-ops) and `done_ids` holds the ids already committed by any writer, for the producer to skip.
     Opening an unfinished cache locks it for this `writer_id` (CacheLockedError if a live process holds it).
 
+    `path` may be a URL (`s3://bucket/prefix/cache`): each shard is written to a local temporary file and
+    uploaded, then its sidecar, and the manifest last. Object stores have no locks: one writer per writer id is
+    then the caller's to ensure (precompute's ranks have distinct ids).
+
     Buffered rows are committed as a shard when they reach `shard_bytes`, `commit_examples` rows, or (checked
     on append) `commit_seconds` since the last commit, whichever comes first: committed rows survive a kill.
+
+    `shard_format` "arrow" (default) writes Arrow IPC shard files, "zarr" Zarr v3 shard folders (SPEC.md section
+    10); the manifest records it and readers follow it.
     """
 
     def __init__(
@@ -210,8 +229,14 @@ class CacheWriter:
         shard_bytes: int = DEFAULT_SHARD_BYTES,
         commit_examples: int | None = None,
         commit_seconds: float | None = None,
+        shard_format: str = "arrow",
     ) -> None:
-        self.path = Path(path)
+        where = resolve(path)
+        self._store: Store | None = where if isinstance(where, Store) else None
+        self.path: Path | str = where if self._store is None else self._store.url
+        if shard_format not in SHARD_FORMATS:
+            raise CacheValueError(f"shard_format={shard_format!r} is not one of {SHARD_FORMATS}")
+        self.shard_format = shard_format
         self.fields = check_fields(fields)
         self.writer_id = check_writer_id(writer_id)
         if not isinstance(shard_bytes, int) or not 1 <= shard_bytes <= MAX_SHARD_BYTES:
@@ -233,7 +258,7 @@ class CacheWriter:
         self.commit_seconds = commit_seconds
         self._specs = {f.name: f for f in self.fields}
         self._identity = _identity(self.fields, str(teacher_fingerprint), str(data_fingerprint),
-                                   canonical_settings(settings))
+                                   canonical_settings(settings), shard_format)
         self._schema = arrow_schema(self.fields)
         self._buffer: list[_Chunk] = []
         self._buffered_bytes = 0
@@ -250,6 +275,9 @@ class CacheWriter:
     # --- opening / resume -------------------------------------------------------------------
 
     def _open_folder(self) -> None:
+        if self._store is not None:
+            self._open_remote(self._store)
+            return
         if self.path.exists() and not self.path.is_dir():
             raise CacheExistsError(f"{self.path} exists and is not a folder: use another cache path")
         self._created = not self.path.exists()
@@ -294,7 +322,7 @@ class CacheWriter:
     def _open_finished(self) -> None:
         manifest = load_manifest(self.path)
         found = _identity(manifest.fields, manifest.teacher_fingerprint, manifest.data_fingerprint,
-                          dict(manifest.settings))
+                          dict(manifest.settings), manifest.shard_format)
         diffs = _identity_diff(self._identity, found)
         if diffs:
             raise CacheExistsError(
@@ -302,7 +330,43 @@ class CacheWriter:
                 "use another path (the default folder name differs per configuration) or delete it"
             )
         self.complete = True
-        self.done_ids = {i for s in manifest.shards for i in shard_ids(self.path / s.file)}
+        self.done_ids = {i for s in manifest.shards for i in self._shard_ids(s)}
+
+    def _shard_ids(self, info: ShardInfo) -> list[str]:
+        if self._store is not None:
+            return _remote_ids(self._store, info.file, info.bytes)
+        return shard_ids(self.path / info.file)
+
+    def _open_remote(self, store: Store) -> None:
+        """`_open_folder` on an object store: no exclusive create of pending.json and no lock (neither exists)."""
+        files = store.listdir()
+        self._created = not files
+        if MANIFEST_NAME in files:
+            self._open_finished()
+            return
+        if PENDING_NAME in files:
+            diffs = _identity_diff(self._identity, store.read_json(PENDING_NAME))
+            if diffs:
+                raise CacheMismatchError(
+                    f"{self.path} holds an unfinished cache of another configuration ({'; '.join(diffs)}): "
+                    "use another path or delete it"
+                )
+        else:
+            strangers = [name for name in files if not _is_cache_file(name)]
+            if strangers:
+                raise CacheExistsError(
+                    f"{self.path} is not empty and is not a cache (found {strangers[:3]}): use another path"
+                )
+            store.write_json(PENDING_NAME, self._identity)
+        self._next_seq = 0
+        for name in files:
+            m = SHARD_RE.match(name)
+            if m and m["writer"] == self.writer_id:
+                if sidecar_name(name) not in files:  # upload cut short before its sidecar: not committed
+                    store.remove(name)
+                self._next_seq = max(self._next_seq, int(m["seq"]) + 1)
+        for info in _remote_committed_shards(store, files):
+            self.done_ids.update(self._shard_ids(info))
 
     def _release_lock(self) -> None:
         if self._lock is not None:
@@ -428,34 +492,71 @@ class CacheWriter:
     def _commit(self, chunks: list[_Chunk]) -> None:
         """Write the rows of `chunks` as one shard + sidecar, each atomically."""
         ids = [i for c in chunks for i in c.ids]
-        columns = [pa.array(ids, type=pa.large_string()), pa.array(np.concatenate([c.lengths for c in chunks]))]
+        lengths = np.concatenate([c.lengths for c in chunks])
+        values, offsets = {}, {}
         for name, spec in self._specs.items():
             parts = [c.values[name] for c in chunks]
-            values = pa.array(parts[0] if len(parts) == 1 else np.concatenate(parts))
+            values[name] = parts[0] if len(parts) == 1 else np.concatenate(parts)
             if spec.ragged:
                 counts = np.concatenate([c.counts[name] for c in chunks])
-                offsets = np.zeros(len(counts) + 1, dtype=np.int64)
-                np.cumsum(counts, out=offsets[1:])
-                columns.append(pa.LargeListArray.from_arrays(pa.array(offsets), values))
-            elif spec.shape == ():
-                columns.append(values)
+                offsets[name] = np.zeros(len(counts) + 1, dtype=np.int64)
+                np.cumsum(counts, out=offsets[name][1:])
+        file = shard_name(self.writer_id, self._next_seq, self.shard_format)
+        if self.shard_format == "zarr":
+            objects = _zarr.encode_shard(self.fields, ids, lengths, values, offsets)
+            size, digest = sum(map(len, objects.values())), _zarr.objects_hash(objects, HASH_ALGO)
+            if self._store is not None:  # the objects, then the sidecar below: the commit on a store
+                _zarr.upload_shard(self._store, file, objects)
             else:
-                columns.append(pa.FixedSizeListArray.from_arrays(values, spec.size()))
-        batch = pa.RecordBatch.from_arrays(columns, schema=self._schema)
-        file = shard_name(self.writer_id, self._next_seq)
-        with atomic_file(self.path / file) as f:
-            sink = _HashingFile(f)
-            with ipc.new_file(pa.PythonFile(sink, mode="w"), self._schema) as w:
-                w.write_batch(batch)
+                _zarr.write_shard(self.path / file, objects)
+        else:
+            size, digest = self._write_arrow(file, ids, lengths, values, offsets)
         info = ShardInfo(
-            file=file, writer=self.writer_id, seq=self._next_seq, count=len(ids), bytes=sink.size,
-            hash=f"{HASH_ALGO}:{sink.hash.hexdigest()}", first_id=ids[0], last_id=ids[-1],
-            ids_hash=hashlib.sha256("\n".join(ids).encode("utf-8")).hexdigest(),
+            file=file, writer=self.writer_id, seq=self._next_seq, count=len(ids), bytes=size, hash=digest,
+            first_id=ids[0], last_id=ids[-1], ids_hash=hashlib.sha256("\n".join(ids).encode("utf-8")).hexdigest(),
         )
-        write_json_atomic(self.path / sidecar_name(file), {"format_version": FORMAT_VERSION, **info.to_dict()})
+        self._write_json(sidecar_name(file), {"format_version": self._identity["format_version"], **info.to_dict()})
         self.done_ids.update(ids)
         self._next_seq += 1
         self._last_commit = _clock()
+
+    def _write_arrow(self, file: str, ids: list[str], lengths: np.ndarray, values: dict[str, np.ndarray],
+                     offsets: dict[str, np.ndarray]) -> tuple[int, str]:
+        """Write one Arrow IPC shard file atomically; return its size and content hash."""
+        columns = [pa.array(ids, type=pa.large_string()), pa.array(lengths)]
+        for name, spec in self._specs.items():
+            flat = pa.array(values[name])
+            if spec.ragged:
+                columns.append(pa.LargeListArray.from_arrays(pa.array(offsets[name]), flat))
+            elif spec.shape == ():
+                columns.append(flat)
+            else:
+                columns.append(pa.FixedSizeListArray.from_arrays(flat, spec.size()))
+        batch = pa.RecordBatch.from_arrays(columns, schema=self._schema)
+        with self._shard_file(file) as f:
+            sink = _HashingFile(f)
+            with ipc.new_file(pa.PythonFile(sink, mode="w"), self._schema) as w:
+                w.write_batch(batch)
+        return sink.size, f"{HASH_ALGO}:{sink.hash.hexdigest()}"
+
+    @contextlib.contextmanager
+    def _shard_file(self, name: str) -> Iterator[BinaryIO]:
+        """A shard's sink: an atomic local file, or a local temporary file uploaded whole once written."""
+        if self._store is None:
+            with atomic_file(self.path / name) as f:
+                yield f
+            return
+        with tempfile.TemporaryDirectory(prefix="kd-upload-") as tmp:
+            local = Path(tmp) / name
+            with open(local, "wb") as f:
+                yield f
+            self._store.upload(local, name)
+
+    def _write_json(self, name: str, obj: Any) -> None:
+        if self._store is not None:
+            self._store.write_json(name, obj)
+        else:
+            write_json_atomic(self.path / name, obj)
 
     # --- closing ----------------------------------------------------------------------------
 
@@ -499,6 +600,10 @@ class CacheWriter:
 
     def _remove_if_unused(self) -> None:
         """Delete the folder if this writer created it and it holds nothing but pending.json and our lock."""
+        if self._store is not None:
+            if self._created and set(self._store.listdir()) <= {PENDING_NAME}:
+                self._store.remove(PENDING_NAME)
+            return
         if not self._created or self._lock is None:
             return
         ours = {PENDING_NAME, self._lock.file.name, self._lock.holder.name}
@@ -667,20 +772,32 @@ def _is_cache_file(name: str) -> bool:
 
 
 def _unlink(path: Path) -> None:
+    """Delete a file, or a folder (a zarr shard, or its partial)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+        return
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
 
 
 def _committed_shards(folder: Path) -> list[ShardInfo]:
     """Shards whose sidecar exists (the sidecar is written after the shard: it is the shard's commit)."""
+    return _parse_sidecars(os.listdir(folder), lambda name: read_json(folder / name), str(folder))
+
+
+def _remote_committed_shards(store: Store, files: Mapping[str, int]) -> list[ShardInfo]:
+    return _parse_sidecars(files, store.read_json, store.url)
+
+
+def _parse_sidecars(names: Iterable[str], read: Callable[[str], Any], where: str) -> list[ShardInfo]:
     infos = []
-    for name in sorted(os.listdir(folder)):
+    for name in sorted(names):
         if name.startswith("shard-") and name.endswith(".json"):
-            data = read_json(folder / name)
+            data = read(name)
             try:
                 info = ShardInfo.from_dict(data)
             except (KeyError, TypeError, ValueError) as e:
-                raise CacheCorruptError(f"sidecar {folder / name} is malformed ({e!r}): delete it and its shard, "
+                raise CacheCorruptError(f"sidecar {where}/{name} is malformed ({e!r}): delete it and its shard, "
                                         "then rerun precompute to redo them") from e
             infos.append(info)
     return sorted(infos, key=lambda s: (s.writer, s.seq))
@@ -691,8 +808,11 @@ def finalize_cache(path: str | os.PathLike, expected_count: int | None = None) -
 
     Call once, after all writers have closed with `finalize=False`. Uncommitted leftovers (partial files,
     shards without sidecar) are deleted. Ids must be unique across writers. Idempotent on a finished cache.
+    `path` may be a URL: the manifest is then uploaded last, and its presence is the commit.
     """
-    folder = Path(path)
+    folder = resolve(path)
+    if isinstance(folder, Store):
+        return _finalize_remote(folder, expected_count)
     if (folder / MANIFEST_NAME).exists():
         return load_manifest(folder)
     if not (folder / PENDING_NAME).exists():
@@ -707,7 +827,7 @@ def finalize_cache(path: str | os.PathLike, expected_count: int | None = None) -
     owner: dict[str, str] = {}
     for info in shards:
         file = folder / info.file
-        size = file.stat().st_size if file.exists() else None
+        size = _zarr.stored_size(file)
         if size != info.bytes:
             raise CacheCorruptError(
                 f"shard {file} has {size} bytes but its sidecar says {info.bytes}: delete the shard and its .json, "
@@ -721,14 +841,28 @@ def finalize_cache(path: str | os.PathLike, expected_count: int | None = None) -
                 )
             owner[i] = info.file
     count = len(owner)
+    _check_count(str(folder), count, expected_count)
+    manifest = _new_manifest(identity, shards, count)
+    write_json_atomic(folder / MANIFEST_NAME, manifest.to_dict())
+    # A finished cache is opened without locks; drop the writers' lock files so they are not part of it.
+    for name in os.listdir(folder):
+        if LOCK_RE.match(name):
+            _unlink(folder / name)
+    return manifest
+
+
+def _check_count(where: str, count: int, expected_count: int | None) -> None:
     if expected_count is not None and count != expected_count:
         err = CacheIncompleteError if count < expected_count else CacheValueError
         raise err(
-            f"{folder} has {count} committed examples, expected {expected_count}: rerun precompute to resume "
+            f"{where} has {count} committed examples, expected {expected_count}: rerun precompute to resume "
             "the missing ones (or check the data)"
         )
-    manifest = Manifest(
-        format_version=FORMAT_VERSION,
+
+
+def _new_manifest(identity: Mapping[str, Any], shards: Sequence[ShardInfo], count: int) -> Manifest:
+    return Manifest(
+        format_version=int(identity["format_version"]),
         teacher_fingerprint=identity["teacher_fingerprint"],
         data_fingerprint=identity["data_fingerprint"],
         settings=identity["settings"],
@@ -737,10 +871,45 @@ def finalize_cache(path: str | os.PathLike, expected_count: int | None = None) -
         count=count,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         library_version=_library_version(),
+        shard_format=identity.get("shard_format", "arrow"),
     )
-    write_json_atomic(folder / MANIFEST_NAME, manifest.to_dict())
-    # A finished cache is opened without locks; drop the writers' lock files so they are not part of it.
-    for name in os.listdir(folder):
-        if LOCK_RE.match(name):
-            _unlink(folder / name)
+
+
+def _remote_ids(store: Store, name: str, nbytes: int) -> list[str]:
+    if _zarr.is_zarr(name):
+        return _zarr.ZarrShard(store.url_of(name), {}).id_list()
+    return remote_shard_ids(store, name, nbytes)
+
+
+def _finalize_remote(store: Store, expected_count: int | None) -> Manifest:
+    """`finalize_cache` on an object store: the same checks, then the manifest is uploaded (the commit)."""
+    files = store.listdir()
+    if MANIFEST_NAME in files:
+        return load_manifest(store.url)
+    if PENDING_NAME not in files:
+        raise CacheIncompleteError(
+            f"{store.url} has no {PENDING_NAME}: no writer has opened it; run precompute to create the cache"
+        )
+    identity = store.read_json(PENDING_NAME)
+    for name in files:
+        if SHARD_RE.match(name) and sidecar_name(name) not in files:
+            store.remove(name)
+    shards = _remote_committed_shards(store, files)
+    owner: dict[str, str] = {}
+    for info in shards:
+        if files.get(info.file) != info.bytes:
+            raise CacheCorruptError(
+                f"shard {store.url_of(info.file)} has {files.get(info.file)} bytes but its sidecar says {info.bytes}: "
+                "delete the shard and its .json, then rerun precompute to redo it"
+            )
+        for i in _remote_ids(store, info.file, info.bytes):
+            if i in owner:
+                raise CacheValueError(
+                    f"example id {i!r} is in both {owner[i]} and {info.file}: writers must write disjoint ids; "
+                    f"delete one of the shards (and its .json) and rerun precompute"
+                )
+            owner[i] = info.file
+    _check_count(store.url, len(owner), expected_count)
+    manifest = _new_manifest(identity, shards, len(owner))
+    store.write_json(MANIFEST_NAME, manifest.to_dict())
     return manifest

@@ -28,7 +28,11 @@ def _kd_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 @click.group("cache")
 def cache() -> None:
-    """Inspect teacher-output caches."""
+    """Inspect teacher-output caches.
+
+    PATH and ROOT may be URLs of an object store (s3://bucket/prefix, gs://..., memory://...); credentials come
+    from the filesystem library's usual environment and config (for s3: AWS_* variables, ~/.aws).
+    """
 
 
 @cache.command("info")
@@ -36,13 +40,14 @@ def cache() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @_kd_errors
 def info_cmd(path: str, as_json: bool) -> None:
-    """Teacher, data, example count, fields and sizes of the cache at PATH."""
+    """Teacher, data, example count, fields and sizes of the cache at PATH (a folder or URL)."""
     info = cache_info(path)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
     click.echo(f"cache      {info['path']}")
-    click.echo(f"format     v{info['format_version']} (written by kd-pipeline {info['library_version']}, "
+    click.echo(f"format     v{info['format_version']}, {info['shard_format']} shards (written by kd-pipeline "
+               f"{info['library_version']}, "
                f"{info['created']})")
     click.echo(f"teacher    {info['teacher_fingerprint']}")
     click.echo(f"data       {info['data_fingerprint']}")
@@ -70,6 +75,8 @@ def info_cmd(path: str, as_json: bool) -> None:
 @_kd_errors
 def verify_cmd(path: str, deep: bool, teacher: str | None) -> None:
     """Check every shard hash, the manifest against the shards, unique ids and finite values.
+
+    On a URL every shard is downloaded to a temporary file, checked there and deleted.
 
     Without --deep the teacher is not read (distill matches it by path and file sizes and mtimes); --deep
     hashes its files in full, which also catches a change that kept them.
@@ -100,7 +107,7 @@ def verify_cmd(path: str, deep: bool, teacher: str | None) -> None:
 @click.argument("root", type=click.Path(file_okay=False), default=".")
 @_kd_errors
 def ls_cmd(root: str) -> None:
-    """List the caches under ROOT (default: the current folder)."""
+    """List the caches under ROOT (a folder or URL; default: the current folder)."""
     caches = list_caches(root)
     if not caches:
         click.echo(f"no caches under {root}")

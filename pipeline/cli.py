@@ -28,9 +28,14 @@ def _common(f: Callable) -> Callable:
 def _run(section: str | None, params: str, overrides: tuple[str, ...], fn: Callable[[Config], object]) -> object:
     """Parse config, log the resolved section, run the stage, turn user errors into one line."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun started several processes
+    if launched and section not in _TORCHRUN_STAGES:
+        name = (section or "this command").replace("_", "-")
+        raise click.ClickException(f"kd {name} runs as one process; start it without torchrun (under torchrun: "
+                                   f"kd {' and kd '.join(_TORCHRUN_STAGES)})")
     try:
         cfg = load_config(params, overrides)
-        if section:
+        if section and os.environ.get("RANK", "0") == "0":  # one copy of the settings under torchrun
             click.echo(f"# {section} settings\n" + yaml.safe_dump({section: config_to_dict(getattr(cfg, section))},
                                                                  sort_keys=False).rstrip(), err=True)
         t0 = time.perf_counter()
@@ -39,6 +44,14 @@ def _run(section: str | None, params: str, overrides: tuple[str, ...], fn: Calla
         return out
     except KDError as e:
         raise click.ClickException(str(e)) from None
+    finally:
+        if launched:
+            from stages import dist  # imported here: it imports torch, which most commands never need
+
+            dist.destroy()
+
+
+_TORCHRUN_STAGES = ("precompute", "distill")  # the stages that run as several processes under torchrun
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -106,7 +119,12 @@ def train_teacher(params: str, overrides: tuple[str, ...], resume: bool) -> None
 @cli.command()
 @_common
 def precompute(params: str, overrides: tuple[str, ...]) -> None:
-    """Run each teacher once over the split and write its outputs to a cache."""
+    """Run each teacher once over the split and write its outputs to a cache.
+
+    precompute.format: arrow (default, memory-mapped) or zarr (Zarr v3, compressed shards).
+    Under `torchrun --nproc-per-node N` each process runs the teacher over every N-th example; rank 0 writes
+    the manifest once all have committed (README "Many processes (torchrun)").
+    """
     from stages.precompute import precompute as run
 
     for r in _run("precompute", params, overrides, run):
@@ -128,12 +146,20 @@ def distill(params: str, overrides: tuple[str, ...], resume: bool) -> None:
     <output>/snapshots/gs<step> at each evaluation), callbacks (package.module:function list, called as
     fn(step=, metrics=, model=) after each evaluation).
 
+    Intermediate matches: distill.matches (a list of {kind, teacher_layer, student_layer, weight, projection,
+    projection_lr}; projection_lr trains that projection at its own learning rate; TextBrewer's gram and nst
+    are aliases of fsp and mmd) and distill.match_preset (TextBrewer's presets, joined with +, e.g.
+    small_hidden_mse+L3_attention_ce_mean; README "Distillation methods" lists them).
+
     With --set distill.method=fastbert: FastBERT instead. Branch classifiers (distill.fastbert.branch_width,
     branch_heads) after every block of a fine-tuned backbone (distill.fastbert.backbone; default: the first
     teacher) learn from its final classifier; the saved folder exits early in `kd evaluate`.
     Any torch.nn.Module as the student: distill.student.module (package.module:Class, e.g.
     stages.any_student:BiLSTMClassifier) with distill.student.module_kwargs, in place of
     from_teacher/pretrained/config: --set 'distill.student={"module": "stages.any_student:BiLSTMClassifier"}'.
+
+    Under `torchrun --nproc-per-node N`: DistributedDataParallel, each process on every N-th row of each
+    distill.batch_size batch (the same optimizer steps as one process); rank 0 writes every output.
     """
     from stages.distill import distill as run
 

@@ -31,13 +31,14 @@ from transformers import get_linear_schedule_with_warmup
 
 from cache_format import atomic_file, atomic_write_text
 from cache_format._errors import KDError
+from stages import dist
 from stages._io import progress_bar
 from stages.config import ConfigError, TrainingConfig
 from stages.data import DataError, Encoded, collate
 
-__all__ = ["EpochSampler", "TaskMix", "TaskSampler", "Objective", "FitResult", "fit", "pick_device", "set_seed", "save_model",
-           "write_model", "write_run_record", "replace_folder", "import_object", "load_callbacks", "NonFiniteLossError",
-           "ResumeError", "CallbackError", "RUN_FILE", "SNAPSHOTS"]
+__all__ = ["EpochSampler", "TaskMix", "TaskSampler", "Objective", "FitResult", "fit", "rank_share", "pick_device",
+           "set_seed", "save_model", "write_model", "write_run_record", "replace_folder", "import_object",
+           "load_callbacks", "NonFiniteLossError", "ResumeError", "CallbackError", "RUN_FILE", "SNAPSHOTS"]
 
 RUN_FILE = "kd_run.json"  # written into every finished model folder: the run's settings and final metrics
 SNAPSHOTS = "snapshots"  # <output>/snapshots/gs{step}: the model at each evaluation (`snapshots: true`)
@@ -450,10 +451,42 @@ def _decay_groups(params: Sequence[tuple[str, nn.Parameter]], weight_decay: floa
     return groups
 
 
-def _remaining_batches(sampler: EpochSampler, ids: np.ndarray) -> tuple[list[np.ndarray], list[list[str]]]:
-    """The rest of the current epoch without advancing `sampler` (a copy walks it)."""
-    rows = list(copy.copy(sampler))
-    return rows, [ids[r].tolist() for r in rows]
+def rank_share(rows: np.ndarray, rank: int, world: int) -> tuple[np.ndarray, float]:
+    """Rank `rank`'s rows of a global batch and the weight of its loss (its share of the batch x `world`).
+
+    Ranks take every `world`-th row (length-grouped batches stay balanced). DDP averages the ranks'
+    gradients, so weighting each rank's mean loss by its share gives the gradient of the global batch's
+    mean even when the shares differ. A rank left without rows takes the first row at weight 0: it must
+    still run forward and backward for the gradient all-reduce.
+    """
+    part = rows[rank::world]
+    return (part, world * len(part) / len(rows)) if len(part) else (rows[:1], 0.0)
+
+
+def _remaining_batches(sampler: EpochSampler, ids: np.ndarray, rank: int = 0, world: int = 1
+                       ) -> tuple[list[np.ndarray], list[list[str]], list[int], list[float]]:
+    """The rest of the current epoch without advancing `sampler` (a copy walks it): this rank's rows and ids
+    of each global batch, the global batch sizes and this rank's loss weights (`rank_share`)."""
+    full = list(copy.copy(sampler))
+    shares = [rank_share(r, rank, world) for r in full]
+    return [r for r, _ in shares], [ids[r].tolist() for r, _ in shares], [len(r) for r in full], [w for _, w in shares]
+
+
+class _Together(nn.Module):
+    """The model and the objective's modules as one module for DDP; its forward runs the objective.
+
+    Running the whole loss inside DDP's forward lets objectives use the model as they like (call submodules,
+    read its head) and lets `find_unused_parameters` see which parameters a batch really used (multi-task
+    heads, Theseus modules), projections included.
+    """
+
+    def __init__(self, model: nn.Module, extra: nn.Module):
+        super().__init__()
+        self.model = model
+        self.extra = extra
+
+    def forward(self, losses: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        return losses()
 
 
 def fit(
@@ -493,6 +526,11 @@ def fit(
     A NaN or infinite loss term raises NonFiniteLossError, before any checkpoint of the ruined weights.
     A callback that raises gives CallbackError after the checkpoint of its evaluation is written; the
     resumed run calls it (and the callbacks after it) again for that evaluation before it trains on.
+
+    Under torchrun (a process group from `stages.dist.init`), the model trains with DistributedDataParallel:
+    every rank walks the same global batches (`cfg.batch_size` rows per micro-batch over all ranks, so N
+    processes take the optimizer steps of 1) and computes on its share of each (`rank_share`). Every rank
+    evaluates; only rank 0 writes checkpoints, snapshots and logs and runs the callbacks.
     """
     callbacks = load_callbacks(cfg.callbacks)  # a bad path fails before any work
     rule = _best_rule(cfg.keep_best)
@@ -502,13 +540,17 @@ def fit(
     if cfg.snapshots and write is None:
         raise ValueError("fit: snapshots need `write`, the function that saves the model into a folder")
     settings = _run_settings(cfg, run_settings)
+    rank, world, main = dist.rank(), dist.world_size(), dist.is_main()
+    dist.all_same(json.dumps(settings, sort_keys=True), f"the settings of {desc}")
     ckpt_path = output / "checkpoint" / "state.pt"
-    _remove_debris(output)
+    if main:
+        _remove_debris(output)
     if cfg.resume and not ckpt_path.exists():
         if (output / RUN_FILE).exists():
             raise ResumeError(f"nothing to resume: the model at {output} is finished; run without --resume to retrain")
-        print(f"note: --resume: no checkpoint at {ckpt_path}; starting from scratch", file=sys.stderr)
-    if not (cfg.resume and ckpt_path.exists()) and (output / SNAPSHOTS).exists():
+        if main:
+            print(f"note: --resume: no checkpoint at {ckpt_path}; starting from scratch", file=sys.stderr)
+    if main and not (cfg.resume and ckpt_path.exists()) and (output / SNAPSHOTS).exists():
         # They belong to the model this run replaces; mixed with this run's they would mislead.
         print(f"note: removing the snapshots of an earlier run in {output / SNAPSHOTS}", file=sys.stderr)
         shutil.rmtree(output / SNAPSHOTS)
@@ -534,6 +576,12 @@ def fit(
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
     autocast, scaler = _autocast(device, cfg.mixed_precision)
     ids = np.asarray(train.ids, dtype=object)
+    # DDP over the model and the objective's modules; `ddp` is None in a single process.
+    ddp = None
+    if world > 1:
+        ddp = nn.parallel.DistributedDataParallel(
+            _Together(model, objective.modules), find_unused_parameters=True)
+    say = tqdm.write if main else (lambda _: None)
 
     step = 0
     dev_metrics: dict[str, float] | None = None
@@ -554,6 +602,8 @@ def fit(
         dev_metrics = state.get("dev")
         evaluations, best, due = state.get("evaluations", []), state.get("best"), state.get("callbacks_due")
         _set_rng_state(state["rng"])
+    # Every rank reads the checkpoint itself (the output folder must be shared by all of them).
+    dist.all_same(str(step), f"the checkpoint step in {ckpt_path} to resume {desc} from")
     # The next evaluation is a function of the step (eval_every, epochs and data are run settings, checked
     # above), so a resumed run evaluates at the steps an uninterrupted one does.
 
@@ -567,9 +617,12 @@ def fit(
     saved = step  # the step of the last checkpoint (of the one resumed from)
 
     def check_finite() -> None:
-        nonlocal checked
+        nonlocal checked, sums
         if sums:
-            finite = torch.isfinite(torch.stack([torch.as_tensor(v) for v in sums.values()])).tolist()  # one sync
+            stacked = torch.stack([torch.as_tensor(v) for v in sums.values()])
+            if world > 1:  # the global batches' sums on every rank (so a NaN on any rank stops all of them);
+                sums = dict(zip(sums, dist.all_reduce_mean(stacked)))  # reducing them again changes nothing
+            finite = torch.isfinite(stacked).tolist()  # one sync
             bad = sorted(k for k, ok in zip(sums, finite) if not ok)
             if bad:
                 where = f"step {step}" if step <= checked + 1 else f"steps {checked + 1}-{step}"
@@ -583,11 +636,12 @@ def fit(
     def save_checkpoint() -> None:
         nonlocal saved
         check_finite()
-        _atomic_torch_save({"model": model.state_dict(), "modules": objective.modules.state_dict(),
-                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                            "sampler": sampler.state_dict(), "step": step, "rng": _rng_state(), "settings": settings,
-                            "dev": dev_metrics, "evaluations": evaluations, "best": best, "callbacks_due": due},
-                           ckpt_path)
+        if main:
+            _atomic_torch_save({"model": model.state_dict(), "modules": objective.modules.state_dict(),
+                                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                "sampler": sampler.state_dict(), "step": step, "rng": _rng_state(),
+                                "settings": settings, "dev": dev_metrics, "evaluations": evaluations, "best": best,
+                                "callbacks_due": due}, ckpt_path)
         saved = step
 
     def evaluation() -> None:
@@ -610,13 +664,14 @@ def fit(
                             "modules": _cpu_copy(objective.modules)}
                 if best is not None:
                     shown += f" (best {name} {best['value']:.4f} at step {best['step']})"
-            tqdm.write(f"{desc}: step {step}/{total_steps} dev {shown}")
+            say(f"{desc}: step {step}/{total_steps} dev {shown}")
             if live is not None:
                 for k, v in dev_metrics.items():
                     live.log_metric(f"dev/{k}", v, plot=True)
         if cfg.snapshots:
             record["snapshot"] = f"{SNAPSHOTS}/gs{step}"
-            replace_folder(output / record["snapshot"], write)
+            if main:
+                replace_folder(output / record["snapshot"], write)
         evaluations.append(record)
         run_callbacks(0)
 
@@ -624,7 +679,7 @@ def fit(
         """Callbacks `start`.. on the last evaluation, then its checkpoint (also when one raises)."""
         nonlocal due
         record = evaluations[-1]
-        for i, (path, fn) in enumerate(callbacks[start:], start):
+        for i, (path, fn) in enumerate(callbacks[start:] if main else (), start):
             try:
                 with _isolated(model, optimizer):
                     value = fn(step=record["step"], metrics=dict(record.get("dev", {})), model=model)
@@ -636,7 +691,7 @@ def fit(
                     f"that step is kept in {ckpt_path.parent}: fix the callback and rerun with --resume"
                 ) from e
             record.setdefault("callbacks", {})[path] = _plain(value)
-            tqdm.write(f"{desc}: step {record['step']} callback {path} -> {value!r}")
+            say(f"{desc}: step {record['step']} callback {path} -> {value!r}")
             if live is not None:
                 for k, v in _numbers(value).items():
                     live.log_metric("/".join(filter(None, ("callbacks", path.replace(":", "."), k))), v, plot=True)
@@ -646,7 +701,7 @@ def fit(
         save_checkpoint()
 
     live = None
-    if log_dir is not None:
+    if log_dir is not None and main:
         from dvclive import Live  # imported here: it is slow to import and only needed for logging
 
         live = Live(dir=str(log_dir), resume=cfg.resume and step > 0, save_dvc_exp=False, dvcyaml=None)
@@ -658,24 +713,33 @@ def fit(
         if due is not None:  # a callback raised at the checkpoint's evaluation: run it (and the rest) again
             run_callbacks(due)
         while step < total_steps:
-            rows_list, id_batches = _remaining_batches(sampler, ids)
+            rows_list, id_batches, sizes, weights = _remaining_batches(sampler, ids, rank, world)
             objective.start_epoch(id_batches)
             micro = 0
             stream = iter(sampler)  # advanced in lockstep with the batches; its state goes in checkpoints
-            for rows, batch_ids in zip(rows_list, id_batches):
+            for rows, batch_ids, size, weight in zip(rows_list, id_batches, sizes, weights):
                 next(stream)
                 batch, _ = collate_rows(rows)
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                with autocast:
-                    terms = objective.losses(model, batch, batch_ids, step, total_steps)
-                loss = sum(terms.values()) / cfg.grad_accum
-                (scaler.scale(loss) if scaler else loss).backward()
+                stepping = (micro + 1) % cfg.grad_accum == 0 or micro + 1 == len(rows_list)
+                # DDP averages the gradients at the backward of the last micro-batch of each optimizer step.
+                with contextlib.nullcontext() if ddp is None or stepping else ddp.no_sync():
+                    with autocast:
+                        if ddp is None:
+                            terms = objective.losses(model, batch, batch_ids, step, total_steps)
+                        else:
+                            terms = ddp(functools.partial(objective.losses, model, batch, batch_ids, step,
+                                                          total_steps))
+                    loss = sum(terms.values()) / cfg.grad_accum
+                    if ddp is not None:
+                        loss = loss * weight
+                    (scaler.scale(loss) if scaler else loss).backward()
                 for k, v in terms.items():  # kept on the device: reading a value would sync the GPU every step
-                    sums[k] = sums.get(k, 0.0) + v.detach()
+                    sums[k] = sums.get(k, 0.0) + (v.detach() if ddp is None else v.detach() * weight)
                 n_sums += 1
-                seen += len(rows)
+                seen += size
                 micro += 1
-                if micro % cfg.grad_accum and micro != len(rows_list):
+                if not stepping:
                     continue
                 if scaler:
                     scaler.unscale_(optimizer)
@@ -788,7 +852,10 @@ def replace_folder(output: Path, fill: Callable[[Path], None]) -> None:
     """Make `output` what `fill(folder)` writes into a new sibling folder, swapped in whole once it is done.
 
     The run's snapshots (`output/snapshots`) are carried into the new folder as hard links (no copy).
+    Under torchrun only rank 0 writes: on the other ranks this does nothing.
     """
+    if not dist.is_main():
+        return
     tmp = output.with_name(f"{output.name}.{uuid.uuid4().hex}.partial")
     try:
         tmp.mkdir(parents=True)

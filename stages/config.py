@@ -308,6 +308,7 @@ class PrecomputeConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     commit_examples: int = 20000
     commit_seconds: Float = 60.0
+    format: Literal["arrow", "zarr"] = "arrow"  # shard format of new caches (README "Cache formats: Arrow or Zarr")
     lm: LMCacheConfig = LMCacheConfig()  # data.task causal_lm only
 
     def _check(self) -> list[Problem]:

@@ -14,7 +14,9 @@ from torch import nn
 
 import cache_format as cf
 from cache_format._errors import CacheMismatchError, CacheMissError, KDError
+from cache_format._fs import exists as path_exists, parent
 from stages.config import Config, ConfigError, DataConfig, DistillConfig, KDConfig, config_to_dict
+from stages import dist
 from stages.kinds import TASK_KINDS
 from stages._io import check_outputs
 from stages._train import FitResult, NonFiniteLossError, fit, pick_device, save_model, set_seed, write_model
@@ -22,11 +24,12 @@ from stages.any_student import as_output, module_student
 from stages.data import IGNORE_LABEL, Encoded, Examples, data_fingerprint, model_inputs
 from stages.losses import (Match, MatchError, build_projections, check_matches, feature_map, match_loss,
                            needed_teacher_layers, preset_matches)
-from stages.models import (TEACHER_MEMOS, ModelError, hidden_size, load_classifier, load_tokenizer, missing_folder,
+from stages.models import (ModelError, hidden_size, load_classifier, load_tokenizer, missing_folder,
                            num_layers, student_from_config, student_from_teacher, teacher_fingerprint)
 from stages.schedules import combine_teachers, cwsm_temperature, flsw_temperature, probability_shift, weight_at
 from stages.tasks import Task, get_task
-from stages.teacher import (CachedTeachers, OnlineTeachers, TeacherSpec, cache_target, load_split, resolve_model)
+from stages.teacher import (CachedTeachers, OnlineTeachers, TeacherSpec, cache_target, load_split, resolve_model,
+                            teacher_memos)
 
 __all__ = ["DistillResult", "DistillObjective", "build_student", "distill", "distill_batches", "distill_objective",
            "distill_settings", "load_distill_data", "logit_terms", "write_metrics"]
@@ -183,7 +186,7 @@ def _check_cache_teachers(cfg: Config, readers: Sequence[cf.CacheReader]) -> Non
                   "is gone", file=sys.stderr)
             continue
         # Memoised by path and file stats next to the cache: no weight file is read unless one changed.
-        expected = teacher_fingerprint(src, Path(r.path).parent / TEACHER_MEMOS)
+        expected = teacher_fingerprint(src, teacher_memos(parent(r.path)))
         if r.manifest.teacher_fingerprint != expected:
             raise CacheMismatchError(
                 f"cache {r.path} was made by another teacher (fingerprint {r.manifest.teacher_fingerprint}) than "
@@ -209,7 +212,7 @@ def _open_caches(cfg: Config, train_examples) -> list[cf.CacheReader]:
         # The caches precompute writes for precompute.teachers: same teacher + data + settings -> same folder.
         for teacher in cfg.precompute.teachers:
             target = cache_target(cfg, teacher, train_examples)
-            if not target.path.exists():
+            if not path_exists(target.path):
                 raise KDError(f"no cache for teacher {teacher} at {target.path}; run `kd precompute` first "
                               "(or set distill.caches to an existing cache folder)")
             readers.append(cf.CacheReader(target.path, expect_teacher=target.teacher_fingerprint,
@@ -266,7 +269,17 @@ def distill(cfg: Config, *, on_step: Callable[[int], None] | None = None) -> Dis
     With `tasks:` in the params, one student with a head per task (stages/multitask.py); with
     `distill.method: theseus`, BERT-of-Theseus module replacing (stages/theseus.py); with `distill.method:
     fastbert`, FastBERT's self-distilled branches on a fine-tuned backbone (stages/fastbert.py).
-    `on_step(step)` is called after every optimizer step (the benchmarks time steps with it)."""
+    `on_step(step)` is called after every optimizer step (the benchmarks time steps with it).
+
+    Under torchrun, every process trains its share of each batch with DistributedDataParallel (stages/dist.py);
+    rank 0 alone writes the outputs, and every rank returns once they are written."""
+    dist.init()
+    result = _distill(cfg, on_step)
+    dist.barrier()
+    return result
+
+
+def _distill(cfg: Config, on_step: Callable[[int], None] | None) -> DistillResult:
     if cfg.tasks:
         from stages.multitask import distill_tasks  # it builds on this module
 
@@ -376,7 +389,9 @@ def distill_objective(cfg: Config, student: nn.Module, train_ex: Examples, train
 
 
 def write_metrics(cfg: Config, result: FitResult) -> None:
-    """distill.metrics: the dev metrics, steps, time and speed of a finished run."""
+    """distill.metrics: the dev metrics, steps, time and speed of a finished run (rank 0 writes it)."""
+    if not dist.is_main():
+        return
     d = cfg.distill
     metrics = {"method": d.method, "teacher_signal": d.teacher_signal,
                **{f"dev_{k}": v for k, v in (result.dev or {}).items()},

@@ -38,6 +38,7 @@ from transformers.masking_utils import create_bidirectional_mask
 from cache_format import atomic_file, atomic_write_text
 from cache_format._errors import KDError
 from stages._io import check_outputs
+from stages import dist
 from stages._train import FitResult, fit, pick_device, replace_folder, set_seed, write_model
 from stages.config import Config, config_to_dict
 from stages.data import Encoded, collate, model_inputs
@@ -372,7 +373,8 @@ def distill_fastbert(cfg: Config, *, on_step: Callable[[int], None] | None = Non
     metrics = {"method": "fastbert", "backbone": name, **{f"dev_{k}": v for k, v in (result.dev or {}).items()},
                "steps": result.steps, "seconds": round(result.seconds, 2),
                "train_examples_per_second": round(result.examples_per_second, 1)}
-    atomic_write_text(Path(d.metrics), json.dumps(metrics, indent=2) + "\n")
+    if dist.is_main():
+        atomic_write_text(Path(d.metrics), json.dumps(metrics, indent=2) + "\n")
     return result
 
 

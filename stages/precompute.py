@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
 import queue
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -12,7 +15,9 @@ import numpy as np
 import torch
 
 import cache_format as cf
-from cache_format._manifest import MANIFEST_NAME
+from cache_format._fs import exists as path_exists, is_remote, join, resolve
+from cache_format._manifest import MANIFEST_NAME, SHARD_RE
+from stages import dist
 from stages.config import Config
 from stages._io import check_outputs, progress_bar
 from stages._train import pick_device
@@ -29,8 +34,8 @@ class PrecomputeResult:
     teacher: str
     path: Path
     examples: int
-    written: int
-    seconds: float
+    written: int  # rows this run wrote, all torchrun processes together
+    seconds: float  # the teacher loop and the writes (tokenising and loading the model come before)
     status: str  # "written", "resumed" or "up to date"
 
 
@@ -64,6 +69,41 @@ class _BackgroundWriter:
             raise self.error
 
 
+def _writer_id(rank: int, world: int) -> str:
+    """The cache writer id of one rank: "0" for a single process, `w{world}r{rank}` under torchrun.
+
+    The shards' file names thus record how many processes wrote them, so a resume with another number
+    of processes is refused (`_check_writers`) instead of splitting the examples another way.
+    """
+    return "0" if world == 1 else f"w{world}r{rank}"
+
+
+def _writers_world(writer: str) -> int | None:
+    """The number of processes a shard's writer id says wrote it (None: not written by precompute)."""
+    m = re.fullmatch(r"w(\d+)r\d+", writer)
+    return 1 if writer == "0" else int(m[1]) if m else None
+
+
+def _check_writers(path: str | Path, world: int) -> None:
+    """Refuse to resume an unfinished cache that a run with another number of processes started."""
+    folder = resolve(path)
+    if isinstance(folder, Path):
+        names = os.listdir(folder) if folder.is_dir() else []
+    else:  # an object store
+        names = list(folder.listdir())
+    if MANIFEST_NAME in names:
+        return
+    # Writers of other names (the CacheWriter API) are left alone, as a single process always did.
+    worlds = {_writers_world(m["writer"]) for name in names if (m := SHARD_RE.match(name))}
+    others = sorted(w for w in worlds - {None, world})
+    if others:
+        raise dist.DistError(
+            f"{path} is an unfinished cache started by {' or '.join(map(str, others))} process(es), this run has "
+            f"{world}; finish it with the same number of processes (torchrun --nproc-per-node), or delete the "
+            "folder to start over"
+        )
+
+
 def _precompute_one(cfg: Config, teacher: str, examples: Examples, device: torch.device) -> PrecomputeResult:
     p = cfg.precompute
     spec = TeacherSpec.from_config(p)
@@ -75,6 +115,11 @@ def _precompute_one(cfg: Config, teacher: str, examples: Examples, device: torch
     task.check_teacher(config, teacher, spec)
     spec.check_layers(int(config.num_hidden_layers), teacher)
     target = cache_target(cfg, teacher, examples)
+    rank, world = dist.rank(), dist.world_size()
+    identity = [str(target.path), target.teacher_fingerprint, target.data_fingerprint, target.settings]
+    dist.all_same(json.dumps(identity, sort_keys=True, default=str),
+                  f"the cache of teacher {teacher} (folder {Path(str(target.path)).name})")
+    _check_writers(target.path, world)
 
     def tokenize_and_load() -> tuple[Encoded, torch.nn.Module]:
         enc = task.encode(load_tokenizer(path_or_name), examples, p.max_length)  # refuses a too small max_length
@@ -83,20 +128,23 @@ def _precompute_one(cfg: Config, teacher: str, examples: Examples, device: torch
 
     # A finished cache needs neither tokens nor model; any other is written from both, so they come before the
     # writer creates its folder.
-    finished = (target.path / MANIFEST_NAME).exists()
+    finished = path_exists(join(target.path, MANIFEST_NAME))
     if not finished:
         enc, model = tokenize_and_load()
     t0 = time.perf_counter()
     writer = cf.CacheWriter(target.path, cache_fields(spec, config, examples.labels is not None, task),
                             teacher_fingerprint=target.teacher_fingerprint, data_fingerprint=target.data_fingerprint,
                             settings=target.settings, commit_examples=p.commit_examples,
-                            commit_seconds=p.commit_seconds)
+                            commit_seconds=p.commit_seconds, writer_id=_writer_id(rank, world),
+                            shard_format=target.shard_format)
     if writer.complete:
         return PrecomputeResult(teacher, target.path, len(examples), 0, 0.0, "up to date")
     if finished:  # the manifest vanished between the check and the open
         enc, model = tokenize_and_load()
+    dist.barrier()  # all writers hold their locks: none removes the folder as unused under another
     done = writer.done_ids
-    todo = np.array([i for i, x in enumerate(enc.ids) if x not in done], dtype=np.int64)
+    # Rank r takes every world-th example (all of them in one process), as the order of `enc` says.
+    todo = np.array([i for i, x in enumerate(enc.ids) if i % world == rank and x not in done], dtype=np.int64)
     status = "resumed" if done else "written"
     # Longest first, in batches of similar length: far less padding than file order, and the
     # cache is keyed by id so the order it is written in does not matter.
@@ -122,14 +170,21 @@ def _precompute_one(cfg: Config, teacher: str, examples: Examples, device: torch
                 bg.put(list(ids), lengths.cpu().numpy(), arrays)
                 bar.update(len(rows))
         bg.join()
-        writer.close()
+        writer.close(finalize=world == 1)
     except BaseException:
         if bg.thread.is_alive():
             bg.q.put(None)
             bg.thread.join()
         writer.close(finalize=False)  # keep the committed shards: the next run resumes from them
         raise
-    return PrecomputeResult(teacher, target.path, len(examples), len(todo), time.perf_counter() - t0, status)
+    written = len(todo)
+    if world > 1:
+        written = int(dist.all_reduce_sum(torch.tensor(written)).item())  # the job's, not this rank's share
+        dist.barrier()  # every rank's shards are committed
+        if rank == 0:  # the manifest, the one commit marker, is written once all rows are there
+            cf.finalize_cache(target.path, expected_count=len(enc))
+        dist.barrier()
+    return PrecomputeResult(teacher, target.path, len(examples), written, time.perf_counter() - t0, status)
 
 
 def precompute(cfg: Config) -> list[PrecomputeResult]:
@@ -137,12 +192,15 @@ def precompute(cfg: Config) -> list[PrecomputeResult]:
 
     Resumes an interrupted cache and does nothing for a finished one with the same teacher,
     data and settings (the folder name is derived from all three). With `tasks:`, every task's teachers over
-    its own data.
+    its own data. Under torchrun, each rank runs the teacher over every world-th example and commits its own
+    shards; rank 0 then writes the manifest: the same cache as one process writes.
     """
+    dist.init()
     if cfg.tasks:
         return [r for name in cfg.task_names() for r in precompute(cfg.for_task(name))]
     p = cfg.precompute
-    check_outputs({"precompute.cache_root": (p.cache_root, "folder")})
+    if not is_remote(p.cache_root):  # an object store is checked when the writer opens it
+        check_outputs({"precompute.cache_root": (p.cache_root, "folder")})
     examples = load_split(cfg, p.split, transfer=p.split == "train")
     device = pick_device(p.device)
     return [_precompute_one(cfg, t, examples, device) for t in p.teachers]

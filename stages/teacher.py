@@ -19,7 +19,9 @@ import torch
 
 import cache_format as cf
 from cache_format._errors import KDError
+from cache_format._fs import is_remote, join, parent
 from cache_format._manifest import load_manifest
+from stages._io import cache_home
 from stages.config import BUNDLED_TEACHER, Config, PrecomputeConfig
 from stages.data import Encoded, Examples, collate, data_fingerprint, model_inputs, with_transfer
 from stages.lm_models import BUNDLED_LM, bundled_lm_folder
@@ -163,10 +165,11 @@ def load_split(cfg: Config, split: str, *, transfer: bool = False) -> Examples:
 class CacheTarget:
     """Where a teacher's cache lives and what it must contain."""
 
-    path: Path
+    path: Path | str  # a URL string when precompute.cache_root is one
     teacher_fingerprint: str
     data_fingerprint: str
     settings: dict
+    shard_format: str = "arrow"  # precompute.format
 
 
 def cache_target(cfg: Config, teacher: str, examples: Examples) -> CacheTarget:
@@ -178,12 +181,20 @@ def cache_target(cfg: Config, teacher: str, examples: Examples) -> CacheTarget:
     p = cfg.precompute
     spec = TeacherSpec.from_config(p)
     src = resolve_model(teacher)
-    tfp = teacher_fingerprint(src, Path(p.cache_root) / TEACHER_MEMOS)
+    tfp = teacher_fingerprint(src, teacher_memos(p.cache_root))
     dfp = data_fingerprint(examples)
     settings = cache_settings(spec, p.max_length, p.split, int(load_model_config(src).num_hidden_layers),
                               get_task(cfg.data))
-    name = cf.cache_dir_name(Path(teacher).name or teacher, tfp, dfp, settings)
-    return CacheTarget(Path(p.cache_root) / name, tfp, dfp, settings)
+    name = cf.cache_dir_name(Path(teacher).name or teacher, tfp, dfp, settings, p.format)
+    return CacheTarget(join(p.cache_root, name), tfp, dfp, settings, p.format)
+
+
+def teacher_memos(cache_root: str | os.PathLike) -> Path:
+    """The teacher fingerprint memos of a cache root: next to its caches, or for a root on an object store in the
+    local cache home (a memo records local file sizes and mtimes)."""
+    if is_remote(cache_root):
+        return cache_home() / "teacher-memos"
+    return Path(cache_root) / TEACHER_MEMOS
 
 
 def verify_cache_teacher(cache: str | os.PathLike, teacher: str | None = None) -> list[str]:
@@ -192,9 +203,8 @@ def verify_cache_teacher(cache: str | os.PathLike, teacher: str | None = None) -
     `teacher` (a path, hub name or `bundled:...`) defaults to the folders recorded for the cache's teacher
     fingerprint in `<cache root>/.teachers`. Refreshes those memos, so a later cheap check sees the result.
     """
-    cache = Path(cache)
     manifest = load_manifest(cache)
-    memos = cache.parent / TEACHER_MEMOS
+    memos = teacher_memos(parent(cache))
     teachers = [teacher] if teacher else recorded_teachers(memos, manifest.teacher_fingerprint)
     if not teachers:
         return [f"no teacher is recorded for this cache in {memos}; pass the teacher with --teacher PATH"]

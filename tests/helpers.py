@@ -30,3 +30,31 @@ def stage_params(tmp: Path, teacher: Path, data: dict[str, Any], *, keep_layers:
     for section, values in sections.items():
         p.setdefault(section, {}).update(values)
     return p
+
+
+def start_moto_server() -> tuple[Any, dict[str, str]]:
+    """Start a local S3-compatible HTTP server (moto's server mode) on a free port.
+
+    Returns the server (call `.stop()`) and the environment that points s3fs/botocore at it with fake credentials
+    and no fallback to the user's ~/.aws or the instance metadata service. Set it (os.environ, monkeypatch) before
+    the first s3:// access; s3fs caches its instances, so call `s3fs.S3FileSystem.clear_instance_cache()` after
+    changing it. Needs the test extra (moto[server]).
+    """
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ACCESS_KEY_ID": "kd-test-key",
+        "AWS_SECRET_ACCESS_KEY": "kd-test-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL_S3": f"http://{host}:{port}",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/kd-test/credentials",
+        "AWS_CONFIG_FILE": "/nonexistent/kd-test/config",
+    }
+    return server, env

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from cache_format import CacheReader
+from stages.config import EvaluateConfig
 from stages.models import TEACHER_MEMOS
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -26,7 +27,7 @@ CODE_DIRS = ("pipeline", "stages", "cache_format")
 # The module fixture runs the whole pipeline (~2 min on 2 idle cores); allow for a loaded machine.
 pytestmark = pytest.mark.timeout(1800)
 
-STAGES = ("prepare", "augment", "train_teacher", "precompute", "distill", "baseline", "evaluate")
+STAGES = ("prepare", "augment", "train_teacher", "precompute", "distill", "baseline", "fastbert", "evaluate")
 
 
 class Repo:
@@ -147,8 +148,9 @@ def test_repro_runs_every_stage(repo: Repo):
     for stage in STAGES:
         assert f"Running stage '{stage}'" in repo.first_repro, repo.first_repro
     root = repo.root
-    for folder in ("models/teacher", "models/student", "models/baseline"):
+    for folder in ("models/teacher", "models/student", "models/baseline", "models/fastbert"):
         assert (root / folder / "config.json").is_file(), folder
+    assert (root / "models" / "fastbert" / "fastbert.json").is_file()
     caches = [p for p in (root / "caches").iterdir() if p.is_dir() and p.name != TEACHER_MEMOS]
     assert len(caches) == 1, caches
     # The teacher labelled the transfer set too: the cache holds train + transfer examples.
@@ -161,9 +163,14 @@ def test_repro_runs_every_stage(repo: Repo):
     assert {"teacher", "student", "baseline"} <= set(results)
     assert results["student"]["parameters"] < results["teacher"]["parameters"]
     assert results["student"]["parameters"] == results["baseline"]["parameters"]
+    # The fastbert stage's model, evaluated at every speed of evaluate.fastbert_speeds, next to the others.
+    assert [p["speed"] for p in results["fastbert"]["fastbert"]] == EvaluateConfig().fastbert_speeds
+    curve = list(csv.DictReader(open(root / "metrics" / "fastbert_curve.csv")))
+    assert {r["model"] for r in curve} == {"teacher", "student", "baseline", "fastbert"}
     # Metrics and plots are `cache: false`: git must track them, or clones and experiments lose them.
     tracked = repo.run("git", "ls-files", "metrics", "dvclive").stdout.split()
-    assert "metrics/evaluate.json" in tracked and "metrics/distill.json" in tracked, tracked
+    for name in ("evaluate.json", "distill.json", "fastbert.json", "fastbert_curve.csv", "fastbert_curve.png"):
+        assert f"metrics/{name}" in tracked, tracked
 
 
 def test_second_repro_runs_nothing(repo: Repo):
@@ -217,6 +224,7 @@ def test_experiments_on_distill_settings_reuse_the_teacher_cache(repo: Repo):
         out = repo.dvc("exp", "run", "-n", name, "-S", f"distill.kd.temperature={temperature}", timeout=300)
         assert "Running stage 'distill'" in out, out
         assert "Running stage 'precompute'" not in out and "Running stage 'train_teacher'" not in out, out
+        assert "Running stage 'fastbert'" not in out, out  # it reads no KD setting
 
     rows = {r["name"]: r for r in _exp_show(repo)}
     assert {"t2", "t8"} <= set(rows), sorted(rows)

@@ -22,6 +22,7 @@ ENTRY = {
     "precompute": "stages/precompute.py",
     "distill": "stages/distill.py",
     "baseline": "stages/distill.py",
+    "fastbert": "stages/distill.py",
     "evaluate": "stages/evaluate.py",
 }
 

@@ -348,3 +348,58 @@ def _state(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(path)
+
+
+# --------------------------------------------------------------------------- on the real bundled model (opt in)
+
+from tests.test_slow import cfg, prepared, teacher  # noqa: E402,F401  (module-scoped stage fixtures)
+
+
+@pytest.mark.slow
+def test_bundled_model_new_presets_aliases_and_a_projection_lr(cfg, teacher, tmp_path, monkeypatch):
+    """The fine-tuned bundled MiniLM (6 blocks, 384 wide, 12 heads) live, into the demo's 2 x 192 student with
+    3 heads, on the 320 training sentences: the new presets adapt to those counts, `nst` is mmd, and the
+    projection with its own lr trains in its own optimizer group."""
+    params = config_to_dict(cfg)
+    params["data"]["transfer"] = None
+    params["distill"].update({
+        "teacher_signal": "online", "output": str(tmp_path / "student"), "log_dir": str(tmp_path / "live"),
+        "metrics": str(tmp_path / "m.json"),
+        "match_preset": "small_hidden_mse+L3_attention_ce_mean+L3_attention_mse_sum+L4t_hidden_sgram",
+        "matches": [{"kind": "nst", "teacher_layer": [3, 6], "student_layer": [1, 2]},
+                    {"kind": "hidden_mse", "teacher_layer": 4, "student_layer": 1, "projection": "linear",
+                     "projection_lr": 2e-3}]})
+    run_cfg = config_from_dict(params)
+    assert run_cfg.distill.student.config == str(teacher.output)
+    orig, terms, made = DistillObjective.losses, [], []
+
+    class AdamW(torch.optim.AdamW):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    def spy(self, *args):
+        out = orig(self, *args)
+        terms.append({k: float(v.detach()) for k, v in out.items()})
+        return out
+
+    monkeypatch.setattr(DistillObjective, "losses", spy)
+    monkeypatch.setattr(torch.optim, "AdamW", AdamW)
+    res = distill(run_cfg)
+    d = run_cfg.distill
+    assert res.teacher_signal == "online" and len(terms) == res.fit.steps > 5
+    # small_*: student hidden 0 and 2 (every second and the last) -> teacher round(i * 6 / 2); attention
+    # presets: student block j -> the teacher's last block of its group; sgram: (i, i) pairs at every layer.
+    assert set(terms[0]) == {
+        "kd", "hard", "hidden_mse.t0.s0", "hidden_mse.t6.s2", "hidden_mse.t4.s1",
+        "attention_ce_mean.t2.s0", "attention_ce_mean.t5.s1", "attention_mse_sum.t2.s0", "attention_mse_sum.t5.s1",
+        "fsp.t0-0.s0-0", "fsp.t3-3.s1-1", "fsp.t6-6.s2-2", "mmd.t3-6.s1-2"}
+    assert all(math.isfinite(v) and v >= 0 for t in terms for v in t.values())
+    # The summed maps of 3 student heads cannot equal 12 teacher heads' (rows add up to 3 vs 12): bounded below.
+    assert min(t["attention_mse_sum.t5.s1"] for t in terms) > 0
+    # The student's two groups (decayed, not decayed) and the preset projections at distill.lr, then the
+    # explicit projection's weight and bias at its projection_lr.
+    assert [g["initial_lr"] for g in made[0].param_groups] == [d.lr, d.lr, 2e-3, 2e-3]
+    proj = _state(tmp_path / "student" / "projections.pt")
+    # Linear 192 -> 384 maps: small_hidden_mse (2), L4t_hidden_sgram (3) and the explicit match (1).
+    assert sorted(v.shape for k, v in proj.items() if k.endswith("weight")) == [torch.Size([384, 192])] * 6
