@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 import cache_format as cf
@@ -81,11 +82,12 @@ class LMObjective:
             return {"forward_kl": partial(forward_kl, temperature=kd.temperature),
                     "reverse_kl": partial(reverse_kl, temperature=kd.temperature),
                     "jsd": partial(generalized_jsd, beta=lm.jsd_beta, temperature=kd.temperature)}[lm.loss]
+        # The cached codecs take the log-probabilities per_token computes once for both terms.
         if self.codec == "topk":
-            return partial(topk_kl, tail=lm.topk_tail)
+            return partial(topk_kl, tail=lm.topk_tail, normalized=True)
         if self.codec == "sampled":
             return partial(sampled_kl, proposal_temperature=self.settings["proposal_temperature"],
-                           samples=self.settings["samples"])
+                           samples=self.settings["samples"], normalized=True)
         return partial(dense_kl, temperature=kd.temperature)
 
     def _teacher_targets(self, batch: dict[str, Tensor], ids: Sequence[str], keep: Tensor
@@ -134,10 +136,17 @@ class LMObjective:
         # detached so the two are logged apart: `hard` carries the gradient of the sum.
         kd_parts: list[Tensor] = []
 
+        shared = isinstance(kd_term, partial) and kd_term.keywords.get("normalized", False)
+
         def per_token(logits: Tensor, labels: Tensor, kd_weight: Tensor | None = None, **teacher: Tensor) -> Tensor:
-            loss = kd.hard_weight / n * next_token_ce(logits, labels)
+            if shared:  # one log-softmax over the vocabulary serves the cross-entropy and the KD term
+                log_s = F.log_softmax(logits.float(), dim=-1)
+                ce = F.nll_loss(log_s, labels.long(), ignore_index=-100, reduction="none")
+            else:
+                ce = next_token_ce(logits, labels)
+            loss = kd.hard_weight / n * ce
             if kd_term is not None:
-                part = kd_weight * kd_term(logits, **teacher)
+                part = kd_weight * kd_term(log_s if shared else logits, **teacher)
                 kd_parts.append(part.detach().sum())
                 loss = loss + part
             return loss

@@ -92,6 +92,10 @@ def _log1mexp(a: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- chunking
 
 
+def _log_probs(logits: Tensor, normalized: bool) -> Tensor:
+    return logits.float() if normalized else F.log_softmax(logits.float(), dim=-1)
+
+
 def auto_chunk_tokens(vocab_size: int, elements: int = 1 << 23) -> int:
     """Tokens per chunk so that one chunk's float32 logits hold `elements` values (32 MiB by default): the
     peak memory of `chunked_loss` then stays flat as the vocabulary grows."""
@@ -171,7 +175,8 @@ def dense_kl(logits: Tensor, logprobs: Tensor, temperature: float = 1.0) -> Tens
     return _kl(log_p, log_s)
 
 
-def topk_kl(logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, tail: str = "bucket") -> Tensor:
+def topk_kl(logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, tail: str = "bucket", *,
+            normalized: bool = False) -> Tensor:
     """KL(p || s) per token against a cached top-k teacher: ``topk_ids`` [n, k] and their log-probabilities
     ``topk_logprobs`` [n, k] (normalised over the full vocabulary).
 
@@ -180,6 +185,8 @@ def topk_kl(logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, tail: str =
     logsumexp, floored at float32's epsilon). With k = V it is the full forward KL.
     ``tail="renormalize"``: KL between the teacher's top-k renormalised to sum to 1 and the student's softmax
     restricted to the same ids (the tail is ignored).
+    ``normalized=True``: ``logits`` are already the student's log-probabilities (one log-softmax shared with
+    the cross-entropy term saves a pass over the vocabulary).
     """
     _check_logits(logits, "topk_kl", topk_ids=topk_ids, topk_logprobs=topk_logprobs)
     if topk_ids.shape != topk_logprobs.shape or topk_ids.dim() != 2:
@@ -187,7 +194,7 @@ def topk_kl(logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, tail: str =
                                f"{tuple(topk_logprobs.shape)} must both be [tokens, k]")
     if tail not in TOPK_TAILS:
         raise LMLossInputError(f"topk_kl: unknown tail {tail!r}; valid: {', '.join(TOPK_TAILS)}")
-    log_s = F.log_softmax(logits.float(), dim=-1).gather(-1, topk_ids.long())
+    log_s = _log_probs(logits, normalized).gather(-1, topk_ids.long())
     log_p = topk_logprobs.float()
     if tail == "renormalize":
         return _kl(F.log_softmax(log_p, dim=-1), F.log_softmax(log_s, dim=-1))
@@ -200,7 +207,8 @@ def topk_kl(logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, tail: str =
 
 
 def sampled_kl(logits: Tensor, sample_ids: Tensor, sample_counts: Tensor, sample_logprobs: Tensor,
-               proposal_lognorm: Tensor, proposal_temperature: float = 1.0, *, samples: int) -> Tensor:
+               proposal_lognorm: Tensor, proposal_temperature: float = 1.0, *, samples: int,
+               normalized: bool = False) -> Tensor:
     """Unbiased importance-weighted estimate of KL(p || s) per token from ids sampled from the teacher.
 
     Each position holds ``samples`` draws from the proposal q = p^(1/tau) / Z (tau = ``proposal_temperature``,
@@ -208,6 +216,7 @@ def sampled_kl(logits: Tensor, sample_ids: Tensor, sample_counts: Tensor, sample
     (0 = empty slot, which counts 0) and log p(id) ``sample_logprobs`` [n, m]. Estimate:
     sum_i (c_i / samples) * (p_i / q_i) * (log p_i - log s_i), with log q_i = log p_i / tau - log Z
     (tau = 1: p_i / q_i = 1). Its expectation over the draws is KL(p || s); single values may be negative.
+    ``normalized=True``: ``logits`` are already log-probabilities, as for ``topk_kl``.
     """
     _check_logits(logits, "sampled_kl", sample_ids=sample_ids, sample_counts=sample_counts,
                   sample_logprobs=sample_logprobs, proposal_lognorm=proposal_lognorm)
@@ -218,7 +227,7 @@ def sampled_kl(logits: Tensor, sample_ids: Tensor, sample_counts: Tensor, sample
     if samples < 1:
         raise LMLossInputError(f"sampled_kl: samples must be >= 1, got {samples}; pass precompute.lm.samples")
     tau = _check_temperature(proposal_temperature)
-    log_s = F.log_softmax(logits.float(), dim=-1).gather(-1, sample_ids.long())
+    log_s = _log_probs(logits, normalized).gather(-1, sample_ids.long())
     # empty slots may hold any log-probability (-inf too): 0 keeps their zero terms finite, gradients too
     log_p = torch.where(sample_counts > 0, sample_logprobs.float(), torch.zeros((), device=logits.device))
     # log(p/q) = log p - (log p / tau - log Z)

@@ -377,3 +377,24 @@ def test_chunked_loss_on_cuda_matches_cpu():
         hm.weight.grad = None
     for a, b in zip(*results):
         _close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
+def test_normalized_inputs_give_the_same_kd_values_and_gradients(tail):
+    """The distill loop passes log-probabilities (one log-softmax shared with the CE term): same result."""
+    z_s, z_t = _logits(30), _logits(31)
+    ids, lp = _topk_teacher(z_t, 5)
+    s_ids, counts, s_lp, lognorm = _sample_fields(torch.log_softmax(z_t, dim=-1), 3, 6, 1.5, seed=3)
+    for fn in (partial(topk_kl, topk_ids=ids, topk_logprobs=lp, tail=tail),
+               partial(sampled_kl, sample_ids=s_ids, sample_counts=counts, sample_logprobs=s_lp,
+                       proposal_lognorm=lognorm, proposal_temperature=1.5, samples=6)):
+        a = z_s.repeat(3, 1) if fn.func is sampled_kl else z_s.clone()
+        b = a.clone()
+        a.requires_grad_(True)
+        b.requires_grad_(True)
+        ref = fn(a)
+        out = fn(torch.log_softmax(b, dim=-1), normalized=True)
+        ref.sum().backward()
+        out.sum().backward()
+        _close(out, ref)
+        _close(b.grad, a.grad)
