@@ -824,23 +824,8 @@ def finalize_cache(path: str | os.PathLike, expected_count: int | None = None) -
         if name.endswith(".partial") or (SHARD_RE.match(name) and not (folder / sidecar_name(name)).exists()):
             _unlink(folder / name)
     shards = _committed_shards(folder)
-    owner: dict[str, str] = {}
-    for info in shards:
-        file = folder / info.file
-        size = _zarr.stored_size(file)
-        if size != info.bytes:
-            raise CacheCorruptError(
-                f"shard {file} has {size} bytes but its sidecar says {info.bytes}: delete the shard and its .json, "
-                "then rerun precompute to redo it"
-            )
-        for i in shard_ids(file):
-            if i in owner:
-                raise CacheValueError(
-                    f"example id {i!r} is in both {owner[i]} and {info.file}: writers must write disjoint ids; "
-                    f"delete one of the shards (and its .json) and rerun precompute"
-                )
-            owner[i] = info.file
-    count = len(owner)
+    count = _count_unique(shards, lambda info: _zarr.stored_size(folder / info.file),
+                          lambda info: shard_ids(folder / info.file), lambda file: str(folder / file))
     _check_count(str(folder), count, expected_count)
     manifest = _new_manifest(identity, shards, count)
     write_json_atomic(folder / MANIFEST_NAME, manifest.to_dict())
@@ -849,6 +834,28 @@ def finalize_cache(path: str | os.PathLike, expected_count: int | None = None) -
         if LOCK_RE.match(name):
             _unlink(folder / name)
     return manifest
+
+
+def _count_unique(shards: Sequence[ShardInfo], size_of: Callable[[ShardInfo], int | None],
+                  ids_of: Callable[[ShardInfo], list[str]], where: Callable[[str], str]) -> int:
+    """The number of examples in `shards`, after checking each shard's size against its sidecar and that no id
+    is in two shards (writers must write disjoint ids)."""
+    owner: dict[str, str] = {}
+    for info in shards:
+        size = size_of(info)
+        if size != info.bytes:
+            raise CacheCorruptError(
+                f"shard {where(info.file)} has {size} bytes but its sidecar says {info.bytes}: delete the shard and "
+                "its .json, then rerun precompute to redo it"
+            )
+        for i in ids_of(info):
+            if i in owner:
+                raise CacheValueError(
+                    f"example id {i!r} is in both {owner[i]} and {info.file}: writers must write disjoint ids; "
+                    f"delete one of the shards (and its .json) and rerun precompute"
+                )
+            owner[i] = info.file
+    return len(owner)
 
 
 def _check_count(where: str, count: int, expected_count: int | None) -> None:
@@ -895,21 +902,9 @@ def _finalize_remote(store: Store, expected_count: int | None) -> Manifest:
         if SHARD_RE.match(name) and sidecar_name(name) not in files:
             store.remove(name)
     shards = _remote_committed_shards(store, files)
-    owner: dict[str, str] = {}
-    for info in shards:
-        if files.get(info.file) != info.bytes:
-            raise CacheCorruptError(
-                f"shard {store.url_of(info.file)} has {files.get(info.file)} bytes but its sidecar says {info.bytes}: "
-                "delete the shard and its .json, then rerun precompute to redo it"
-            )
-        for i in _remote_ids(store, info.file, info.bytes):
-            if i in owner:
-                raise CacheValueError(
-                    f"example id {i!r} is in both {owner[i]} and {info.file}: writers must write disjoint ids; "
-                    f"delete one of the shards (and its .json) and rerun precompute"
-                )
-            owner[i] = info.file
-    _check_count(store.url, len(owner), expected_count)
-    manifest = _new_manifest(identity, shards, len(owner))
+    count = _count_unique(shards, lambda info: files.get(info.file),
+                          lambda info: _remote_ids(store, info.file, info.bytes), store.url_of)
+    _check_count(store.url, count, expected_count)
+    manifest = _new_manifest(identity, shards, count)
     store.write_json(MANIFEST_NAME, manifest.to_dict())
     return manifest
