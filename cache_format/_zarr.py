@@ -153,35 +153,35 @@ def _write_synced(file: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _url_fs(location: str | os.PathLike, storage_options: Mapping[str, Any] | None) -> tuple[Any, str]:
+def _url_fs(location: str | os.PathLike) -> tuple[Any, str]:
     from fsspec.core import url_to_fs
 
-    return url_to_fs(str(location), **dict(storage_options or {}))
+    return url_to_fs(str(location))
 
 
 # --- size and hash of a stored shard ---------------------------------------------------------------
 
-def _stored_objects(location: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> list[str]:
+def _stored_objects(location: str | os.PathLike) -> list[str]:
     """Keys of the shard's objects (relative, `/`-separated), sorted."""
     if is_url(location):
-        fs, root = _url_fs(location, storage_options)
+        fs, root = _url_fs(location)
         root = root.rstrip("/")
         return sorted(p[len(root) + 1 :] for p in fs.find(root))
     base = Path(location)
     return sorted(p.relative_to(base).as_posix() for p in base.rglob("*") if p.is_file())
 
 
-def _read_object(location: str | os.PathLike, key: str, storage_options: Mapping[str, Any] | None) -> bytes:
+def _read_object(location: str | os.PathLike, key: str) -> bytes:
     if is_url(location):
-        fs, root = _url_fs(location, storage_options)
+        fs, root = _url_fs(location)
         return fs.cat_file(_join(root, key))
     return (Path(location) / key).read_bytes()
 
 
-def shard_size(location: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> int | None:
+def shard_size(location: str | os.PathLike) -> int | None:
     """Total bytes of a stored zarr shard's objects; None when there is no shard there."""
     if is_url(location):
-        fs, root = _url_fs(location, storage_options)
+        fs, root = _url_fs(location)
         sizes = fs.du(root, total=False) if fs.exists(root) else {}
         return sum(sizes.values()) if sizes else None
     base = Path(location)
@@ -190,10 +190,10 @@ def shard_size(location: str | os.PathLike, storage_options: Mapping[str, Any] |
     return sum(p.stat().st_size for p in base.rglob("*") if p.is_file())
 
 
-def shard_hash(location: str | os.PathLike, algo: str, storage_options: Mapping[str, Any] | None = None) -> str:
+def shard_hash(location: str | os.PathLike, algo: str) -> str:
     """The content hash of a stored zarr shard, as `objects_hash` computed it at write time."""
-    keys = _stored_objects(location, storage_options)
-    return objects_hash(((k, _read_object(location, k, storage_options)) for k in keys), algo)
+    keys = _stored_objects(location)
+    return objects_hash(((k, _read_object(location, k)) for k in keys), algo)
 
 
 # --- reading ---------------------------------------------------------------------------------------
@@ -211,11 +211,9 @@ class Rows:
 class ZarrShard:
     """One zarr shard: ids, lengths and offsets in memory; field values read on demand, per process."""
 
-    def __init__(self, location: str | os.PathLike, fields: Mapping[str, FieldSpec],
-                 storage_options: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, location: str | os.PathLike, fields: Mapping[str, FieldSpec]) -> None:
         self.location = location
         self.fields = dict(fields)
-        self._storage_options = storage_options
         self._group: Any = None
         self._arrays: dict[str, Any] = {}
         self._pid: int | None = None
@@ -239,8 +237,7 @@ class ZarrShard:
         if self._pid != os.getpid():
             zarr = _zarr()
             if is_url(self.location):
-                self._group = zarr.open_group(str(self.location), mode="r",
-                                              storage_options=dict(self._storage_options or {}))
+                self._group = zarr.open_group(str(self.location), mode="r")
             else:
                 from zarr.storage import LocalStore
 
