@@ -104,11 +104,12 @@ def _score_models(cfg: Config, device: torch.device) -> tuple[dict[str, dict], d
     for name, path in sorted(e.models.items(), key=lambda item: item[0] != "teacher"):
         src = resolve_model(path)
         tokenizer = load_tokenizer(src)
-        if is_fastbert(src) and not TASK_KINDS[cfg.data.task].sequence_kd:
+        fastbert = is_fastbert(src)
+        if fastbert and not TASK_KINDS[cfg.data.task].sequence_kd:
             raise FastBertError(f"evaluate.models.{name} is a FastBERT model, which exits on one class distribution "
                                 f"per example; data.task {cfg.data.task} has none, evaluate it with "
                                 "sequence_classification")
-        if is_fastbert(src):  # the full model here (no early exit); per speed below
+        if fastbert:  # the full model here (no early exit); per speed below
             model = load_fastbert(src, task.num_labels, label_names=task.label_names).to(device)
         else:
             model = load_trained(src, task).to(device)  # a module student, or the task's load_model
@@ -129,7 +130,7 @@ def _score_models(cfg: Config, device: torch.device) -> tuple[dict[str, dict], d
             "split": e.split,
             "examples": len(examples),
         }
-        if is_fastbert(src):
+        if fastbert:
             results[name]["fastbert"] = speed_curve(
                 model, data, task, e.fastbert_speeds, e.batch_size, device=device,
                 throughput=lambda m: measure_throughput(m, data, e.batch_size, e.throughput_batches, device))
