@@ -6,7 +6,7 @@ export DVC_NO_ANALYTICS := 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test bench
+.PHONY: setup demo test bench docs
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -27,3 +27,8 @@ test: setup
 
 bench: setup
 	$(BIN)/python bench/cache_io.py
+
+# The documentation site (mkdocs.yml, docs/) into build/site; fails on a stale docs/params.md or a broken link.
+docs: setup
+	$(BIN)/python docs/gen_params.py --check
+	$(BIN)/mkdocs build --strict
