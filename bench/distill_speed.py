@@ -50,12 +50,14 @@ from _common import (
     write_subset,
 )
 
-from stages import distill, precompute
+from stages.distill import distill
+from stages.precompute import precompute
 from stages.config import DataConfig, config_from_dict
 from stages.data import encode, load_examples
 from stages.models import load_classifier, load_tokenizer, student_from_teacher
-from stages.tasks.sequence_classification import SequenceClassification
-from stages.teacher import TeacherSpec, teacher_outputs
+from stages.tasks import SequenceClassification
+from stages.tasks import TeacherSpec
+from stages.teacher import teacher_outputs
 
 BATCH = 32
 MAX_LENGTH = 64

@@ -19,7 +19,7 @@ from _common import log, quiet, table, write_results
 
 from stages.config import config_from_dict
 from stages.evaluate import measure_throughput
-from stages.fastbert import load_fastbert, predict_exits
+from stages.methods import load_fastbert, predict_exits
 from stages.models import load_tokenizer
 from stages.tasks import get_task
 

@@ -41,13 +41,15 @@ import numpy as np
 import torch
 from _common import StepClock, log, median, quiet, table, write_results
 
-from cache_format._tools import cache_info
-from stages import distill, precompute
+from cache_format import cache_info
+from stages.distill import distill
+from stages.precompute import precompute
 from stages.config import DataConfig, config_from_dict
-from stages.lm_models import lm_metrics, lm_scores
-from stages.models import load_causal_lm, load_tokenizer, make_tiny_causal_lm
+from stages.models import lm_metrics, lm_scores
+from stages.models import load_causal_lm, load_tokenizer
+from tests.tiny_models import make_tiny_causal_lm
 from stages.tasks import get_task
-from stages.teacher import resolve_model
+from stages.models import resolve_model
 
 TEACHER = "bundled:smollm2-135m"
 

@@ -2,7 +2,7 @@
 
 One training step's loss: next-token cross-entropy + top-k KL (k = 32, tail bucket) from a linear head
 (V x H, no bias) on N hidden states, forward and backward. "unchunked" computes the same per-token
-functions on the full logits `head(hidden)`; "chunked" is `stages.lm_losses.chunked_loss` with
+functions on the full logits `head(hidden)`; "chunked" is `stages.losses.lm.chunked_loss` with
 `chunk_tokens` rows at a time (each chunk's logits recomputed in backward); "chunked, C x V fixed" the same
 with chunk_tokens = C * V0 / V (V0 the smallest V), so that every V has the same chunk logits size: with a
 fixed chunk_tokens memory no longer grows with N, but still grows with V. Random hidden states, labels,
@@ -46,7 +46,7 @@ def _child(spec: dict) -> dict:
     """Run `spec["repeats"]` forward+backward steps of one mode; return peak memory (bytes) and step times."""
     import torch
 
-    from stages.lm_losses import chunked_loss, next_token_ce, topk_kl
+    from stages.losses import chunked_loss, next_token_ce, topk_kl
 
     n, h, v, k, device = spec["n"], spec["hidden"], spec["vocab"], spec["k"], torch.device(spec["device"])
     torch.manual_seed(0)

@@ -57,7 +57,7 @@ def _child(cfg_path: Path) -> None:
     """Run distill on the config in `cfg_path`, print peak memory as JSON on the last stdout line."""
     from _common import StepClock
 
-    from stages import distill
+    from stages.distill import distill
     from stages.config import config_from_dict
 
     cfg = config_from_dict(json.loads(cfg_path.read_text()))
@@ -94,7 +94,7 @@ def _teacher(root: Path) -> Path:
     from transformers import BertConfig, BertForSequenceClassification
 
     from stages.models import load_tokenizer
-    from stages.teacher import resolve_model
+    from stages.models import resolve_model
 
     out = root / "teacher-tiny"
     tok = load_tokenizer(resolve_model(BUNDLED_TEACHER))
@@ -122,7 +122,7 @@ def _config(teacher: Path, csv: Path, work: Path, epochs: int) -> dict:
 
 def _measure(teacher: Path, root: Path, n: int, epochs: int) -> dict:
     from cache_format import cache_info
-    from stages import precompute
+    from stages.precompute import precompute
     from stages.config import config_from_dict
 
     work = root / f"n{n}"

@@ -34,12 +34,13 @@ from _common import (
     write_subset,
 )
 
-from stages import precompute
+from stages.precompute import precompute
 from stages.config import config_from_dict
 from stages.data import collate, encode
 from stages.models import load_classifier, load_tokenizer
 from stages.tasks import get_task
-from stages.teacher import TeacherSpec, load_split, teacher_outputs
+from stages.tasks import TeacherSpec, load_split
+from stages.teacher import teacher_outputs
 
 
 def _config(t: Teacher, csv: Path, cache_root: Path, hidden: bool) -> dict:

@@ -30,9 +30,11 @@ from _common import (
     write_results,
 )
 
-from stages import distill, precompute, prepare
-from stages._train import set_seed
-from stages.tasks.sequence_classification import SequenceClassification
+from stages.distill import distill
+from stages.precompute import precompute
+from stages.prepare import prepare
+from stages.train import set_seed
+from stages.tasks import SequenceClassification
 from stages.config import DataConfig, config_from_dict
 from stages.data import encode, read_table
 from stages.models import (
@@ -41,7 +43,7 @@ from stages.models import (
     num_layers,
     student_from_teacher,
 )
-from stages.teacher import load_split
+from stages.tasks import load_split
 
 TEMPERATURE = 4.0
 

@@ -40,7 +40,8 @@ import torch
 import yaml
 from _common import StepClock, log, median, minilm_teacher, quiet, table, write_results, write_subset
 
-from stages import distill, precompute
+from stages.distill import distill
+from stages.precompute import precompute
 from stages.config import config_from_dict
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -31,7 +31,7 @@ from _common import (
 )
 
 from cache_format import cache_info
-from stages import precompute
+from stages.precompute import precompute
 from stages.config import config_from_dict
 
 TOKENS = 128

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from _common import TEACHERS, Teacher, log, quiet, table, write_results, write_subset
 
-from stages import distill, precompute
+from stages.distill import distill
+from stages.precompute import precompute
 from stages.config import config_from_dict
 
 STUDENT_LAYERS = [[0, -1], [0, 2], [1, -2], [2, -1], [0, 1]]  # negative: counted from the teacher's last layer

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from cache_format._errors import CacheCorruptError, CacheStoreError
+from cache_format.errors import CacheCorruptError, CacheStoreError
 
 __all__ = ["Store", "exists", "is_remote", "join", "parent", "resolve"]
 

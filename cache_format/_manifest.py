@@ -16,7 +16,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from cache_format._errors import (
+from cache_format.errors import (
     CacheCorruptError,
     CacheIncompleteError,
     CacheNotFoundError,

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from cache_format import _zarr
-from cache_format._errors import CacheCorruptError, CacheMismatchError, CacheMissError, CacheValueError
+from cache_format.errors import CacheCorruptError, CacheMismatchError, CacheMissError, CacheValueError
 from cache_format._fs import Store, join, resolve
 from cache_format._manifest import FieldSpec, Manifest, canonical_settings, file_hash, load_manifest
 

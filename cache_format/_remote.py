@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from cache_format._errors import CacheCorruptError
+from cache_format.errors import CacheCorruptError
 from cache_format._fs import Store
 
 # Fetch granularity: each object-store request costs a round trip, so few large ones (on the moto server a

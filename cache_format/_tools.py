@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from cache_format import _zarr
-from cache_format._errors import CacheError, CacheNotFoundError
+from cache_format.errors import CacheError, CacheNotFoundError
 from cache_format._fs import Store, join, resolve
 from cache_format._manifest import (
     FLOAT_DTYPES,

@@ -23,7 +23,7 @@ import pyarrow.ipc as ipc
 from filelock import FileLock, Timeout
 
 from cache_format import _zarr
-from cache_format._errors import (
+from cache_format.errors import (
     CacheCorruptError,
     CacheExistsError,
     CacheIncompleteError,

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from cache_format._errors import CacheCorruptError, CacheValueError
+from cache_format.errors import CacheCorruptError, CacheValueError
 from cache_format._manifest import FieldSpec, _fsync_dir
 
 SUFFIX = ".zarr"

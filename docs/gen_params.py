@@ -198,7 +198,7 @@ HELP: dict[str, str] = {
     "distill.student.num_kv_heads": "causal_lm students with `config` only: key/value heads (grouped-query "
                                     "attention; must divide num_heads)",
     "distill.student.module": "or: any `torch.nn.Module` class as `package.module:Class` (e.g. "
-                              "`stages.any_student:BiLSTMClassifier`); see "
+                              "`stages.models.module_student:BiLSTMClassifier`); see "
                               "[Students that are not transformers](methods/any-student.md)",
     "distill.student.module_kwargs": "with `module` only: the class's keyword arguments (JSON values); "
                                      "`num_labels`, `vocab_size` and `pad_token_id` are filled in when the class "

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from cache_format import cache_info, human_bytes, list_caches, verify_cache
-from cache_format._errors import CacheError, KDError
+from cache_format import CacheError, KDError
 
 
 def _kd_errors(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -12,7 +12,7 @@ from typing import Callable
 import click
 import yaml
 
-from cache_format._errors import KDError
+from cache_format import KDError
 from stages.config import Config, config_to_dict, load_config
 
 __all__ = ["main", "cli"]
@@ -46,7 +46,7 @@ def _run(section: str | None, params: str, overrides: tuple[str, ...], fn: Calla
         raise click.ClickException(str(e)) from None
     finally:
         if launched:
-            from stages import dist  # imported here: it imports torch, which most commands never need
+            from stages.train import dist  # imported here: it imports torch, which most commands never need
 
             dist.destroy()
 
@@ -155,8 +155,8 @@ def distill(params: str, overrides: tuple[str, ...], resume: bool) -> None:
     branch_heads) after every block of a fine-tuned backbone (distill.fastbert.backbone; default: the first
     teacher) learn from its final classifier; the saved folder exits early in `kd evaluate`.
     Any torch.nn.Module as the student: distill.student.module (package.module:Class, e.g.
-    stages.any_student:BiLSTMClassifier) with distill.student.module_kwargs, in place of
-    from_teacher/pretrained/config: --set 'distill.student={"module": "stages.any_student:BiLSTMClassifier"}'.
+    stages.models.module_student:BiLSTMClassifier) with distill.student.module_kwargs, in place of
+    from_teacher/pretrained/config: --set 'distill.student={"module": "stages.models.module_student:BiLSTMClassifier"}'.
 
     Under `torchrun --nproc-per-node N`: DistributedDataParallel, each process on every N-th row of each
     distill.batch_size batch (the same optimizer steps as one process); rank 0 writes every output.

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import os
+import importlib
 import sys
 from pathlib import Path
-from typing import Literal, Mapping
+from typing import Any, Literal, Mapping
 
 from tqdm.auto import tqdm
 
-from cache_format._errors import KDError
+from cache_format import KDError
+from stages.config import ConfigError
 
-__all__ = ["OutputError", "cache_home", "check_outputs", "progress_bar"]
+__all__ = ["OutputError", "cache_home", "check_outputs", "progress_bar", "import_object", "one_line"]
 
 OutputKind = Literal["file", "folder", "model"]
 
@@ -80,3 +82,25 @@ def check_outputs(outputs: Mapping[str, tuple[str | os.PathLike, OutputKind]]) -
     if problems:
         raise OutputError("cannot write the outputs: " + "; ".join(problems)
                           + "; fix these settings or the permissions, then rerun")
+
+
+def one_line(e: BaseException) -> str:
+    return " ".join(f"{type(e).__name__}: {e}".split())[:300]
+
+
+def import_object(path: str, setting: str, want: str) -> Any:
+    """The object named by `package.module:attr` (looked up on sys.path, then in the current folder).
+
+    A path that does not import is a one-line ConfigError naming the `setting`; `want` says what to name instead.
+    """
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())  # `kd` is a console script: the params' folder is not on sys.path by itself
+    module, _, attr = path.partition(":")
+    try:
+        obj: Any = importlib.import_module(module)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except Exception as e:
+        raise ConfigError(f"{setting}: {path!r} does not import ({one_line(e)}); name {want}, importable from "
+                          "the current folder or PYTHONPATH") from None
+    return obj

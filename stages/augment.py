@@ -34,8 +34,8 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 
 from cache_format import atomic_file
-from cache_format._fingerprint import fingerprint
-from cache_format._manifest import MAX_ID_BYTES
+from cache_format import fingerprint
+from cache_format import MAX_ID_BYTES
 from stages._io import check_outputs, progress_bar
 from stages.config import AugmentConfig, Config, ConfigError
 from stages.data import DataError, Examples, load_examples, read_table

@@ -18,7 +18,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, JsonValue, Validat
                       WrapValidator, field_validator, model_validator)
 from pydantic_core import PydanticCustomError
 
-from cache_format._errors import KDError
+from cache_format import KDError
 from stages.kinds import KD_KINDS, MATCH_ALIASES, MATCH_KINDS, PRESETS, PROJECTIONS, TASK_KINDS
 
 __all__ = [
@@ -263,7 +263,7 @@ class TrainTeacherConfig(TrainingConfig):
 
 
 class LMCacheConfig(_Section):
-    """`precompute.lm`: what a causal_lm cache stores per token (data.task causal_lm only; stages/lm_codecs.py)."""
+    """`precompute.lm`: what a causal_lm cache stores per token (data.task causal_lm only; stages/tasks/lm_codecs.py)."""
 
     codec: Literal["dense", "topk", "sampled"] = "topk"
     k: int = 32  # topk: ids kept per token
@@ -333,7 +333,7 @@ _STUDENT_SIZES = ("num_layers", "hidden_size", "intermediate_size", "num_heads",
 class StudentConfig(_Section):
     """How the student is built: exactly one of from_teacher (with keep_layers), pretrained,
     config (random init, resized by num_layers, hidden_size, intermediate_size, num_heads), or
-    module (any torch.nn.Module class by import path, built with module_kwargs; stages/any_student.py).
+    module (any torch.nn.Module class by import path, built with module_kwargs; stages/models/module_student.py).
 
     A key that the chosen way ignores is an error, so a leftover size never silently does nothing.
     """
@@ -486,7 +486,7 @@ DEFAULT_STUDENT = StudentConfig(config="models/teacher", num_layers=2, hidden_si
 
 
 class TheseusConfig(_Section):
-    """BERT-of-Theseus (`distill.method: theseus`, stages/theseus.py): groups of teacher blocks replaced at random
+    """BERT-of-Theseus (`distill.method: theseus`, stages/methods/theseus.py): groups of teacher blocks replaced at random
     by one successor block each, the replacement probability constant or growing linearly, then the successors
     trained alone."""
 
@@ -538,7 +538,7 @@ class DistillConfig(TrainingConfig):
 
     lr: Float = 5e-4
     # kd: train distill.student from the teacher signal; theseus: BERT-of-Theseus module replacing
-    # (stages/theseus.py); fastbert: self-distil branch classifiers onto a fine-tuned backbone (stages/fastbert.py).
+    # (stages/methods/theseus.py); fastbert: self-distil branch classifiers onto a fine-tuned backbone (stages/methods/fastbert.py).
     method: Literal["kd", "theseus", "fastbert"] = "kd"
     theseus: TheseusConfig = TheseusConfig()
     fastbert: FastBertConfig = FastBertConfig()
@@ -815,7 +815,7 @@ class Config(_Section):
                          f"and data.task is {self.data.task}; use it with sequence_classification"))
         if self.distill.student.module and TASK_KINDS[self.data.task].language_model:
             errs.append(("distill.student.module", f"data.task {self.data.task} trains a Hugging Face causal LM "
-                         "(stages/lm_distill.py), not a module student; use from_teacher, pretrained or config"))
+                         "(stages/methods/lm.py), not a module student; use from_teacher, pretrained or config"))
         if self.tasks and self.distill.student.module:
             errs.append(("distill.student.module", "a multi-task student is a transformer encoder with a head per "
                          "task; a module student is single-task: remove tasks: or use from_teacher, pretrained "

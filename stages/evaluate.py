@@ -19,14 +19,18 @@ from cache_format import atomic_write_text
 from stages.config import Config
 from stages.kinds import TASK_KINDS
 from stages._io import check_outputs
-from stages._train import pick_device
+from stages.train import pick_device
 from stages.data import DataError, Examples, collate, model_inputs
-from stages.any_student import load_trained
-from stages.fastbert import FastBertError, curve_rows, is_fastbert, load_fastbert, speed_curve, write_curve
-from stages.models import load_model_config, load_tokenizer, num_parameters
+from stages.methods import FastBertError, curve_rows, is_fastbert, load_fastbert, speed_curve, write_curve
+from torch import nn
+from stages.models.loading import _check_label_names
+from stages.models.module_student import is_module_folder, load_module_student
+from stages.tasks import Task
+from stages.models import ModelError,  load_model_config, load_tokenizer, num_parameters
 from stages.report import save_predictions
 from stages.tasks import get_task
-from stages.teacher import load_split, resolve_model
+from stages.tasks import load_split
+from stages.models import resolve_model
 
 __all__ = ["evaluate", "measure_throughput"]
 
@@ -135,3 +139,20 @@ def _score_models(cfg: Config, device: torch.device) -> tuple[dict[str, dict], d
                 model, data, task, e.fastbert_speeds, e.batch_size, device=device,
                 throughput=lambda m: measure_throughput(m, data, e.batch_size, e.throughput_batches, device))
     return {name: results[name] for name in e.models}, predictions, examples
+
+
+def load_trained(name_or_path: str, task: Task) -> nn.Module:
+    """A trained model for `task`: a module student's folder, or what the task kind loads (`Task.load_model`:
+    a `save_pretrained` model with the task's head).
+
+    Either must have been trained for the task's label count (and label names, when both name them)."""
+    if not is_module_folder(name_or_path):
+        return task.load_model(name_or_path)
+    model = load_module_student(name_or_path)
+    n = model.config.num_labels
+    if n is not None and n != task.num_labels:
+        raise ModelError(f"{name_or_path} was trained for {n} labels but data.num_labels is {task.num_labels}; "
+                         "evaluate it on data of its own labels, or train one for these")
+    if model.config.id2label:
+        _check_label_names(model.config, name_or_path, task.label_names)
+    return model

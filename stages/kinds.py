@@ -1,7 +1,7 @@
 """The one registry of distillation loss kinds: what each needs, without torch.
 
 `stages/config.py` validates settings against these tables without importing torch, and
-`stages/losses.py` attaches a loss function to every match kind (`losses.MATCH_LOSSES`), so
+`stages/losses/kd.py` attaches a loss function to every match kind (`losses.MATCH_LOSSES`), so
 adding a kind is one entry here plus its function there.
 """
 

@@ -15,16 +15,18 @@ import numpy as np
 import torch
 
 import cache_format as cf
-from cache_format._fs import exists as path_exists, is_remote, join, resolve
-from cache_format._manifest import MANIFEST_NAME, SHARD_RE
-from stages import dist
+from cache_format import path_exists, is_remote, join_path, resolve_path
+from cache_format import MANIFEST_NAME, SHARD_RE
+from stages.train import dist
 from stages.config import Config
 from stages._io import check_outputs, progress_bar
-from stages._train import pick_device
+from stages.train import pick_device
 from stages.data import Encoded, Examples, collate
 from stages.models import load_model_config, load_tokenizer
 from stages.tasks import get_task
-from stages.teacher import TeacherSpec, cache_fields, cache_target, load_split, resolve_model, teacher_outputs
+from stages.tasks import TeacherSpec, load_split
+from stages.teacher import cache_fields, cache_target, teacher_outputs
+from stages.models import resolve_model
 
 __all__ = ["PrecomputeResult", "precompute"]
 
@@ -86,7 +88,7 @@ def _writers_world(writer: str) -> int | None:
 
 def _check_writers(path: str | Path, world: int) -> None:
     """Refuse to resume an unfinished cache that a run with another number of processes started."""
-    folder = resolve(path)
+    folder = resolve_path(path)
     if isinstance(folder, Path):
         names = os.listdir(folder) if folder.is_dir() else []
     else:  # an object store
@@ -128,7 +130,7 @@ def _precompute_one(cfg: Config, teacher: str, examples: Examples, device: torch
 
     # A finished cache needs neither tokens nor model; any other is written from both, so they come before the
     # writer creates its folder.
-    finished = path_exists(join(target.path, MANIFEST_NAME))
+    finished = path_exists(join_path(target.path, MANIFEST_NAME))
     if not finished:
         enc, model = tokenize_and_load()
     t0 = time.perf_counter()

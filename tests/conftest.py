@@ -71,7 +71,7 @@ def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory, tiny_texts: list[tup
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_texts: list[tuple[str, int]]) -> Path:
     """A saved tiny random BERT classifier (2 layers, hidden 32) with a tokenizer covering tiny_texts."""
-    from stages.models import make_tiny_classifier
+    from tests.tiny_models import make_tiny_classifier
 
     texts = [t for t, _ in tiny_texts]
     return make_tiny_classifier(tmp_path_factory.mktemp("tiny_model"), layers=2, hidden=32, heads=2,
@@ -81,7 +81,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_texts: list[tu
 @pytest.fixture(scope="session")
 def tiny_teacher_dir(tmp_path_factory: pytest.TempPathFactory, tiny_texts: list[tuple[str, int]]) -> Path:
     """A saved tiny random BERT teacher (4 layers, hidden 64), same tokenizer as tiny_model_dir."""
-    from stages.models import make_tiny_classifier
+    from tests.tiny_models import make_tiny_classifier
 
     texts = [t for t, _ in tiny_texts]
     return make_tiny_classifier(tmp_path_factory.mktemp("tiny_teacher"), layers=4, hidden=64, heads=4,

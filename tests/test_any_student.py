@@ -1,4 +1,4 @@
-"""Students that are not transformers (stages/any_student.py): import paths, the BiLSTM through the cache with
+"""Students that are not transformers (stages/models/module_student.py): import paths, the BiLSTM through the cache with
 save/reload/evaluate and resume, matches on a module's hidden states, and the Python API on images (a CNN)."""
 
 from __future__ import annotations
@@ -14,20 +14,22 @@ from click.testing import CliRunner
 from torch import nn
 
 import cache_format as cf
-from cache_format._errors import CacheMissError
+from cache_format import CacheMissError
 from pipeline.cli import cli
-from stages import distill, evaluate, precompute
-from stages.any_student import (MODULE_FILE, WEIGHTS_FILE, ModuleStudent, as_output, load_module_student,
-                                load_trained, module_student)
+from stages.distill import distill
+from stages.evaluate import evaluate
+from stages.precompute import precompute
+from stages.models import MODULE_FILE, WEIGHTS_FILE, ModuleStudent, as_output, load_module_student, module_student
+from stages.evaluate import load_trained
 from stages.config import ConfigError, KDConfig, config_from_dict
-from stages.distill import DistillObjective, distill_batches
+from stages.methods import DistillObjective, distill_batches
 from stages.losses import MatchError, hard_ce_loss, kd_loss
 from stages.models import ModelError, load_tokenizer
 from stages.tasks import get_task
-from stages.teacher import load_split
+from stages.tasks import load_split
 from tests.helpers import stage_params
 
-BILSTM = "stages.any_student:BiLSTMClassifier"
+BILSTM = "stages.models.module_student:BiLSTMClassifier"
 SMALL = {"embedding_dim": 16, "lstm_size": 8, "mlp_size": 8}
 
 
@@ -356,7 +358,8 @@ def test_distill_batches_names_ids_missing_from_the_cache(images):
 def test_bilstm_on_the_bundled_model_and_data(tmp_path):
     """prepare -> train-teacher -> precompute -> distill a BiLSTM (cached) and a labels-only BiLSTM -> evaluate,
     on 400 Rotten Tomatoes sentences with the bundled MiniLM teacher (one short epoch each)."""
-    from stages import prepare, train_teacher
+    from stages.prepare import prepare
+    from stages.train_teacher import train_teacher
 
     data, models = tmp_path / "data", tmp_path / "models"
     student = {"module": BILSTM, "module_kwargs": {"embedding_dim": 64, "lstm_size": 32, "mlp_size": 32}}

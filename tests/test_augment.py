@@ -13,9 +13,11 @@ import pytest
 from click.testing import CliRunner
 
 import cache_format as cf
-from cache_format._errors import KDError
+from cache_format import KDError
 from pipeline.cli import cli
-from stages import augment, distill, precompute
+from stages.augment import augment
+from stages.distill import distill
+from stages.precompute import precompute
 from stages.augment import TagVocabulary, augment_examples
 from stages.config import ConfigError, config_from_dict
 from stages.data import IGNORE_LABEL, Examples, content_ids, load_examples
@@ -348,8 +350,9 @@ def test_bundled_model_and_data_views_through_precompute_and_distill(tmp_path):
     """The real Rotten Tomatoes split and the bundled MiniLM: the views with the tokenizer's own mask token."""
     import yaml
 
-    from stages import prepare, train_teacher
-    from stages.teacher import resolve_model
+    from stages.prepare import prepare
+    from stages.train_teacher import train_teacher
+    from stages.models import resolve_model
 
     repo = Path(__file__).resolve().parents[1]
     params = yaml.safe_load((repo / "params.yaml").read_text())

@@ -19,8 +19,8 @@ import numpy as np
 import pyarrow.csv as pa_csv
 import pytest
 
-from stages import bundled
-from stages.bundled import BUNDLED_SOURCES, read_lee, read_pos, read_wnut, write_bundled
+from stages.data import bundled
+from stages.data import BUNDLED_SOURCES, read_lee, read_pos, read_wnut, write_bundled
 from stages.config import config_from_dict
 from stages.data import DataError
 from stages.prepare import prepare

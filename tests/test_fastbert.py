@@ -12,10 +12,11 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, DistilBertConfig, RobertaConfig
 
-from stages import distill, evaluate, train_teacher
+from stages.distill import distill
+from stages.evaluate import evaluate
+from stages.train_teacher import train_teacher
 from stages.config import ConfigError, config_from_dict
-from stages.fastbert import (BRANCHES_FILE, CONFIG_FILE, FastBert, FastBertError, check_speed, exit_scores,
-                             is_fastbert, load_fastbert, normalized_entropy)
+from stages.methods import BRANCHES_FILE, CONFIG_FILE, FastBert, FastBertError, check_speed, exit_scores, is_fastbert, load_fastbert, normalized_entropy
 from stages.models import load_classifier, load_tokenizer
 from stages.tasks import get_task
 from tests.helpers import stage_params
@@ -238,7 +239,7 @@ def test_evaluate_reports_each_speed_and_writes_the_curve(trained):
 
 
 def test_without_matplotlib_the_csv_is_written_and_the_note_says_how(tmp_path, monkeypatch, capsys):
-    from stages.fastbert import write_curve
+    from stages.methods import write_curve
 
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # import matplotlib -> ImportError
     rows = [{"model": "fastbert", "speed": 0.5, "accuracy": 0.8, "macro_f1": 0.8, "average_layers": 2.5,
@@ -256,7 +257,7 @@ def test_fastbert_on_the_bundled_model_and_data(tmp_path):
     """The real bundled MiniLM (6 blocks) on 400 Rotten Tomatoes sentences: fine-tune, self-distil, evaluate.
 
     Behaviour only (one short epoch each is too little for quality): exactness, exits, KL, the curve files."""
-    from stages import prepare
+    from stages.prepare import prepare
 
     data, models = tmp_path / "data", tmp_path / "models"
     params = {
@@ -304,9 +305,9 @@ def test_fastbert_on_the_bundled_model_and_data(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fastbert_on_cuda_with_autocast(tmp_path, tiny_data_dir, tiny_teacher_dir):
     """On CUDA: the exits match the backbone, rows really leave, and bf16 self-distillation lowers the KL."""
-    from stages._train import fit
+    from stages.train import fit
     from stages.config import DistillConfig
-    from stages.fastbert import SelfDistillation, speed_curve
+    from stages.methods import SelfDistillation, speed_curve
 
     cuda = torch.device("cuda")
     torch.manual_seed(0)

@@ -15,8 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 import cache_format as cf
-from stages import distill, precompute
-from stages._train import _autocast
+from stages.distill import distill
+from stages.precompute import precompute
+from stages.train.loop import _autocast
 from stages.config import config_from_dict
 from stages.models import load_classifier, student_from_teacher
 from stages.teacher import CachedTeachers

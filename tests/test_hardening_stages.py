@@ -14,16 +14,21 @@ import torch
 from click.testing import CliRunner
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from cache_format._errors import CacheCorruptError, CacheMismatchError, KDError
+from cache_format import CacheCorruptError, CacheMismatchError, KDError
 from pipeline.cli import cli
-from stages import distill, evaluate, precompute, train_teacher
+from stages.distill import distill
+from stages.evaluate import evaluate
+from stages.precompute import precompute
+from stages.train_teacher import train_teacher
 from stages._io import OutputError
-from stages._train import RUN_FILE, NonFiniteLossError, ResumeError
+from stages.train import RUN_FILE, NonFiniteLossError, ResumeError
 from stages.config import config_from_dict
 from stages.data import DataError
-from stages.distill import DistillObjective
-from stages.models import TEACHER_MEMOS, ModelError, make_tiny_classifier, teacher_fingerprint
-from stages.teacher import CachedTeachers, load_split
+from stages.methods import DistillObjective
+from stages.models import TEACHER_MEMOS, ModelError, teacher_fingerprint
+from tests.tiny_models import make_tiny_classifier
+from stages.teacher import CachedTeachers
+from stages.tasks import load_split
 from tests.test_stages import _params
 
 
@@ -36,7 +41,7 @@ def _cfg(tmp_path, data_dir, teacher, **sections):
 
 
 def _module(name: str):
-    """The module stages.<name> (`stages.distill` etc. are also the names of the stage functions)."""
+    """The module stages.<name>, whose globals a test patches."""
     return importlib.import_module(f"stages.{name}")
 
 
@@ -233,7 +238,7 @@ def test_cached_distill_does_not_load_the_teacher(tmp_path, tiny_data_dir, tiny_
         return orig(cls, name, *args, **kwargs)
 
     monkeypatch.setattr(AutoModelForSequenceClassification, "from_pretrained", classmethod(from_pretrained))
-    monkeypatch.setattr("stages.models.model_fingerprint", lambda *a: pytest.fail("model_fingerprint called"))
+    monkeypatch.setattr("stages.models.identity.model_fingerprint", lambda *a: pytest.fail("model_fingerprint called"))
     out = distill(cfg)
     assert out.caches == [str(res.path)] and loaded == [str(tiny_model_dir)]
 
@@ -303,7 +308,7 @@ def test_outputs_of_the_wrong_kind_are_refused_before_loading(tmp_path, tiny_dat
     (tmp_path / "afile").write_text("x")
     (tmp_path / "m_distill.json").mkdir()
     loads = []
-    monkeypatch.setattr(_module("distill"), "load_split", lambda *a, **k: loads.append(a))
+    monkeypatch.setattr(_module("methods.kd"), "load_split", lambda *a, **k: loads.append(a))
     cfg = _cfg(tmp_path, tiny_data_dir, tiny_teacher_dir, precompute={"cache_root": str(tmp_path / "afile")},
                distill={"log_dir": str(tmp_path / "afile" / "live")})
     with pytest.raises(OutputError) as err:
@@ -326,7 +331,7 @@ def _read_only_cases(tmp_path, tiny_data_dir, tiny_teacher_dir):
 
 def _assert_read_only_refused(cfg, monkeypatch):
     calls = []
-    for module in ("distill", "train_teacher", "precompute"):
+    for module in ("methods.kd", "train_teacher", "precompute"):
         monkeypatch.setattr(_module(module), "load_split", lambda *a, **k: calls.append(a))
     with pytest.raises(OutputError) as err:
         distill(cfg)
@@ -378,7 +383,7 @@ def test_resume_from_a_checkpoint_at_the_final_step_keeps_the_dev_metrics(tmp_pa
         raise KeyboardInterrupt  # killed after the last checkpoint, before the final save
 
     with monkeypatch.context() as m:
-        m.setattr(_module("distill"), "save_model", killed)
+        m.setattr(_module("methods.kd"), "save_model", killed)
         with pytest.raises(KeyboardInterrupt):
             distill(_cfg(tmp_path, tiny_data_dir, tiny_teacher_dir))
     assert torch.load(_ckpt(tmp_path / "student"), weights_only=False)["step"] == 13
@@ -420,10 +425,10 @@ def test_data_errors_come_before_model_loads(tmp_path, tiny_data_dir, tiny_teach
     calls = []
     # precompute loads its teacher through the task (Task.load_teacher, stages/tasks/base.py).
     for module, names in (("train_teacher", ("load_classifier", "load_tokenizer")), ("precompute", ("load_tokenizer",)),
-                          ("tasks.base", ("load_classifier",)), ("distill", ("load_classifier", "load_tokenizer"))):
+                          ("tasks.base", ("load_classifier",)), ("methods.kd", ("load_classifier", "load_tokenizer"))):
         for name in names:
             monkeypatch.setattr(_module(module), name, lambda *a, _n=name, **k: calls.append(_n))
-    monkeypatch.setattr(_module("distill"), "build_student", lambda *a: calls.append("build_student"))
+    monkeypatch.setattr(_module("methods.kd"), "build_student", lambda *a: calls.append("build_student"))
     p = _params(tmp_path, tiny_data_dir, tiny_teacher_dir)
     p["data"]["train"] = str(bad)
     cfg = config_from_dict(p)

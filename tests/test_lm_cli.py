@@ -16,7 +16,7 @@ import yaml
 from click.testing import CliRunner
 
 from pipeline.cli import cli
-from stages.models import make_tiny_causal_lm
+from tests.tiny_models import make_tiny_causal_lm
 
 L = 16
 _DOCS = [f"the cat number {i} sat on the mat and the dog barked at it ." for i in range(40)]

@@ -11,10 +11,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from cache_format._errors import KDError
-from stages import distill, evaluate, precompute
+from cache_format import KDError
+from stages.distill import distill
+from stages.evaluate import evaluate
+from stages.precompute import precompute
 from stages.config import ConfigError, config_from_dict
-from stages.models import make_tiny_causal_lm
+from tests.tiny_models import make_tiny_causal_lm
 
 L = 16
 _WORDS = ["the", "cat", "sat", "on", "mat", "a", "dog", "barked", "at", "N", "years", "old", "former", "chairman",
@@ -110,8 +112,8 @@ def test_labels_only_and_evaluate(lm, tmp_path):
 
 def test_evaluate_runs_the_teacher_once_for_every_models_agreement(lm, tmp_path, monkeypatch):
     """The teacher's top-1 is computed in its own scoring pass and reused: three students add no teacher pass."""
-    import stages.lm_models as lm_models
-    from stages.lm_models import lm_metrics, lm_scores
+    import stages.models.lm as lm_models
+    from stages.models import lm_metrics, lm_scores
     from stages.models import load_causal_lm, load_tokenizer
     from stages.tasks import get_task
 
@@ -191,7 +193,7 @@ def test_resume_gives_the_same_student(lm, tmp_path):
 
 
 def test_num_kv_heads_is_refused_for_classifiers(tmp_path):
-    from stages.distill import build_student
+    from stages.methods import build_student
 
     cfg = config_from_dict({"distill": {"student": {"config": "x", "num_kv_heads": 1}}})
     with pytest.raises(ConfigError, match="num_kv_heads"):
@@ -200,7 +202,7 @@ def test_num_kv_heads_is_refused_for_classifiers(tmp_path):
 
 def test_uld_pairs_positions_that_predict_the_same_character(lm, tmp_path):
     import cache_format as cf
-    from stages.lm_distill import _alignment
+    from stages.methods.lm import _alignment
     from stages.models import load_tokenizer
     from stages.tasks import get_task
 

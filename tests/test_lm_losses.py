@@ -9,20 +9,8 @@ from functools import partial
 import pytest
 import torch
 
-from cache_format._errors import KDError
-from stages.lm_losses import (
-    LMLossInputError,
-    align_by_offsets,
-    chunked_loss,
-    dense_kl,
-    forward_kl,
-    generalized_jsd,
-    next_token_ce,
-    reverse_kl,
-    sampled_kl,
-    topk_kl,
-    uld_loss,
-)
+from cache_format import KDError
+from stages.losses import LMLossInputError, align_by_offsets, chunked_loss, dense_kl, forward_kl, generalized_jsd, next_token_ce, reverse_kl, sampled_kl, topk_kl, uld_loss
 
 N, V = 7, 23
 

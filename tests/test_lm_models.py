@@ -1,4 +1,4 @@
-"""Causal-LM students, LM metrics and the bundled SmolLM2 conversion (stages/lm_models.py)."""
+"""Causal-LM students, LM metrics and the bundled SmolLM2 conversion (stages/models/lm.py)."""
 
 from __future__ import annotations
 
@@ -14,13 +14,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import stages.lm_models as lm
+import stages.models.bundled as bundled
+import stages.models.lm as lm
 from stages._io import cache_home
-from stages.bundled import data_home
+from stages.data import data_home
 from stages.data import DataError, Encoded
-from stages.lm_models import BUNDLED_LM, bundled_lm_folder, causal_lm_student, lm_metrics, lm_scores
-from stages.models import ModelError, load_causal_lm, load_tokenizer, make_tiny_causal_lm
-from stages.teacher import resolve_model
+from stages.models import BUNDLED_LM, bundled_lm_folder, causal_lm_student, lm_metrics, lm_scores
+from stages.models import ModelError, load_causal_lm, load_tokenizer
+from tests.tiny_models import make_tiny_causal_lm
+from stages.models import resolve_model
 
 TEXTS = [
     "the cat sat on the mat and looked at the dog",
@@ -231,7 +233,7 @@ def test_cache_home_and_its_env_vars(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cache_home() == tmp_path / "xdg" / "kd-pipeline"
     monkeypatch.setenv("KD_CACHE_HOME", str(tmp_path / "kd"))
-    assert lm.models_home() == tmp_path / "kd" / "models"
+    assert bundled.models_home() == tmp_path / "kd" / "models"
     assert data_home() == tmp_path / "kd" / "packages"
     monkeypatch.setenv("KD_DATA_HOME", str(tmp_path / "pkgs"))
     assert data_home() == tmp_path / "pkgs"
@@ -241,7 +243,7 @@ def test_cache_home_and_its_env_vars(monkeypatch, tmp_path):
 def fake_conversion(monkeypatch, tmp_path):
     """KD_CACHE_HOME in tmp_path; `_convert_gguf` writes two files (or fails after one) and counts its calls."""
     monkeypatch.setenv("KD_CACHE_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(lm, "_smollm2_package_dir", lambda: tmp_path)
+    monkeypatch.setattr(bundled, "_smollm2_package_dir", lambda: tmp_path)
     state = SimpleNamespace(calls=0, fail=False)
 
     def convert(gguf: Path, out: Path) -> None:
@@ -249,15 +251,15 @@ def fake_conversion(monkeypatch, tmp_path):
         (out / "config.json").write_text("{}")
         if state.fail:
             raise KeyboardInterrupt  # a kill mid-way
-        (out / lm._DONE).write_text("{}")
+        (out / bundled._DONE).write_text("{}")
 
-    monkeypatch.setattr(lm, "_convert_gguf", convert)
+    monkeypatch.setattr(bundled, "_convert_gguf", convert)
     return state
 
 
 def test_bundled_lm_converts_once(fake_conversion, capsys):
     folder = Path(resolve_model(BUNDLED_LM))
-    assert folder == lm.models_home() / "smollm2-135m" and (folder / "config.json").is_file()
+    assert folder == bundled.models_home() / "smollm2-135m" and (folder / "config.json").is_file()
     assert "converting bundled:smollm2-135m" in capsys.readouterr().out
     mtime = folder.stat().st_mtime_ns
     assert bundled_lm_folder() == folder
@@ -269,7 +271,7 @@ def test_killed_conversion_leaves_nothing_that_reads_as_done(fake_conversion):
     fake_conversion.fail = True
     with pytest.raises(KeyboardInterrupt):
         bundled_lm_folder()
-    home = lm.models_home()
+    home = bundled.models_home()
     assert not (home / "smollm2-135m").exists()
     assert not [p for p in home.iterdir() if p.is_dir()]
     # A leftover of a conversion killed harder (no cleanup) is removed by the next one, which then succeeds.
@@ -281,7 +283,7 @@ def test_killed_conversion_leaves_nothing_that_reads_as_done(fake_conversion):
 
 
 def test_a_folder_that_is_not_a_finished_conversion_is_refused(fake_conversion):
-    (lm.models_home() / "smollm2-135m").mkdir(parents=True)
+    (bundled.models_home() / "smollm2-135m").mkdir(parents=True)
     with pytest.raises(ModelError, match="not a finished conversion .*delete it"):
         bundled_lm_folder()
     assert fake_conversion.calls == 0
@@ -308,14 +310,14 @@ def test_real_smollm2_conversion_matches_the_gguf(monkeypatch, tmp_path):
     tokenizer = load_tokenizer(str(folder))
     assert (converted.config.num_hidden_layers, converted.config.hidden_size, converted.config.vocab_size) == \
         (30, 576, 49152)
-    gguf_dir = lm._smollm2_package_dir()
-    gguf = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=lm._SMOLLM2_GGUF).eval()
+    gguf_dir = bundled._smollm2_package_dir()
+    gguf = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=bundled._SMOLLM2_GGUF).eval()
     x = torch.tensor([tokenizer("The quick brown fox jumps over the lazy dog.")["input_ids"]])
     with torch.no_grad():
         torch.testing.assert_close(converted(x).logits, gguf(x).logits, rtol=0, atol=0)
 
     # A second resolve reuses the folder: no conversion, nothing rewritten.
     mtime = os.stat(folder / "model.safetensors").st_mtime_ns
-    monkeypatch.setattr(lm, "_convert_gguf", lambda *a: pytest.fail("converted a second time"))
+    monkeypatch.setattr(bundled, "_convert_gguf", lambda *a: pytest.fail("converted a second time"))
     assert Path(resolve_model(BUNDLED_LM)) == folder
     assert os.stat(folder / "model.safetensors").st_mtime_ns == mtime

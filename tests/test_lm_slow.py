@@ -17,12 +17,15 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import cache_format as cf
-from stages import distill, precompute, prepare
+from stages.distill import distill
+from stages.precompute import precompute
+from stages.prepare import prepare
 from stages.config import config_from_dict
-from stages.lm_models import BUNDLED_LM, lm_metrics
+from stages.models import BUNDLED_LM, lm_metrics
 from stages.models import load_causal_lm, load_tokenizer
 from stages.tasks import get_task
-from stages.teacher import load_split, resolve_model
+from stages.tasks import load_split
+from stages.models import resolve_model
 
 pytestmark = pytest.mark.slow
 

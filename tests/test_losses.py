@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cache_format._errors import KDError
+from cache_format import KDError
 from stages import kinds
 from stages.config import KDConfig, MatchConfig
 from stages.losses import (

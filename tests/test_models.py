@@ -1,4 +1,4 @@
-"""Tests for stages/models.py: loading, students from a teacher or a config, fingerprints, tiny models."""
+"""Tests for stages/models/: loading, students from a teacher or a config, fingerprints, tiny models."""
 
 from __future__ import annotations
 
@@ -6,19 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig
 
-from stages.models import (
-    ModelError,
-    hidden_size,
-    load_classifier,
-    load_tokenizer,
-    make_tiny_classifier,
-    model_fingerprint,
-    num_layers,
-    num_parameters,
-    student_from_config,
-    teacher_fingerprint,
-    student_from_teacher,
-)
+from stages.models import ModelError, hidden_size, load_classifier, load_tokenizer, model_fingerprint, num_layers, num_parameters, student_from_config, teacher_fingerprint, student_from_teacher
+from tests.tiny_models import make_tiny_classifier
 
 
 @pytest.fixture(scope="module")

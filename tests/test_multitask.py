@@ -11,12 +11,16 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
-from stages import distill, evaluate, precompute, train_teacher
-from stages._train import RUN_FILE, TaskMix, TaskSampler
+from stages.distill import distill
+from stages.evaluate import evaluate
+from stages.precompute import precompute
+from stages.train_teacher import train_teacher
+from stages.train import RUN_FILE, TaskMix, TaskSampler
 from stages.config import ConfigError, config_from_dict
 from stages.data import Encoded
-from stages.models import ModelError, make_tiny_classifier
-from stages.multitask import MultiTaskObjective
+from stages.models import ModelError
+from tests.tiny_models import make_tiny_classifier
+from stages.methods import MultiTaskObjective
 from tests.test_task_token_classification import TAGS, _sentences, _write_jsonl
 
 
@@ -232,7 +236,7 @@ def test_a_task_whose_teacher_has_another_head_is_refused(tmp_path, tiny_data_di
 
 
 def test_prepare_writes_each_task_that_has_its_own_prepare_section(tmp_path, tiny_data_dir):
-    from stages import prepare
+    from stages.prepare import prepare
 
     source = tiny_data_dir / "train.csv"
     cfg = config_from_dict({"tasks": [

@@ -9,16 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cache_format._errors import KDError
+from cache_format import KDError
 from stages.losses import kd_loss
-from stages.schedules import (
-    ScheduleError,
-    combine_teachers,
-    cwsm_temperature,
-    flsw_temperature,
-    probability_shift,
-    weight_at,
-)
+from stages.losses import ScheduleError, combine_teachers, cwsm_temperature, flsw_temperature, probability_shift, weight_at
 
 
 def _randn(*shape: int, seed: int = 0) -> torch.Tensor:

@@ -17,11 +17,15 @@ import torch
 import yaml
 
 import cache_format as cf
-from stages import distill, evaluate, precompute, prepare, train_teacher
+from stages.distill import distill
+from stages.evaluate import evaluate
+from stages.precompute import precompute
+from stages.prepare import prepare
+from stages.train_teacher import train_teacher
 from stages.config import Config, config_from_dict
 from stages.data import load_examples
 from stages.models import load_classifier
-from stages.teacher import resolve_model
+from stages.models import resolve_model
 
 pytestmark = pytest.mark.slow
 

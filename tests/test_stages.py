@@ -13,11 +13,14 @@ from click.testing import CliRunner
 from transformers import AutoModelForSequenceClassification
 
 import cache_format as cf
-from cache_format._errors import KDError
+from cache_format import KDError
 from pipeline.cli import cli
 from stages.config import config_from_dict
-from stages import distill, evaluate, precompute, train_teacher
-from stages.distill import DistillObjective
+from stages.distill import distill
+from stages.evaluate import evaluate
+from stages.precompute import precompute
+from stages.train_teacher import train_teacher
+from stages.methods import DistillObjective
 from stages.tasks import get_task
 from tests.helpers import stage_params
 
@@ -134,10 +137,10 @@ def test_resume_mid_epoch_matches_an_uninterrupted_run(tmp_path, tiny_data_dir, 
 def test_missing_example_is_an_error_naming_it(tmp_path, tiny_data_dir, tiny_teacher_dir):
     import numpy as np
 
-    from cache_format._errors import CacheMissError
+    from cache_format import CacheMissError
     from stages.data import data_fingerprint
     from stages.models import teacher_fingerprint
-    from stages.teacher import load_split
+    from stages.tasks import load_split
 
     cfg = config_from_dict(_params(tmp_path, tiny_data_dir, tiny_teacher_dir))
     train = load_split(cfg, "train", transfer=True)
@@ -158,7 +161,7 @@ def test_missing_example_is_an_error_naming_it(tmp_path, tiny_data_dir, tiny_tea
 
 
 def test_multi_teacher_and_attention_matches(tmp_path, tiny_data_dir, tiny_teacher_dir, tiny_model_dir, monkeypatch):
-    distill_module = importlib.import_module("stages.distill")  # `stages.distill` is also the stage function
+    distill_module = importlib.import_module("stages.methods.kd")  # where logit KD looks its names up
 
     cfg = _params(tmp_path, tiny_data_dir, tiny_teacher_dir,
                   precompute={"teachers": [str(tiny_teacher_dir), str(tiny_model_dir)], "attention_layers": [1]},
@@ -232,7 +235,7 @@ def test_cli_reports_user_errors_in_one_line(tmp_path, tiny_data_dir, tiny_teach
 
 def test_student_with_another_tokenizer_distills_logits_from_the_cache(tmp_path, tiny_data_dir, tiny_teacher_dir,
                                                                         tiny_texts):
-    from stages.models import make_tiny_classifier
+    from tests.tiny_models import make_tiny_classifier
 
     # Another vocabulary: the same text becomes other token ids and other lengths.
     other = make_tiny_classifier(tmp_path / "other", layers=1, hidden=32, heads=2, intermediate=64,

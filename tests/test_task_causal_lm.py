@@ -19,8 +19,9 @@ import cache_format as cf
 from pipeline.cli import cli
 from stages.config import ConfigError, DataConfig, LMCacheConfig, config_from_dict
 from stages.data import DataError
-from stages.lm_codecs import CodecError, encode_rows
-from stages.models import ModelError, load_causal_lm, load_tokenizer, make_tiny_causal_lm, make_tiny_classifier
+from stages.tasks.lm_codecs import CodecError, encode_rows
+from stages.models import ModelError, load_causal_lm, load_tokenizer
+from tests.tiny_models import make_tiny_causal_lm, make_tiny_classifier
 from stages.precompute import precompute
 from stages.tasks import get_task
 

@@ -17,14 +17,19 @@ import pytest
 import torch
 from transformers import AutoModelForQuestionAnswering
 
-from cache_format._errors import KDError
-from cache_format._manifest import MAX_ID_BYTES
-from stages import distill, evaluate, precompute, train_teacher
+from cache_format import KDError
+from cache_format import MAX_ID_BYTES
+from stages.distill import distill
+from stages.evaluate import evaluate
+from stages.precompute import precompute
+from stages.train_teacher import train_teacher
 from stages.config import DataConfig, config_from_dict
 from stages.data import DataError, collate, model_inputs
-from stages.models import load_tokenizer, make_tiny_classifier
+from stages.models import load_tokenizer
+from tests.tiny_models import make_tiny_classifier
 from stages.tasks import get_task
-from stages.tasks.extractive_qa import ExtractiveQA, normalize_answer, squad_exact_match, squad_f1
+from stages.tasks import ExtractiveQA
+from stages.tasks.extractive_qa import normalize_answer, squad_exact_match, squad_f1
 
 FIXTURES = Path(__file__).parent / "fixtures" / "qa"
 MAX_LENGTH, STRIDE = 48, 16  # the long paragraphs need several windows at this size

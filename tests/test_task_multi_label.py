@@ -14,11 +14,15 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 import cache_format as cf
-from stages import distill, evaluate, precompute, train_teacher
+from stages.distill import distill
+from stages.evaluate import evaluate
+from stages.precompute import precompute
+from stages.train_teacher import train_teacher
 from stages.config import config_from_dict
 from stages.data import DataError
 from stages.tasks import get_task
-from stages.tasks.multi_label import MultiLabel, multi_label_kd_loss, multi_label_scores
+from stages.tasks import MultiLabel
+from stages.tasks.multi_label import multi_label_kd_loss, multi_label_scores
 from tests.helpers import stage_params
 
 NAMES = ["animal", "color", "vehicle"]
@@ -59,7 +63,7 @@ def ml_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def ml_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from stages.models import make_tiny_classifier
+    from tests.tiny_models import make_tiny_classifier
 
     vocab = " ".join(_FILLER + [w for ws in _GROUPS.values() for w in ws])
     return make_tiny_classifier(tmp_path_factory.mktemp("ml_teacher"), num_labels=3, layers=4, hidden=64,

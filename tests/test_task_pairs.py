@@ -17,7 +17,10 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 import cache_format as cf
-from stages import distill, evaluate, precompute, train_teacher
+from stages.distill import distill
+from stages.evaluate import evaluate
+from stages.precompute import precompute
+from stages.train_teacher import train_teacher
 from stages.config import config_from_dict
 from stages.data import content_ids
 from stages.models import load_tokenizer
@@ -63,7 +66,7 @@ def pair_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def pair_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from stages.models import make_tiny_classifier
+    from tests.tiny_models import make_tiny_classifier
 
     return make_tiny_classifier(tmp_path_factory.mktemp("pair_teacher"), num_labels=2, layers=4, hidden=64,
                                 heads=4, intermediate=128, vocab_texts=[" ".join(_WORDS)], seed=1)

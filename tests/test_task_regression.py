@@ -15,12 +15,16 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 
 import cache_format as cf
 from pipeline.cli import cli
-from stages import distill, evaluate, precompute, train_teacher
+from stages.distill import distill
+from stages.evaluate import evaluate
+from stages.precompute import precompute
+from stages.train_teacher import train_teacher
 from stages.config import ConfigError, config_from_dict
 from stages.data import DataError
 from stages.losses import LossInputError
 from stages.tasks import get_task
-from stages.tasks.regression import Regression, pearson, spearman
+from stages.tasks import Regression
+from stages.tasks.regression import pearson, spearman
 from tests.helpers import stage_params
 
 _WORDS = ["red", "blue", "green", "cat", "dog", "bird", "runs", "sleeps", "eats", "big", "small", "old", "new",
@@ -60,7 +64,7 @@ def sts_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def reg_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from stages.models import make_tiny_classifier
+    from tests.tiny_models import make_tiny_classifier
 
     return make_tiny_classifier(tmp_path_factory.mktemp("reg_teacher"), num_labels=1, layers=4, hidden=64,
                                 heads=4, intermediate=128, vocab_texts=[" ".join(_WORDS)], seed=1)
@@ -236,7 +240,7 @@ def test_lee_similarity_with_the_bundled_minilm(tmp_path):
     400 of the 1,225 pairs and one short epoch per training stage: no quality threshold (too little to
     fine-tune); the checks are on what each stage writes and that the metrics are real correlations.
     """
-    from stages import prepare
+    from stages.prepare import prepare
 
     data, models = tmp_path / "data", tmp_path / "models"
     p = _params(tmp_path, data, Path("bundled:all-MiniLM-L6-v2"))

@@ -13,13 +13,17 @@ import torch
 from transformers import AutoModelForTokenClassification
 
 import cache_format as cf
-from stages import distill, evaluate, precompute, train_teacher
+from stages.distill import distill
+from stages.evaluate import evaluate
+from stages.precompute import precompute
+from stages.train_teacher import train_teacher
 from stages.config import config_from_dict
 from stages.data import DataError, collate
 from stages.losses import hard_ce_loss
-from stages.models import load_tokenizer, make_tiny_classifier
+from stages.models import load_tokenizer
+from tests.tiny_models import make_tiny_classifier
 from stages.tasks import get_task
-from stages.tasks.token_classification import TokenClassification
+from stages.tasks import TokenClassification
 from tests.helpers import stage_params
 
 TAGS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
@@ -407,8 +411,8 @@ def _real_params(tmp: Path, source: str, labels: list[str], epochs: float, max_e
 
 
 def _run_real(tmp: Path, source: str, epochs: float, max_examples: int | None) -> dict:
-    from stages import prepare
-    from stages.bundled import write_bundled
+    from stages.prepare import prepare
+    from stages.data import write_bundled
 
     # The label set of the whole source (split.json records it over every usable row).
     write_bundled(source, tmp / "probe", fractions={"train": 1.0}, seed=13, max_examples=1)

@@ -20,11 +20,12 @@ import transformers.modeling_utils
 from click.testing import CliRunner
 from transformers import AutoModelForSequenceClassification
 
-from cache_format._errors import CacheMismatchError, KDError
+from cache_format import CacheMismatchError, KDError
 from pipeline.cache_cli import cache
-from stages import distill, precompute
+from stages.distill import distill
+from stages.precompute import precompute
 from stages.config import config_from_dict
-from stages.distill import load_distill_data
+from stages.methods import load_distill_data
 from stages.models import TEACHER_MEMOS, load_classifier, teacher_fingerprint
 from tests.helpers import stage_params
 

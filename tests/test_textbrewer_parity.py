@@ -14,10 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stages import distill, precompute
+from stages.distill import distill
+from stages.precompute import precompute
 from stages.config import ConfigError, config_from_dict, config_to_dict
-from stages._train import ResumeError
-from stages.distill import DistillObjective
+from stages.train import ResumeError
+from stages.methods import DistillObjective
 from stages.losses import (
     LossInputError,
     Match,
@@ -32,7 +33,7 @@ from stages.losses import (
     mmd_loss,
     preset_matches,
 )
-from stages.schedules import cwsm_temperature, weight_at
+from stages.losses import cwsm_temperature, weight_at
 from tests.helpers import stage_params
 
 B, T = 3, 7

@@ -11,11 +11,14 @@ import torch
 import yaml
 from transformers import AutoModelForSequenceClassification
 
-from cache_format._errors import KDError
-from stages import distill, evaluate, prepare, train_teacher
+from cache_format import KDError
+from stages.distill import distill
+from stages.evaluate import evaluate
+from stages.prepare import prepare
+from stages.train_teacher import train_teacher
 from stages.config import ConfigError, TheseusConfig, config_from_dict
 from stages.models import ModelError, student_from_teacher
-from stages.theseus import TheseusModel, TheseusObjective, replace_mask, replace_probability
+from stages.methods import TheseusModel, TheseusObjective, replace_mask, replace_probability
 from tests.helpers import stage_params
 
 

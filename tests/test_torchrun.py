@@ -19,10 +19,12 @@ import yaml
 from safetensors.torch import load_file
 
 import cache_format as cf
-from stages import dist, distill, precompute
-from stages._train import rank_share
+from stages.train import dist
+from stages.distill import distill
+from stages.precompute import precompute
+from stages.train import rank_share
 from stages.config import config_from_dict
-from stages.models import make_tiny_classifier
+from tests.tiny_models import make_tiny_classifier
 from tests.helpers import stage_params
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import cache_format as cf
-from stages import distill, precompute
+from stages.distill import distill
+from stages.precompute import precompute
 from stages.config import config_from_dict
 from stages.data import IGNORE_LABEL, DataError, Examples, with_transfer
 from stages.prepare import transfer_sentences

@@ -24,7 +24,7 @@ def main() -> None:
         if where == "step":
             import importlib
 
-            module = importlib.import_module("stages.distill")  # `stages.distill` is also the function
+            module = importlib.import_module("stages.methods.kd")  # where logit KD looks up fit
             fit = module.fit
 
             def killed_fit(*a, **k):
@@ -32,7 +32,7 @@ def main() -> None:
 
             module.fit = killed_fit
         elif where == "commit":
-            from cache_format._writer import CacheWriter
+            from cache_format import CacheWriter
 
             commit = CacheWriter._commit
 

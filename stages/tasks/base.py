@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -13,12 +14,10 @@ from transformers import AutoModelForSequenceClassification, PretrainedConfig
 import cache_format as cf
 from stages.config import DataConfig
 from stages.data import Encoded, Examples, collate, model_inputs
-from stages.models import check_head, load_classifier
+from stages.config import PrecomputeConfig
+from stages.models import ModelError, check_head, load_classifier
 
-if TYPE_CHECKING:  # stages.teacher imports this module
-    from stages.teacher import TeacherSpec
-
-__all__ = ["Task", "TORCH_DTYPES"]
+__all__ = ["Task", "TeacherSpec", "TORCH_DTYPES"]
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -184,3 +183,36 @@ class Task:
         """The teacher's own metrics and the `reference` that `evaluate` compares the other models against,
         computed once per evaluation (default: its metrics and no reference)."""
         return self.evaluate(model, data, batch_size, device), None
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """Which teacher outputs to keep, and how."""
+
+    logits: bool = True
+    hidden_layers: tuple[int, ...] = ()
+    hidden_tokens: str = "all"  # "all" or "first"
+    attention_layers: tuple[int, ...] = ()
+    dtype: str = "float32"
+    store_input_ids: bool = False
+    lm: Any = None  # precompute.lm (LMCacheConfig): what a causal_lm teacher's signal holds
+
+    @classmethod
+    def from_config(cls, p: PrecomputeConfig) -> "TeacherSpec":
+        return cls(p.logits, tuple(sorted(set(p.hidden_layers))), p.hidden_tokens,
+                   tuple(sorted(set(p.attention_layers))), p.dtype, p.store_input_ids, p.lm)
+
+    def check_layers(self, n: int, teacher: str) -> None:
+        """Raise if a cached layer index does not exist in a teacher with `n` layers."""
+        for i in self.hidden_layers:
+            if not 0 <= i <= n:
+                raise ModelError(
+                    f"hidden layer {i} does not exist in teacher {teacher}: it has {n} layers, so hidden "
+                    f"layers are 0 (embeddings) to {n}; fix precompute.hidden_layers"
+                )
+        for i in self.attention_layers:
+            if not 0 <= i < n:
+                raise ModelError(
+                    f"attention layer {i} does not exist in teacher {teacher}: it has {n} layers, so attention "
+                    f"layers are 0 to {n - 1}; fix precompute.attention_layers"
+                )

@@ -16,7 +16,7 @@ Per row, `Encoded.extras` holds "text" (the corpus slice from the block's first 
 (end of the previous token, the same), zero width) and "words" (whitespace-separated words per block, for
 per-word perplexity). The token fields `char_start`/`char_end` carry the offsets into collated batches.
 
-The cache (precompute) holds `input_ids`, `char_offsets` and the codec's fields (stages/lm_codecs.py), computed
+The cache (precompute) holds `input_ids`, `char_offsets` and the codec's fields (stages/tasks/lm_codecs.py), computed
 from the teacher's last hidden state and output layer without building the [B, T, V] logits.
 """
 
@@ -35,11 +35,11 @@ from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 import cache_format as cf
-from cache_format._errors import KDError
+from cache_format import KDError
 from stages.config import LMCacheConfig
 from stages.data import DataError, Encoded, Examples, read_table, read_text, string_column
-from stages.lm_codecs import check_codec, check_dense_size, codec_fields, codec_settings, encode_rows
-from stages.lm_models import Top1, head_logits, lm_metrics, lm_scores
+from stages.tasks.lm_codecs import check_codec, check_dense_size, codec_fields, codec_settings, encode_rows
+from stages.models import Top1, head_logits, lm_metrics, lm_scores
 from stages.models import ModelError, load_causal_lm
 from stages.tasks.base import Task
 

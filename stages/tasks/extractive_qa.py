@@ -29,8 +29,8 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoModelForQuestionAnswering
 
-from cache_format._errors import KDError
-from cache_format._manifest import MAX_ID_BYTES
+from cache_format import KDError
+from cache_format import MAX_ID_BYTES
 from stages.data import DataError, Encoded, Examples, content_ids, read_table, string_column, where
 from stages.losses import hard_ce_loss, kd_loss
 from stages.tasks.base import Task

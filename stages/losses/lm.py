@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from cache_format._errors import KDError
+from cache_format import KDError
 
 __all__ = [
     "auto_chunk_tokens",

@@ -5,7 +5,7 @@ source file. When the data has no id column, an example's id is a content hash o
 see `load_examples` for why the label is left out and how exact duplicates are numbered.
 
 Splitting a source into train/dev/test and cutting transfer sentences live in stages/prepare.py; the
-epoch sampler lives next to the training loop in stages/_train.py.
+epoch sampler lives next to the training loop in stages/train/loop.py.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 import torch
 
-from cache_format._errors import KDError
-from cache_format._fingerprint import combine_unordered, fingerprint
-from cache_format._manifest import MAX_ID_BYTES
+from cache_format import KDError
+from cache_format import combine_unordered, fingerprint
+from cache_format import MAX_ID_BYTES
 from stages._io import progress_bar
 
 __all__ = [

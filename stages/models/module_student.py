@@ -7,7 +7,7 @@ The contract (README "Students that are not transformers"):
   the task and the tokenizer (the first teacher's: the student reads the same token ids as the cache's rows).
 - **Called** with keyword tensors: `input_ids` [B, T] (int64) and `attention_mask` [B, T] (1 = token,
   0 = padding, always on the right), plus `token_type_ids`, `output_hidden_states` and `output_attentions`
-  only if `forward` names them (or takes **kwargs). Through `stages.distill.distill_batches` (your own data,
+  only if `forward` names them (or takes **kwargs). Through `stages.methods.kd.distill_batches` (your own data,
   e.g. images) it gets whatever your batches hold: `model(x)` for a tensor, `model(**x)` for a dict, `model(*x)`
   for a tuple.
 - **Returns** the logits (a tensor shaped as the task's head: [B, num_labels] for classification,
@@ -35,13 +35,11 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import cache_format as cf
-from stages._train import _one_line, import_object
+from stages._io import one_line, import_object
 from stages.config import ConfigError
-from stages.models import ModelError, _check_label_names
-from stages.tasks import Task
+from stages.models.loading import ModelError
 
-__all__ = ["MODULE_FILE", "WEIGHTS_FILE", "ModuleStudent", "BiLSTMClassifier", "as_output", "import_module_class",
-           "module_student", "is_module_folder", "load_module_student", "load_trained"]
+__all__ = ["MODULE_FILE", "WEIGHTS_FILE", "ModuleStudent", "BiLSTMClassifier", "as_output", "import_module_class", "module_student", "is_module_folder", "load_module_student"]
 
 MODULE_FILE = "kd_module.json"  # marks a module student's folder (a transformer's has config.json)
 WEIGHTS_FILE = "model.safetensors"
@@ -150,7 +148,7 @@ def module_student(path: str, kwargs: Mapping[str, Any] | None = None, *, num_la
     try:
         module = cls(**built)
     except Exception as e:
-        raise ConfigError(f"{setting}: {path}(**{built}) failed ({_one_line(e)}); fix the keyword arguments "
+        raise ConfigError(f"{setting}: {path}(**{built}) failed ({one_line(e)}); fix the keyword arguments "
                           "(distill.student.module_kwargs)") from None
     student = ModuleStudent(module, path, built)
     student.config.num_labels = num_labels
@@ -170,7 +168,7 @@ def load_module_student(folder: str | Path) -> ModuleStudent:
         record = json.loads(where.read_text(encoding="utf-8"))
         path, kwargs, config = record["module"], record["module_kwargs"], record["config"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ModelError(f"{where} is not a module student record ({_one_line(e)}); save the student again") from None
+        raise ModelError(f"{where} is not a module student record ({one_line(e)}); save the student again") from None
     if record.get("format") != _FORMAT:
         raise ModelError(f"{where} has format {record.get('format')!r}, this version reads {_FORMAT!r}; "
                          "save the student again with this version")
@@ -180,26 +178,9 @@ def load_module_student(folder: str | Path) -> ModuleStudent:
     try:
         load_model(student.module, str(folder / WEIGHTS_FILE), strict=True)
     except (OSError, RuntimeError) as e:
-        raise ModelError(f"{folder / WEIGHTS_FILE} does not load into {path}(**{kwargs}) ({_one_line(e)}); the "
+        raise ModelError(f"{folder / WEIGHTS_FILE} does not load into {path}(**{kwargs}) ({one_line(e)}); the "
                          "class or its parameters changed since the student was saved") from None
     return student
-
-
-def load_trained(name_or_path: str, task: Task) -> nn.Module:
-    """A trained model for `task`: a module student's folder, or what the task kind loads (`Task.load_model`:
-    a `save_pretrained` model with the task's head).
-
-    Either must have been trained for the task's label count (and label names, when both name them)."""
-    if not is_module_folder(name_or_path):
-        return task.load_model(name_or_path)
-    model = load_module_student(name_or_path)
-    n = model.config.num_labels
-    if n is not None and n != task.num_labels:
-        raise ModelError(f"{name_or_path} was trained for {n} labels but data.num_labels is {task.num_labels}; "
-                         "evaluate it on data of its own labels, or train one for these")
-    if model.config.id2label:
-        _check_label_names(model.config, name_or_path, task.label_names)
-    return model
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import importlib
 import json
 import math
 import os
@@ -30,15 +29,14 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from cache_format import atomic_file, atomic_write_text
-from cache_format._errors import KDError
-from stages import dist
+from cache_format import KDError
+from stages.train import dist
+from stages._io import import_object, one_line
 from stages._io import progress_bar
 from stages.config import ConfigError, TrainingConfig
 from stages.data import DataError, Encoded, collate
 
-__all__ = ["EpochSampler", "TaskMix", "TaskSampler", "Objective", "FitResult", "fit", "rank_share", "pick_device",
-           "set_seed", "save_model", "write_model", "write_run_record", "replace_folder", "import_object",
-           "load_callbacks", "NonFiniteLossError", "ResumeError", "CallbackError", "RUN_FILE", "SNAPSHOTS"]
+__all__ = ["EpochSampler", "TaskMix", "TaskSampler", "Objective", "FitResult", "fit", "rank_share", "pick_device", "set_seed", "save_model", "write_model", "write_run_record", "replace_folder", "load_callbacks", "NonFiniteLossError", "ResumeError", "CallbackError", "RUN_FILE", "SNAPSHOTS"]
 
 RUN_FILE = "kd_run.json"  # written into every finished model folder: the run's settings and final metrics
 SNAPSHOTS = "snapshots"  # <output>/snapshots/gs{step}: the model at each evaluation (`snapshots: true`)
@@ -322,28 +320,6 @@ def _remove_debris(output: Path) -> None:
                 p.unlink(missing_ok=True)
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(f"{type(e).__name__}: {e}".split())[:300]
-
-
-def import_object(path: str, setting: str, want: str) -> Any:
-    """The object named by `package.module:attr` (looked up on sys.path, then in the current folder).
-
-    A path that does not import is a one-line ConfigError naming the `setting`; `want` says what to name instead.
-    """
-    if "" not in sys.path and os.getcwd() not in sys.path:
-        sys.path.append(os.getcwd())  # `kd` is a console script: the params' folder is not on sys.path by itself
-    module, _, attr = path.partition(":")
-    try:
-        obj: Any = importlib.import_module(module)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except Exception as e:
-        raise ConfigError(f"{setting}: {path!r} does not import ({_one_line(e)}); name {want}, importable from "
-                          "the current folder or PYTHONPATH") from None
-    return obj
-
-
 def load_callbacks(paths: Sequence[str]) -> list[tuple[str, Callable[..., Any]]]:
     """Import each `package.module:function` (from sys.path, then the current folder), with its path.
 
@@ -527,7 +503,7 @@ def fit(
     A callback that raises gives CallbackError after the checkpoint of its evaluation is written; the
     resumed run calls it (and the callbacks after it) again for that evaluation before it trains on.
 
-    Under torchrun (a process group from `stages.dist.init`), the model trains with DistributedDataParallel:
+    Under torchrun (a process group from `stages.train.dist.init`), the model trains with DistributedDataParallel:
     every rank walks the same global batches (`cfg.batch_size` rows per micro-batch over all ranks, so N
     processes take the optimizer steps of 1) and computes on its share of each (`rank_share`). Every rank
     evaluates; only rank 0 writes checkpoints, snapshots and logs and runs the callbacks.
@@ -687,7 +663,7 @@ def fit(
                 due = i
                 save_checkpoint()
                 raise CallbackError(
-                    f"{desc}: callback {path} raised at step {record['step']} ({_one_line(e)}); the checkpoint of "
+                    f"{desc}: callback {path} raised at step {record['step']} ({one_line(e)}); the checkpoint of "
                     f"that step is kept in {ckpt_path.parent}: fix the callback and rerun with --resume"
                 ) from e
             record.setdefault("callbacks", {})[path] = _plain(value)

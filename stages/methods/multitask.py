@@ -21,14 +21,12 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from cache_format._errors import KDError
+from cache_format import KDError
 from stages._io import check_outputs
-from stages._train import (FitResult, TaskMix, fit, pick_device, replace_folder, set_seed, write_model,
-                           write_run_record)
+from stages.train import FitResult, TaskMix, fit, pick_device, replace_folder, set_seed, write_model, write_run_record
 from stages.config import Config
 from stages.models import student_from_config
-from stages.distill import (DistillObjective, DistillResult, distill_settings, build_student, distill_objective,
-                            load_distill_data, write_metrics)
+from stages.methods.kd import DistillObjective, DistillResult, distill_settings, build_student, distill_objective, load_distill_data, write_metrics
 from stages.tasks import get_task
 
 __all__ = ["MultiTaskStudent", "MultiTaskObjective", "distill_tasks", "share_encoder"]

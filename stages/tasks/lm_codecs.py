@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 import cache_format as cf
-from cache_format._errors import KDError
+from cache_format import KDError
 
 __all__ = ["CodecError", "CHUNK_ELEMENTS", "id_dtype", "codec_fields", "codec_settings", "check_codec",
            "check_dense_size", "row_seed", "encode_rows"]

@@ -36,16 +36,18 @@ from transformers import PreTrainedModel
 from transformers.masking_utils import create_bidirectional_mask
 
 from cache_format import atomic_file, atomic_write_text
-from cache_format._errors import KDError
+from cache_format import KDError
 from stages._io import check_outputs
-from stages import dist
-from stages._train import FitResult, fit, pick_device, replace_folder, set_seed, write_model
+from stages.train import dist
+from stages.train import FitResult, fit, pick_device, replace_folder, set_seed, write_model
 from stages.config import Config, config_to_dict
 from stages.data import Encoded, collate, model_inputs
 from stages.losses import kd_loss
-from stages.models import ModelError, _layer_list, load_classifier, load_tokenizer, num_layers, teacher_fingerprint
+from stages.models import ModelError, load_classifier, load_tokenizer, num_layers, teacher_fingerprint
+from stages.models.loading import _layer_list
 from stages.tasks import Task, get_task
-from stages.teacher import load_split, resolve_model
+from stages.tasks import load_split
+from stages.models import resolve_model
 
 __all__ = ["FastBertError", "BranchClassifier", "FastBert", "FastBertOutput", "normalized_entropy", "check_speed",
            "SelfDistillation", "exit_scores", "predict_exits", "speed_curve", "write_fastbert", "save_fastbert",

@@ -19,18 +19,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import cache_format as cf
-from cache_format._errors import KDError
+from cache_format import KDError
 from stages.config import Config
 from stages._io import check_outputs
-from stages._train import fit, pick_device, save_model, set_seed
+from stages.train import fit, pick_device, save_model, set_seed
 from stages.data import Encoded, Examples
-from stages.distill import DistillResult, distill_settings, load_distill_data, write_metrics
-from stages.lm_losses import (align_by_offsets, auto_chunk_tokens, chunked_loss, dense_kl, forward_kl,
-                              generalized_jsd, next_token_ce, reverse_kl, sampled_kl, topk_kl, uld_loss)
-from stages.lm_models import causal_lm_student, lm_metrics
+from stages.methods.kd import DistillResult, distill_settings, load_distill_data, write_metrics
+from stages.losses import align_by_offsets, auto_chunk_tokens, chunked_loss, dense_kl, forward_kl, generalized_jsd, next_token_ce, reverse_kl, sampled_kl, topk_kl, uld_loss
+from stages.models import causal_lm_student, lm_metrics
 from stages.models import load_causal_lm, load_tokenizer
 from stages.tasks import get_task
-from stages.teacher import CachedTeachers, resolve_model
+from stages.teacher import CachedTeachers
+from stages.models import resolve_model
 
 __all__ = ["distill_lm", "LMObjective"]
 

@@ -27,13 +27,15 @@ import torch
 from torch import nn
 
 from stages._io import check_outputs
-from stages._train import EpochSampler, fit, pick_device, save_model, set_seed, write_model
+from stages.train import EpochSampler, fit, pick_device, save_model, set_seed, write_model
 from stages.config import Config, DistillConfig, TheseusConfig, config_to_dict
 from stages.data import model_inputs
-from stages.distill import DistillResult, write_metrics
-from stages.models import ModelError, _layer_list, load_classifier, load_tokenizer, student_from_teacher
+from stages.methods.kd import DistillResult, write_metrics
+from stages.models import ModelError, load_classifier, load_tokenizer, student_from_teacher
+from stages.models.loading import _layer_list
 from stages.tasks import Task, get_task
-from stages.teacher import load_split, resolve_model
+from stages.tasks import load_split
+from stages.models import resolve_model
 
 __all__ = ["TheseusModel", "TheseusObjective", "replace_probability", "replace_mask", "distill_theseus"]
 

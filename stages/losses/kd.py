@@ -50,36 +50,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cache_format._errors import KDError
+from cache_format import KDError
 from stages.kinds import KD_KINDS, MATCH_KINDS, PRESETS, PROJECTIONS, MatchKind
 
-__all__ = [
-    "MatchError",
-    "LossInputError",
-    "kd_loss",
-    "hard_ce_loss",
-    "hidden_mse",
-    "hidden_cosine",
-    "pkd_loss",
-    "mmd_loss",
-    "fsp_loss",
-    "attention_mse",
-    "attention_ce",
-    "attention_mse_sum",
-    "attention_ce_mean",
-    "Projection",
-    "Match",
-    "MATCH_KINDS",
-    "MATCH_LOSSES",
-    "PROJECTIONS",
-    "feature_map",
-    "match_loss",
-    "build_projections",
-    "check_matches",
-    "preset_matches",
-    "PRESET_NAMES",
-    "needed_teacher_layers",
-]
+__all__ = ["MatchError", "LossInputError", "kd_loss", "hard_ce_loss", "hidden_mse", "hidden_cosine", "pkd_loss", "mmd_loss", "fsp_loss", "attention_mse", "attention_ce", "attention_mse_sum", "attention_ce_mean", "Projection", "Match", "MATCH_LOSSES", "feature_map", "match_loss", "build_projections", "check_matches", "preset_matches", "PRESET_NAMES", "needed_teacher_layers"]
 
 logger = logging.getLogger(__name__)
 

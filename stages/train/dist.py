@@ -13,7 +13,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from cache_format._errors import KDError
+from cache_format import KDError
 
 __all__ = ["DistError", "TIMEOUT_ENV", "launched", "init", "rank", "world_size", "is_main", "barrier", "all_same",
            "all_reduce_sum", "all_reduce_mean", "destroy"]

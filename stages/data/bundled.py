@@ -52,8 +52,8 @@ import pyarrow.csv as pa_csv
 
 from cache_format import atomic_file, atomic_write_text
 from stages._io import cache_home
-from stages.data import DataError
-from stages.prepare import _allocate, _check_fractions
+from stages.data.examples import DataError
+from stages.data.splits import allocate, check_fractions
 
 __all__ = ["BUNDLED_SOURCES", "FIXED_SPLITS", "data_home", "read_lee", "read_pos", "read_wnut", "write_bundled",
            "write_ptb"]
@@ -346,7 +346,7 @@ def write_bundled(source: str, out_dir: str | os.PathLike, *, fractions: Mapping
         return write_ptb(out_dir, max_examples=max_examples)
     if source not in _LOADERS:
         raise DataError(f"unknown bundled source {source!r}; choose from {', '.join(BUNDLED_SOURCES)}")
-    _check_fractions(fractions)
+    check_fractions(fractions)
     if max_examples is not None and max_examples < 1:
         raise DataError(f"prepare.max_examples must be at least 1 (got {max_examples}); or null for every row")
     loaded = _LOADERS[source]()
@@ -365,7 +365,7 @@ def write_bundled(source: str, out_dir: str | os.PathLike, *, fractions: Mapping
     order = np.random.default_rng(seed).permutation(len(rows))
     if max_examples is not None:
         order = order[:max_examples]
-    counts = _allocate(len(order), fractions)
+    counts = allocate(len(order), fractions)
     empty = [s for s, c in counts.items() if c == 0]
     if empty:
         raise DataError(f"{source} with prepare.max_examples={max_examples} leaves split(s) {empty} empty; "

@@ -1,0 +1,36 @@
+"""Reading a user's data: tables and examples (`examples`), the bundled real sets (`bundled`), split arithmetic
+(`splits`). No model code."""
+
+from __future__ import annotations
+
+from stages.data.examples import (
+    read_text,
+    DataError,
+    Examples,
+    Encoded,
+    IGNORE_LABEL,
+    read_table,
+    string_column,
+    load_examples,
+    with_transfer,
+    where,
+    check_ids,
+    content_ids,
+    data_fingerprint,
+    encode,
+    collate,
+    model_inputs,
+    MODEL_INPUTS,
+)
+from stages.data.bundled import (
+    BUNDLED_SOURCES,
+    FIXED_SPLITS,
+    data_home,
+    read_lee,
+    read_pos,
+    read_wnut,
+    write_bundled,
+    write_ptb,
+)
+
+__all__ = ["read_text", "DataError", "Examples", "Encoded", "IGNORE_LABEL", "read_table", "string_column", "load_examples", "with_transfer", "where", "check_ids", "content_ids", "data_fingerprint", "encode", "collate", "model_inputs", "MODEL_INPUTS", "BUNDLED_SOURCES", "FIXED_SPLITS", "data_home", "read_lee", "read_pos", "read_wnut", "write_bundled", "write_ptb"]

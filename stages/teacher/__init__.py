@@ -1,0 +1,16 @@
+"""The teacher's side of a run: running it for its outputs, online or from the cache (`outputs`), and the cache
+address of those outputs (`address`)."""
+
+from __future__ import annotations
+
+from stages.teacher.outputs import teacher_outputs, CachedTeachers, OnlineTeachers
+from stages.teacher.address import (
+    cache_fields,
+    cache_settings,
+    CacheTarget,
+    cache_target,
+    teacher_memos,
+    verify_cache_teacher,
+)
+
+__all__ = ["teacher_outputs", "CachedTeachers", "OnlineTeachers", "cache_fields", "cache_settings", "CacheTarget", "cache_target", "teacher_memos", "verify_cache_teacher"]
