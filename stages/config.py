@@ -791,88 +791,118 @@ class Config(_Section):
 
     def _check(self) -> list[Problem]:
         # Cross-section rules only (keys are full paths); pydantic runs them once every section passed its own.
-        errs: list[Problem] = []
-        names = self.task_names()
-        for i, name in enumerate(names):
-            if name in names[:i]:
-                errs.append((f"tasks[{i}].name", f"task name {name!r} is used twice; give every task its own name"))
-        if self.tasks:
-            # Settings a multi-task run replaces by each task's own: set there, they would be silently ignored.
-            ignored = [("data", self.data != DataConfig(), "tasks[i].data"),
-                       ("precompute.teachers", self.precompute.teachers != PrecomputeConfig().teachers,
-                        "tasks[i].teachers"),
-                       ("distill.teachers", bool(self.distill.teachers), "tasks[i].teachers"),
-                       ("distill.matches", bool(self.distill.matches or self.distill.match_preset),
-                        "tasks[i].matches / tasks[i].match_preset")]
-            for key, given, instead in ignored:
-                if given:
-                    errs.append((key, f"is not read when tasks: is set (each task has its own); move it to "
-                                 f"{instead} and remove it here"))
-        if self.tasks and self.distill.method == "fastbert":
-            errs.append(("distill.method", "fastbert is single-task; remove tasks: or use method: kd"))
-        elif self.distill.method == "fastbert" and not TASK_KINDS[self.data.task].sequence_kd:
-            errs.append(("distill.method", f"fastbert exits on the entropy of one class distribution per example, "
-                         f"and data.task is {self.data.task}; use it with sequence_classification"))
-        if self.distill.student.module and TASK_KINDS[self.data.task].language_model:
-            errs.append(("distill.student.module", f"data.task {self.data.task} trains a Hugging Face causal LM "
-                         "(stages/methods/lm.py), not a module student; use from_teacher, pretrained or config"))
-        if self.tasks and self.distill.student.module:
-            errs.append(("distill.student.module", "a multi-task student is a transformer encoder with a head per "
-                         "task; a module student is single-task: remove tasks: or use from_teacher, pretrained "
-                         "or config"))
-        if self.tasks and self.distill.caches:
-            errs.append(("distill.caches", "multi-task runs find each task's cache from its data and teachers; "
-                         "remove distill.caches (or list the task's teachers in tasks[].teachers)"))
-        for i, t in enumerate(self.tasks):
-            if names.index(t.name) != i:
-                continue  # a second task of the same name is reported above
-            if TASK_KINDS[t.data.task].language_model:
-                errs.append((f"tasks[{i}].data.task", f"task {t.name}: {t.data.task} cannot be part of a "
-                             "multi-task run yet; distil it on its own (top-level data:)"))
-                continue
-            # A task's data and kd settings live in tasks[i]; report them there.
-            here = {"data.": f"tasks[{i}].data.", "distill.kd.": f"tasks[{i}].kd."}
-            for key, problem in _task_rules(self.for_task(t.name)):
-                for old, new in here.items():
-                    key, problem = key.replace(old, new), problem.replace(old, new)
-                errs.append((key, f"task {t.name}: {problem}"))
-        d, p = self.distill, self.precompute
-        if d.method == "theseus" and self.tasks:
-            errs.append(("distill.method", "theseus distils one task at a time; remove tasks: or set method: kd"))
-        if d.method == "theseus" and TASK_KINDS[self.data.task].language_model:
-            errs.append(("distill.method", f"theseus is not supported for data.task {self.data.task} yet (it is for "
-                         "the classification, regression and QA kinds); set method: kd"))
-        if d.method == "theseus" and len(d.teachers or p.teachers) != 1:
-            key = "distill.teachers" if d.teachers else "precompute.teachers"
-            errs.append((key, f"method theseus replaces the blocks of one teacher, but {len(d.teachers or p.teachers)} "
-                         "are listed; list exactly one"))
-        if d.teacher_signal != "none" and d.kd.teacher_weights is not None:
-            names = d.caches if d.teacher_signal == "cached" else d.teachers
-            n = len(names or p.teachers)
-            if len(d.kd.teacher_weights) != n:
-                errs.append(("distill.kd.teacher_weights", f"{len(d.kd.teacher_weights)} weights for {n} "
-                             "teachers; give one weight per teacher, in the same order"))
-        if d.teacher_signal == "cached" and not d.caches:
-            # The caches are the ones precompute writes, so what they hold is known here.
-            cached = {"hidden": sorted(set(p.hidden_layers)), "attention": sorted(set(p.attention_layers))}
-            first_token_kinds = [k for k, v in MATCH_KINDS.items() if v.feature == "hidden" and v.tokens == "first"]
-            for i, m in enumerate(d.matches):
-                kind = MATCH_KINDS[m.kind]
-                missing = [x for x in _layers(m.teacher_layer) if x not in cached[kind.feature]]
-                if missing:
-                    errs.append((f"distill.matches[{i}].teacher_layer",
-                                 f"layer(s) {missing} are not cached; add them to precompute.{kind.feature}_layers "
-                                 f"(now {cached[kind.feature]}) or use distill.teacher_signal: online"))
-                if p.hidden_tokens == "first" and kind.feature == "hidden" and kind.tokens == "all":
-                    errs.append((f"distill.matches[{i}].kind",
-                                 f"{m.kind} needs every token but precompute.hidden_tokens is 'first'; "
-                                 f"set it to 'all' or use kind {' or '.join(first_token_kinds)}"))
-            if d.kd.weight > 0 and not p.logits:
-                errs.append(("distill.kd.weight", "> 0 needs teacher logits; set precompute.logits: true "
-                             "or distill.kd.weight: 0"))
-        errs += _task_rules(self)
-        errs += _augment_rules(self)
-        return errs
+        return (_task_list_rules(self) + _student_rules(self) + _each_task_rules(self) + _method_rules(self)
+                + _cache_rules(self) + _task_rules(self) + _augment_rules(self))
+
+
+def _task_list_rules(cfg: "Config") -> list[Problem]:
+    """`tasks:`: unique names, and no top-level setting that a multi-task run would ignore."""
+    errs: list[Problem] = []
+    names = cfg.task_names()
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            errs.append((f"tasks[{i}].name", f"task name {name!r} is used twice; give every task its own name"))
+    if cfg.tasks:
+        # Settings a multi-task run replaces by each task's own: set there, they would be silently ignored.
+        ignored = [("data", cfg.data != DataConfig(), "tasks[i].data"),
+                   ("precompute.teachers", cfg.precompute.teachers != PrecomputeConfig().teachers,
+                    "tasks[i].teachers"),
+                   ("distill.teachers", bool(cfg.distill.teachers), "tasks[i].teachers"),
+                   ("distill.matches", bool(cfg.distill.matches or cfg.distill.match_preset),
+                    "tasks[i].matches / tasks[i].match_preset")]
+        for key, given, instead in ignored:
+            if given:
+                errs.append((key, f"is not read when tasks: is set (each task has its own); move it to "
+                             f"{instead} and remove it here"))
+    return errs
+
+
+def _student_rules(cfg: "Config") -> list[Problem]:
+    """Students and methods that cannot serve the task kind or a multi-task run."""
+    errs: list[Problem] = []
+    if cfg.tasks and cfg.distill.method == "fastbert":
+        errs.append(("distill.method", "fastbert is single-task; remove tasks: or use method: kd"))
+    elif cfg.distill.method == "fastbert" and not TASK_KINDS[cfg.data.task].sequence_kd:
+        errs.append(("distill.method", f"fastbert exits on the entropy of one class distribution per example, "
+                     f"and data.task is {cfg.data.task}; use it with sequence_classification"))
+    if cfg.distill.student.module and TASK_KINDS[cfg.data.task].language_model:
+        errs.append(("distill.student.module", f"data.task {cfg.data.task} trains a Hugging Face causal LM "
+                     "(stages/methods/lm.py), not a module student; use from_teacher, pretrained or config"))
+    if cfg.tasks and cfg.distill.student.module:
+        errs.append(("distill.student.module", "a multi-task student is a transformer encoder with a head per "
+                     "task; a module student is single-task: remove tasks: or use from_teacher, pretrained "
+                     "or config"))
+    if cfg.tasks and cfg.distill.caches:
+        errs.append(("distill.caches", "multi-task runs find each task's cache from its data and teachers; "
+                     "remove distill.caches (or list the task's teachers in tasks[].teachers)"))
+    return errs
+
+
+def _each_task_rules(cfg: "Config") -> list[Problem]:
+    """Each task's own data and KD rules, reported under tasks[i]."""
+    errs: list[Problem] = []
+    names = cfg.task_names()
+    for i, t in enumerate(cfg.tasks):
+        if names.index(t.name) != i:
+            continue  # a second task of the same name is reported above
+        if TASK_KINDS[t.data.task].language_model:
+            errs.append((f"tasks[{i}].data.task", f"task {t.name}: {t.data.task} cannot be part of a "
+                         "multi-task run yet; distil it on its own (top-level data:)"))
+            continue
+        # A task's data and kd settings live in tasks[i]; report them there.
+        here = {"data.": f"tasks[{i}].data.", "distill.kd.": f"tasks[{i}].kd."}
+        for key, problem in _task_rules(cfg.for_task(t.name)):
+            for old, new in here.items():
+                key, problem = key.replace(old, new), problem.replace(old, new)
+            errs.append((key, f"task {t.name}: {problem}"))
+    return errs
+
+
+def _method_rules(cfg: "Config") -> list[Problem]:
+    """Theseus's single teacher and task; one weight per teacher."""
+    errs: list[Problem] = []
+    d, p = cfg.distill, cfg.precompute
+    if d.method == "theseus" and cfg.tasks:
+        errs.append(("distill.method", "theseus distils one task at a time; remove tasks: or set method: kd"))
+    if d.method == "theseus" and TASK_KINDS[cfg.data.task].language_model:
+        errs.append(("distill.method", f"theseus is not supported for data.task {cfg.data.task} yet (it is for "
+                     "the classification, regression and QA kinds); set method: kd"))
+    if d.method == "theseus" and len(d.teachers or p.teachers) != 1:
+        key = "distill.teachers" if d.teachers else "precompute.teachers"
+        errs.append((key, f"method theseus replaces the blocks of one teacher, but {len(d.teachers or p.teachers)} "
+                     "are listed; list exactly one"))
+    if d.teacher_signal != "none" and d.kd.teacher_weights is not None:
+        names = d.caches if d.teacher_signal == "cached" else d.teachers
+        n = len(names or p.teachers)
+        if len(d.kd.teacher_weights) != n:
+            errs.append(("distill.kd.teacher_weights", f"{len(d.kd.teacher_weights)} weights for {n} "
+                         "teachers; give one weight per teacher, in the same order"))
+    return errs
+
+
+def _cache_rules(cfg: "Config") -> list[Problem]:
+    """With the caches precompute writes, what they hold is known: matches and KD need it cached."""
+    errs: list[Problem] = []
+    d, p = cfg.distill, cfg.precompute
+    if d.teacher_signal == "cached" and not d.caches:
+        # The caches are the ones precompute writes, so what they hold is known here.
+        cached = {"hidden": sorted(set(p.hidden_layers)), "attention": sorted(set(p.attention_layers))}
+        first_token_kinds = [k for k, v in MATCH_KINDS.items() if v.feature == "hidden" and v.tokens == "first"]
+        for i, m in enumerate(d.matches):
+            kind = MATCH_KINDS[m.kind]
+            missing = [x for x in _layers(m.teacher_layer) if x not in cached[kind.feature]]
+            if missing:
+                errs.append((f"distill.matches[{i}].teacher_layer",
+                             f"layer(s) {missing} are not cached; add them to precompute.{kind.feature}_layers "
+                             f"(now {cached[kind.feature]}) or use distill.teacher_signal: online"))
+            if p.hidden_tokens == "first" and kind.feature == "hidden" and kind.tokens == "all":
+                errs.append((f"distill.matches[{i}].kind",
+                             f"{m.kind} needs every token but precompute.hidden_tokens is 'first'; "
+                             f"set it to 'all' or use kind {' or '.join(first_token_kinds)}"))
+        if d.kd.weight > 0 and not p.logits:
+            errs.append(("distill.kd.weight", "> 0 needs teacher logits; set precompute.logits: true "
+                         "or distill.kd.weight: 0"))
+    return errs
 
 
 def _suffixed(path: str, name: str) -> str:
