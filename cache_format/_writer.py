@@ -314,6 +314,9 @@ class CacheWriter:
                 if m and m["writer"] == self.writer_id:
                     self._next_seq = max(self._next_seq, int(m["seq"]) + 1)
             for info in _committed_shards(self.path):
+                if info.writer == self.writer_id:
+                    _check_kept_shard(info, lambda: _zarr.stored_hash(self.path / info.file, _algo(info)),
+                                      str(self.path / info.file))
                 self.done_ids.update(shard_ids(self.path / info.file))
         except BaseException:
             self._release_lock()
@@ -366,6 +369,8 @@ class CacheWriter:
                     store.remove(name)
                 self._next_seq = max(self._next_seq, int(m["seq"]) + 1)
         for info in _remote_committed_shards(store, files):
+            if info.writer == self.writer_id:
+                _check_kept_shard(info, lambda: _remote_hash(store, info), store.url_of(info.file))
             self.done_ids.update(self._shard_ids(info))
 
     def _release_lock(self) -> None:
@@ -778,6 +783,28 @@ def _unlink(path: Path) -> None:
         return
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
+
+
+def _algo(info: ShardInfo) -> str:
+    return info.hash.partition(":")[0]
+
+
+def _remote_hash(store: Store, info: ShardInfo) -> str:
+    if _zarr.is_zarr(info.file):
+        return _zarr.shard_hash(store.url_of(info.file), _algo(info))
+    h = hashlib.new(_algo(info))
+    h.update(store.read_bytes(info.file))
+    return f"{_algo(info)}:{h.hexdigest()}"
+
+
+def _check_kept_shard(info: ShardInfo, hash_now: Callable[[], str], where: str) -> None:
+    """A resumed writer builds on the shards it committed before it stopped: each must still hash as its sidecar
+    says, or the manifest written at the end would call a damaged cache complete."""
+    if hash_now() != info.hash:
+        raise CacheCorruptError(
+            f"committed shard {where} was changed or damaged since it was written (its content hash differs from "
+            f"its sidecar): delete it and its .json, then rerun precompute to redo its examples"
+        )
 
 
 def _committed_shards(folder: Path) -> list[ShardInfo]:
