@@ -24,15 +24,31 @@ _NEUTRAL = ["the", "film", "movie", "plot", "acting", "story", "was", "is", "qui
             "ending", "cast", "script", "director", "scenes", "music", "overall"]
 
 
+def _user_cache_listing() -> dict[str, float]:
+    home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kd-pipeline"
+    return {str(p): p.stat().st_mtime for p in home.rglob("*")} if home.is_dir() else {}
+
+
+@pytest.fixture(scope="session")
+def _kd_home(tmp_path_factory: pytest.TempPathFactory):
+    """One kd cache home for the session (converted models and downloaded archives are reused across tests);
+    at the end, the user's own kd cache folder must be as it was."""
+    before = _user_cache_listing()
+    yield tmp_path_factory.mktemp("kd_home")
+    after = _user_cache_listing()
+    assert after == before, f"tests wrote into the user's kd cache folder: {sorted(set(after) ^ set(before))[:5]}"
+
+
 @pytest.fixture(autouse=True)
-def _offline_sandbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _offline_sandbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _kd_home: Path) -> None:
     """Keep every test off the network and out of the user's home and cache folders."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
     monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
-    monkeypatch.setenv("KD_CACHE_ROOT", str(tmp_path / "caches"))
+    monkeypatch.setenv("KD_CACHE_HOME", str(_kd_home))  # teacher memos, converted models, downloaded archives
+    monkeypatch.delenv("KD_DATA_HOME", raising=False)
 
 
 @pytest.fixture(scope="session")
