@@ -13,7 +13,7 @@ import click
 import yaml
 
 from cache_format import KDError
-from stages.config import Config, config_to_dict, load_config
+from stages.config import BUNDLED_TEACHER, Config, config_to_dict, load_config
 
 __all__ = ["main", "cli"]
 
@@ -69,6 +69,59 @@ _TORCHRUN_STAGES = ("precompute", "distill")  # the stages that run as several p
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """kd-pipeline: precompute teacher outputs once, distill many students from the cache."""
+
+
+@cli.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--params", default="params.yaml", show_default=True, type=click.Path(dir_okay=False),
+              help="The params file to write.")
+@click.option("--force", is_flag=True, help="Replace an existing params file.")
+@click.option("--teacher", default=BUNDLED_TEACHER, show_default=True,
+              help="Teacher model (path or hub name): its tokenizer measures the texts for max_length.")
+@click.option("--text-field", default=None, metavar="COLUMN", help="The text column (default: found by name).")
+@click.option("--text-pair-field", default=None, metavar="COLUMN", help="The second text of sentence pairs.")
+@click.option("--label-field", default=None, metavar="COLUMN",
+              help="The label column (the tag lists for token classification; default: found by name).")
+@click.option("--label-delimiter", default=None, metavar="TEXT",
+              help="Multi-label strings: labels joined by TEXT, e.g. '|'.")
+@click.option("--task", default=None, metavar="KIND", help="Task kind, when the label column's shape does not say it "
+              "(e.g. regression on integer scores).")
+@click.option("--unlabelled", default=None, type=click.Path(exists=True, dir_okay=True), metavar="FILE",
+              help="Your unlabelled texts (same text column): the transfer set's source.")
+@click.option("--no-transfer", is_flag=True, help="Write no transfer set.")
+@click.option("--out-dir", default="data", show_default=True, help="Folder kd prepare writes (splits, transfer set).")
+def init(files: tuple[str, ...], params: str, force: bool, teacher: str, text_field: str | None,
+         text_pair_field: str | None, label_field: str | None, label_delimiter: str | None, task: str | None,
+         unlabelled: str | None, no_transfer: bool, out_dir: str) -> None:
+    """Write a params file for your data: FILE to split, or TRAIN TEST, or TRAIN DEV TEST.
+
+    Finds the text and label columns, the task kind, string label names and num_labels; sets max_length from the
+    teacher's tokenizer (95th percentile of the training texts' lengths); proposes a transfer set; writes nothing
+    over an existing file without --force. Then prints the commands to run.
+    """
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from stages.init import init as run
+
+    try:
+        res = run(list(files), params=params, force=force, teacher=teacher, text_field=text_field,
+                  text_pair_field=text_pair_field, label_field=label_field, label_delimiter=label_delimiter,
+                  task=task, unlabelled=unlabelled, transfer=not no_transfer, out_dir=out_dir)
+    except KDError as e:
+        raise click.ClickException(str(e)) from None
+    columns = ("word and tag lists" if res.text_field is None
+               else f"text {res.text_field!r}" + (f" + {res.text_pair_field!r}" if res.text_pair_field else "")
+               + f", label {res.label_field!r}")
+    labels = (f"{res.num_labels} labels ({', '.join(res.label_names)})" if res.label_names
+              else f"{res.num_labels} class ids" if res.num_labels else "numeric targets")
+    click.echo(f"wrote {res.params}: {res.task}, {columns}: {labels}")
+    if res.split:
+        click.echo("split by kd prepare: " + ", ".join(f"{s} {n}" for s, n in res.split.items()))
+    click.echo(f"max_length {res.max_length} (95% of the training texts fit in {res.length_p95} tokens)")
+    if res.transfer_source:
+        click.echo(f"transfer set: {res.transfer_examples:,} sentences from {res.transfer_source}")
+    for note in res.notes:
+        click.echo(f"note: {note}")
+    click.echo("next:\n" + "\n".join(f"  {c}" for c in res.commands))
 
 
 @cli.command()
