@@ -59,13 +59,16 @@ HELP: dict[str, str] = {
     "data.test": "test split for `kd evaluate` (null: none)",
     "data.text_field": "column with the text",
     "data.text_pair_field": "column with the second text of a sentence pair (null: single sentences)",
-    "data.label_field": "column with the label: an int id, or a string listed in `label_names` (null: unlabelled)",
+    "data.label_field": "column with the label: an int id, or a string (see `label_names`) (null: unlabelled)",
     "data.id_field": "column with a unique example id (null: a hash of the text, stable under reordering)",
     "data.num_labels": "number of classes (not read for regression)",
     "data.label_names": "class names for string labels (`[neg, pos]` maps `neg` to 0); saved as the models' "
-                        "`id2label`; length must equal `num_labels`",
+                        "`id2label`; length must equal `num_labels`. Null with string labels: the sorted labels "
+                        "of `data.train` (and their count as `num_labels`); a dev or test label that train lacks "
+                        "is an error",
     "data.transfer": "unlabelled extra texts for distillation (teacher terms only; null: none; "
-                     "sequence_classification only). The shipped params.yaml sets `data/transfer.csv`",
+                     "sequence_classification only), e.g. the `transfer.csv` that `kd prepare` builds from "
+                     "`prepare.transfer_source`. The shipped params.yaml sets `data/transfer.csv`",
     "data.task": "the task kind; see [Task kinds](tasks/index.md)",
     "data.label_delimiter": "multi_label: labels joined in one string, e.g. `sports|politics` with `\"|\"` "
                             "(null: a list column)",
@@ -85,16 +88,22 @@ HELP: dict[str, str] = {
     # prepare
     "prepare.source": "file to split, or a bundled set: `bundled:rotten_tomatoes`, `bundled:ptb` (Penn Treebank "
                       "text for causal_lm, its own splits), `bundled:wnut16_ner`, ... "
-                      "(see [Own data](own-data.md))",
+                      "(see [Own data](own-data.md)); null: nothing to split, the `data.*` files exist (prepare "
+                      "still builds the transfer set and checks the files)",
     "prepare.filter": "keep only rows whose columns equal these values (the bundled source defaults to "
                       "`{source: rotten_tomatoes}`)",
     "prepare.fractions": "split sizes; keys train and optionally dev, test; sum 1",
     "prepare.max_examples": "cap on the rows used (null: all); for `bundled:ptb` the first lines of each split",
     "prepare.seed": "seed of the stratified split",
-    "prepare.out_dir": "where the split files and `split.json` go",
-    "prepare.transfer_source": "file to cut transfer sentences from, or `bundled:imdb_sentences` (null: no "
-                               "transfer set). The shipped params.yaml sets `bundled:imdb_sentences`",
-    "prepare.transfer_examples": "how many distinct sentences go into `data/transfer.csv`",
+    "prepare.out_dir": "where the split files, `split.json`, `transfer.csv` and `check.json` (what the data "
+                       "check found) go; `dvc repro` empties it before `kd prepare` runs, so keep no file of "
+                       "yours in it",
+    "prepare.transfer_source": "where `kd prepare` takes the sentences of `<out_dir>/transfer.csv` from, whenever "
+                               "it is set, whatever `source` is: a file of texts (cut into sentences), "
+                               "`bundled:imdb_sentences` (IMDB review sentences) or `bundled:ptb_sentences` (19,931 "
+                               "Penn Treebank news sentences, general text); null: no transfer set. The shipped "
+                               "params.yaml sets `bundled:imdb_sentences`",
+    "prepare.transfer_examples": "how many distinct sentences go into `<out_dir>/transfer.csv` (seeded draw)",
     # augment
     "augment.input": "file whose examples `kd augment` makes views of (read with the `data.*` column settings)",
     "augment.output": "where the views go, written atomically: `.csv` or `.jsonl` (`.jsonl` for "
