@@ -19,7 +19,8 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, JsonValue, Validat
 from pydantic_core import PydanticCustomError
 
 from cache_format import KDError
-from stages.kinds import KD_KINDS, MATCH_ALIASES, MATCH_KINDS, PRESETS, PROJECTIONS, TASK_KINDS
+from stages.kinds import (KD_KINDS, LM_CODECS, LM_LOSSES, MATCH_ALIASES, MATCH_KINDS, PRESETS, PROJECTIONS,
+                          TASK_KINDS, TOPK_TAILS, ULD_CODEC)
 
 __all__ = [
     "ConfigError",
@@ -48,9 +49,7 @@ __all__ = [
 
 BUNDLED_TEACHER = "bundled:all-MiniLM-L6-v2"
 BUNDLED_DATA = "bundled:rotten_tomatoes"
-BUNDLED_TRANSFER = "bundled:imdb_sentences"  # movie-review sentences: the demo's transfer set
-BUNDLED_GENERAL_TRANSFER = "bundled:ptb_sentences"  # Penn Treebank news sentences: general text
-TRANSFER_SOURCES = (BUNDLED_TRANSFER, BUNDLED_GENERAL_TRANSFER)
+BUNDLED_TRANSFER = "bundled:imdb_sentences"
 
 
 class ConfigError(KDError, ValueError):
@@ -131,7 +130,7 @@ class DataConfig(_Section):
     id_field: str | None = "id"
     num_labels: int = 2
     label_names: list[str] | None = None
-    # None by default; the demo's params.yaml sets data/transfer.csv (the set `kd prepare` builds).
+    # The demo's params.yaml sets data/transfer.csv: movie-review sentences only fit the demo's task.
     transfer: str | None = None
     # The task kind (stages/tasks/<kind>.py) and the options only some kinds read (None: the kind's default;
     # TASK_KINDS says which kind reads which, and setting one another kind ignores is an error).
@@ -189,29 +188,18 @@ class DataConfig(_Section):
 class PrepareConfig(_Section):
     """`kd prepare`: split a source file into train/dev/test with a recorded, seeded split."""
 
-    source: str | None = BUNDLED_DATA  # None: nothing to split (the data.* files exist); prepare checks them
+    source: str = BUNDLED_DATA
     filter: dict[str, str] = {}
     fractions: dict[str, Float] = {"train": 0.8, "dev": 0.1, "test": 0.1}
     max_examples: int | None = None
     seed: int = 13
     out_dir: str = "data"
-    # Used whenever it is set, whatever `source` is: the demo's params.yaml sets bundled:imdb_sentences.
+    # The demo's params.yaml sets bundled:imdb_sentences; with another `source` they would be off-topic.
     transfer_source: str | None = None
     transfer_examples: int = 30000
 
     def _check(self) -> list[Problem]:
         errs = []
-        if self.transfer_source and self.transfer_source.startswith("bundled:") \
-                and self.transfer_source not in TRANSFER_SOURCES:
-            errs.append(("transfer_source", f"{self.transfer_source!r} is not a bundled transfer source; use "
-                         f"{' or '.join(TRANSFER_SOURCES)}, a file of texts, or null for none"))
-        if self.transfer_examples < 1:
-            errs.append(("transfer_examples", f"must be >= 1 (got {self.transfer_examples})"))
-        if self.source is None:
-            for key in ("filter", "fractions", "max_examples", "seed"):
-                if getattr(self, key) != type(self).model_fields[key].default:
-                    errs.append((key, "only applies when prepare.source names something to split (it is null); "
-                                 "remove it"))
         if set(self.fractions) - {"train", "dev", "test"} or "train" not in self.fractions:
             errs.append(("fractions", f"keys must be train and optionally dev, test (got {sorted(self.fractions)})"))
         if any(v <= 0 for v in self.fractions.values()) or abs(sum(self.fractions.values()) - 1) > 1e-6:
@@ -278,7 +266,7 @@ class TrainTeacherConfig(TrainingConfig):
 class LMCacheConfig(_Section):
     """`precompute.lm`: what a causal_lm cache stores per token (data.task causal_lm only; stages/tasks/lm_codecs.py)."""
 
-    codec: Literal["dense", "topk", "sampled"] = "topk"
+    codec: Literal[tuple(LM_CODECS)] = "topk"  # type: ignore[valid-type]  # the codecs come from the registry
     k: int = 32  # topk: ids kept per token
     samples: int = 12  # sampled: ids drawn per token (stored as unique ids with counts)
     proposal_temperature: Float = 1.0  # sampled: draw from q ~ p^(1/proposal_temperature)
@@ -296,8 +284,7 @@ class LMCacheConfig(_Section):
             errs.append(("proposal_temperature", f"must be > 0 (got {self.proposal_temperature})"))
         # A setting another codec reads would silently do nothing (compared with the default: a dumped
         # config that lists every key must parse again).
-        users = {"k": "topk", "samples": "sampled", "proposal_temperature": "sampled", "seed": "sampled",
-                 "max_dense_vocab": "dense"}
+        users = {key: name for name, codec in LM_CODECS.items() for key in codec.options}
         for key, codec in users.items():
             if self.codec != codec and getattr(self, key) != type(self).model_fields[key].default:
                 errs.append((key, f"only applies to codec: {codec}, not {self.codec}; remove it"))
@@ -529,18 +516,19 @@ class LMDistillConfig(_Section):
     """`distill.lm`: the KD loss of a causal_lm student (data.task causal_lm only; kd.weight, kd.hard_weight and
     kd.temperature are read as for every kind, the hard term being next-token cross-entropy)."""
 
-    loss: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    loss: Literal[tuple(LM_LOSSES)] = "forward_kl"  # type: ignore[valid-type]  # the losses come from the registry
     jsd_beta: Float = 0.5
-    topk_tail: Literal["bucket", "renormalize"] = "bucket"
+    topk_tail: Literal[TOPK_TAILS] = "bucket"  # type: ignore[valid-type]
     chunk_tokens: int | None = None  # tokens per chunk of the loss; None: 2**23 // V (32 MiB of logits, flat in V)
     cross_tokenizer: bool = False  # Universal Logit Distillation over a cached top-k (another tokenizer)
 
     def _check(self) -> list[Problem]:
         errs = []
+        owner = {key: name for name, loss in LM_LOSSES.items() for key in loss.options}  # settings one loss reads
         if not 0 < self.jsd_beta < 1:
             errs.append(("jsd_beta", f"must be in (0, 1) (got {self.jsd_beta})"))
-        elif self.loss != "jsd" and self.jsd_beta != type(self).model_fields["jsd_beta"].default:
-            errs.append(("jsd_beta", f"only applies to loss: jsd, not {self.loss}; remove it"))
+        elif self.loss != owner["jsd_beta"] and self.jsd_beta != type(self).model_fields["jsd_beta"].default:
+            errs.append(("jsd_beta", f"only applies to loss: {owner['jsd_beta']}, not {self.loss}; remove it"))
         if self.chunk_tokens is not None and self.chunk_tokens < 1:
             errs.append(("chunk_tokens", f"must be >= 1 (got {self.chunk_tokens})"))
         return errs
@@ -989,13 +977,14 @@ def _lm_rules(cfg: "Config") -> list[Problem]:
     if not p.store_input_ids:
         errs.append(("precompute.store_input_ids", f"a {task} cache always holds the teacher's token ids (the "
                      "student trains on them); set it to true"))
-    if d.lm.loss != "forward_kl" and d.teacher_signal != "online":
+    if not LM_LOSSES[d.lm.loss].cached and d.teacher_signal != "online":
+        cached = " or ".join(name for name, loss in LM_LOSSES.items() if loss.cached)
         errs.append(("distill.lm.loss", f"{d.lm.loss} needs the teacher's full distribution at every step, so "
-                     f"distill.teacher_signal: online (now {d.teacher_signal}); or use loss: forward_kl"))
+                     f"distill.teacher_signal: online (now {d.teacher_signal}); or use loss: {cached}"))
     cached_topk = d.teacher_signal == "cached" and p.lm.codec == "topk"
-    if d.lm.cross_tokenizer and not cached_topk:
+    if d.lm.cross_tokenizer and not (d.teacher_signal == "cached" and p.lm.codec == ULD_CODEC):
         errs.append(("distill.lm.cross_tokenizer", "Universal Logit Distillation reads a cached top-k: set "
-                     "distill.teacher_signal: cached and precompute.lm.codec: topk"))
+                     f"distill.teacher_signal: cached and precompute.lm.codec: {ULD_CODEC}"))
     if d.lm.topk_tail != "bucket" and not cached_topk:
         errs.append(("distill.lm.topk_tail", "only applies to a cached top-k (distill.teacher_signal: cached, "
                      "precompute.lm.codec: topk); remove it"))

@@ -2,7 +2,9 @@
 
 `stages/config.py` validates settings against these tables without importing torch, and
 `stages/losses/kd.py` attaches a loss function to every match kind (`losses.MATCH_LOSSES`), so
-adding a kind is one entry here plus its function there.
+adding a kind is one entry here plus its function there. Likewise for language models: the cache codecs
+(`LM_CODECS`, coded in stages/tasks/lm_codecs.py) and the KD losses (`LM_LOSSES`, functions attached in
+stages/losses/lm.py).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 __all__ = ["KD_KINDS", "MatchKind", "MATCH_KINDS", "MATCH_ALIASES", "PROJECTIONS", "Preset", "PRESETS", "TaskKind",
-           "TASK_KINDS"]
+           "TASK_KINDS", "LMCodec", "LM_CODECS", "LMLoss", "LM_LOSSES", "TOPK_TAILS", "ULD_CODEC"]
 
 # Soft-label losses on logits (`kd_loss(kind=...)`, setting distill.kd.loss).
 KD_KINDS = ("kl", "ce", "mse")
@@ -120,3 +122,55 @@ TASK_KINDS: dict[str, TaskKind] = {
                                        "max_answer_length"), windows=True),
     "causal_lm": TaskKind(language_model=True),
 }
+
+
+@dataclass(frozen=True)
+class LMCodec:
+    """What a causal-LM cache codec (setting precompute.lm.codec) stores per token; the code is
+    stages/tasks/lm_codecs.py.
+
+    fields: the per-token cache fields it writes, in cache order.
+    kd_fields: the fields its cached KD term reads (stages/methods/lm.py; also how a cache's codec is recognised).
+    options: the precompute.lm keys only this codec reads (setting one for another codec is an error).
+    """
+
+    fields: tuple[str, ...]
+    kd_fields: tuple[str, ...]
+    options: tuple[str, ...] = ()
+
+
+LM_CODECS: dict[str, LMCodec] = {
+    "dense": LMCodec(("logprobs",), ("logprobs",), options=("max_dense_vocab",)),
+    "topk": LMCodec(("topk_ids", "topk_logprobs", "logsumexp"), ("topk_ids", "topk_logprobs"), options=("k",)),
+    "sampled": LMCodec(("sample_ids", "sample_counts", "sample_logprobs", "proposal_lognorm"),
+                       ("sample_ids", "sample_counts", "sample_logprobs", "proposal_lognorm"),
+                       options=("samples", "proposal_temperature", "seed")),
+}
+
+
+@dataclass(frozen=True)
+class LMLoss:
+    """A KD loss of a causal-LM student (setting distill.lm.loss); its function is in stages/losses/lm.py
+    (`LM_LOSS_FUNCTIONS`).
+
+    cached: True if a cache serves it (each codec's KL term against the cached distribution); False if it needs
+        the teacher's full distribution at every step (distill.teacher_signal: online).
+    options: the distill.lm keys only this loss reads (setting one for another loss is an error).
+    """
+
+    cached: bool
+    options: tuple[str, ...] = ()
+
+
+LM_LOSSES: dict[str, LMLoss] = {
+    "forward_kl": LMLoss(cached=True),
+    "reverse_kl": LMLoss(cached=False),
+    "jsd": LMLoss(cached=False, options=("jsd_beta",)),
+}
+
+# How a cached top-k serves the mass outside its k ids (distill.lm.topk_tail; `losses.topk_kl`).
+TOPK_TAILS = ("bucket", "renormalize")
+
+# Universal Logit Distillation (distill.lm.cross_tokenizer: true; `losses.uld_loss`), the KD term for a teacher
+# with another tokenizer: it compares sorted probabilities, read from a cache of this codec.
+ULD_CODEC = "topk"

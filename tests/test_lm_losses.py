@@ -386,3 +386,27 @@ def test_normalized_inputs_give_the_same_kd_values_and_gradients(tail):
         out.sum().backward()
         _close(out, ref)
         _close(b.grad, a.grad)
+
+
+# --------------------------------------------------------------------------- the names come from stages/kinds.py
+
+
+def test_every_lm_loss_and_codec_name_has_its_function_and_setting():
+    """stages/kinds.py names the codecs and KD losses; losses/lm.py attaches a function to each name and the
+    settings accept exactly those names."""
+    from typing import get_args
+
+    from stages.config import LMCacheConfig, LMDistillConfig
+    from stages.kinds import LM_CODECS, LM_LOSSES, TOPK_TAILS
+    from stages.losses import CODEC_LOSSES, LM_LOSS_FUNCTIONS
+
+    assert list(LM_LOSS_FUNCTIONS) == list(LM_LOSSES) == ["forward_kl", "reverse_kl", "jsd"]
+    assert list(CODEC_LOSSES) == list(LM_CODECS) == ["dense", "topk", "sampled"]
+    assert LM_LOSS_FUNCTIONS["jsd"] is generalized_jsd and CODEC_LOSSES["topk"] is topk_kl
+    assert get_args(LMCacheConfig.model_fields["codec"].annotation) == tuple(LM_CODECS)
+    assert get_args(LMDistillConfig.model_fields["loss"].annotation) == tuple(LM_LOSSES)
+    assert get_args(LMDistillConfig.model_fields["topk_tail"].annotation) == TOPK_TAILS == ("bucket", "renormalize")
+    options = [k for c in LM_CODECS.values() for k in c.options] + [k for x in LM_LOSSES.values() for k in x.options]
+    assert set(options) <= set(LMCacheConfig.model_fields) | set(LMDistillConfig.model_fields)
+    with pytest.raises(LMLossInputError, match="valid: bucket, renormalize"):
+        topk_kl(_logits(0), torch.zeros(N, 2, dtype=torch.long), torch.zeros(N, 2), tail="other")

@@ -277,6 +277,26 @@ def test_cache_info_prints_bytes_per_token(caches):
     assert "per example on disk" in res.output
 
 
+def test_codec_fields_are_named_and_ordered_as_the_kinds_table_lists_them():
+    from stages.kinds import LM_CODECS
+    from stages.tasks.lm_codecs import codec_fields
+
+    want = {  # (name, dtype, shape) of each codec's per-token fields, V = 300
+        "dense": [("logprobs", "float16", ("T", 300))],
+        "topk": [("topk_ids", "uint16", ("T", 8)), ("topk_logprobs", "float16", ("T", 8)),
+                 ("logsumexp", "float32", ("T",))],
+        "sampled": [("sample_ids", "uint16", ("T", 12)), ("sample_counts", "uint8", ("T", 12)),
+                    ("sample_logprobs", "float16", ("T", 12)), ("proposal_lognorm", "float32", ("T",))],
+    }
+    assert set(want) == set(LM_CODECS)
+    for codec, fields in want.items():
+        options = {"k": 8} if codec == "topk" else {"samples": 12} if codec == "sampled" else {}
+        got = codec_fields(LMCacheConfig(codec=codec, **options), 300)
+        assert [(f.name, f.dtype, tuple(f.shape)) for f in got] == fields
+        assert tuple(f.name for f in got) == LM_CODECS[codec].fields
+        assert set(LM_CODECS[codec].kd_fields) <= set(LM_CODECS[codec].fields)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # bad input: one line each, exit 1 from the CLI
 

@@ -9,7 +9,8 @@ Temperature-squared scaling and the mean over tokens are the caller's business.
 Notation: p = teacher distribution, s = student distribution (softmax of ``logits``), KL(p || s) =
 sum_x p(x) (log p(x) - log s(x)); terms with p(x) = 0 count 0.
 
-Pure torch: no I/O, no imports from ``stages``.
+Pure torch: no I/O, no imports from ``stages`` but the loss and codec names of ``stages/kinds.py``; the
+tables at the end attach a function to each name there.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from cache_format import KDError
+from stages.kinds import TOPK_TAILS
 
 __all__ = [
     "auto_chunk_tokens",
@@ -38,9 +40,10 @@ __all__ = [
     "sampled_kl",
     "topk_kl",
     "uld_loss",
+    "LM_LOSS_FUNCTIONS",
+    "CODEC_LOSSES",
 ]
 
-TOPK_TAILS = ("bucket", "renormalize")
 # 1 - sum(probs) is only resolved to float32's epsilon near 1: a smaller tail mass is rounding noise.
 _TAIL_FLOOR = torch.finfo(torch.float32).eps
 _LOG_TAIL_FLOOR = math.log(_TAIL_FLOOR)
@@ -327,3 +330,20 @@ def align_by_offsets(student_offsets: Tensor, teacher_offsets: Tensor) -> tuple[
     t_pos = torch.searchsorted(t_next, s_next)  # leftmost: the first teacher position with that start
     keep = first & (t_next[t_pos.clamp(max=t_next.numel() - 1)] == s_next)
     return keep.nonzero().squeeze(-1), t_pos[keep]
+
+
+# --------------------------------------------------------------------------- the torch half of stages/kinds.py
+
+# The per-token function of each KD loss (distill.lm.loss) over the teacher's full logits (online).
+LM_LOSS_FUNCTIONS: dict[str, Callable[..., Tensor]] = {
+    "forward_kl": forward_kl,
+    "reverse_kl": reverse_kl,
+    "jsd": generalized_jsd,
+}
+
+# The per-token KL term of each cache codec (precompute.lm.codec), against its cached fields.
+CODEC_LOSSES: dict[str, Callable[..., Tensor]] = {
+    "dense": dense_kl,
+    "topk": topk_kl,
+    "sampled": sampled_kl,
+}

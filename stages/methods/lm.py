@@ -1,10 +1,11 @@
 """`kd distill` for language models (`data.task: causal_lm`).
 
 The student learns next-token cross-entropy on the text plus a KD term against the teacher's next-token
-distribution, read from the sparse cache (`topk`, `sampled`, `dense`), from a live teacher (online: forward KL,
-reverse KL, generalized JSD) or, for a teacher with another tokenizer, by Universal Logit Distillation over the
-cached top-k with positions aligned by character offsets. Every loss runs through `chunked_loss`, so the
-student's [B, T, V] logits never exist in full.
+distribution, read from the sparse cache (`topk`, `sampled`, `dense`: `CachedTeachers`), from a live teacher
+(online: forward KL, reverse KL, generalized JSD) or, for a teacher with another tokenizer, by Universal Logit
+Distillation over the cached top-k with positions aligned by character offsets. The codec and loss names are the
+tables of stages/kinds.py (`LM_CODECS`, `LM_LOSSES`). Every loss runs through `chunked_loss`, so the student's
+[B, T, V] logits never exist in full.
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ import cache_format as cf
 from cache_format import KDError
 from stages.config import Config
 from stages._io import check_outputs
+from stages.kinds import LM_CODECS, LM_LOSSES, ULD_CODEC
 from stages.train import fit, pick_device, save_model, set_seed
 from stages.data import Encoded, Examples
 from stages.methods.kd import DistillResult, distill_settings, load_distill_data, write_metrics
-from stages.losses import align_by_offsets, auto_chunk_tokens, chunked_loss, dense_kl, forward_kl, generalized_jsd, next_token_ce, reverse_kl, sampled_kl, topk_kl, uld_loss
+from stages.losses import (CODEC_LOSSES, LM_LOSS_FUNCTIONS, align_by_offsets, auto_chunk_tokens, chunked_loss,
+                           next_token_ce, uld_loss)
 from stages.models import causal_lm_student, lm_metrics
 from stages.models import load_causal_lm, load_tokenizer
 from stages.tasks import get_task
@@ -34,18 +37,11 @@ from stages.models import resolve_model
 
 __all__ = ["distill_lm", "LMObjective"]
 
-# The cached fields each codec's KD term reads (besides the always-present input_ids and char_offsets).
-_CODEC_FIELDS = {
-    "topk": ("topk_ids", "topk_logprobs"),
-    "sampled": ("sample_ids", "sample_counts", "sample_logprobs", "proposal_lognorm"),
-    "dense": ("logprobs",),
-}
-
 
 def _codec(reader: cf.CacheReader) -> str:
-    """Which codec a causal-LM cache holds, from its fields."""
-    for codec, fields in _CODEC_FIELDS.items():
-        if all(f in reader.fields for f in fields):
+    """Which codec a causal-LM cache holds, from the fields its KD term reads (`LM_CODECS`)."""
+    for codec, kind in LM_CODECS.items():
+        if all(f in reader.fields for f in kind.kd_fields):
             return codec
     raise KDError(f"cache {reader.path} holds no next-token distribution (fields: {', '.join(sorted(reader.fields))}); "
                   "point distill.caches at a cache written by `kd precompute` with data.task: causal_lm")
@@ -79,16 +75,16 @@ class LMObjective:
         if lm.cross_tokenizer:
             return uld_loss
         if self.teacher is not None:
-            return {"forward_kl": partial(forward_kl, temperature=kd.temperature),
-                    "reverse_kl": partial(reverse_kl, temperature=kd.temperature),
-                    "jsd": partial(generalized_jsd, beta=lm.jsd_beta, temperature=kd.temperature)}[lm.loss]
+            beta = {"beta": lm.jsd_beta} if "jsd_beta" in LM_LOSSES[lm.loss].options else {}
+            return partial(LM_LOSS_FUNCTIONS[lm.loss], temperature=kd.temperature, **beta)
         # The cached codecs take the log-probabilities per_token computes once for both terms.
+        kl = CODEC_LOSSES[self.codec]
         if self.codec == "topk":
-            return partial(topk_kl, tail=lm.topk_tail, normalized=True)
+            return partial(kl, tail=lm.topk_tail, normalized=True)
         if self.codec == "sampled":
-            return partial(sampled_kl, proposal_temperature=self.settings["proposal_temperature"],
+            return partial(kl, proposal_temperature=self.settings["proposal_temperature"],
                            samples=self.settings["samples"], normalized=True)
-        return partial(dense_kl, temperature=kd.temperature)
+        return partial(kl, temperature=kd.temperature)
 
     def _teacher_targets(self, batch: dict[str, Tensor], ids: Sequence[str], keep: Tensor
                          ) -> tuple[dict[str, Tensor], Tensor]:
@@ -97,21 +93,21 @@ class LMObjective:
             with torch.no_grad():
                 t = self.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             return {"teacher_logits": t[:, :-1][keep].float()}, torch.ones(int(keep.sum()), device=keep.device)
-        cached = self.source.next(self.teacher_length)[0]
-        names = ("topk_logprobs",) if self.cfg.distill.lm.cross_tokenizer else _CODEC_FIELDS[self.codec]
+        signal = self.source.next(self.teacher_length)[0]  # the one teacher's rows for this batch
+        every = torch.ones(int(keep.sum()), device=keep.device)
         if not self.cfg.distill.lm.cross_tokenizer:
-            return {n: cached[n][:, :-1][keep] for n in names}, torch.ones(int(keep.sum()), device=keep.device)
+            return {n: signal[n][:, :-1][keep] for n in LM_CODECS[self.codec].kd_fields}, every
         # Another tokenizer: the (student, teacher) position pairs of each row were found once, from the cached
         # character offsets (`_alignment`); positions without a partner get no KD term (mask 0).
         s_len = batch["input_ids"].shape[1] - 1
-        k = cached["topk_logprobs"].shape[-1]
+        k = signal["topk_logprobs"].shape[-1]
         rows = [np.full(len(self.pairs[r][0]), b) for b, r in enumerate(ids)]
         b_idx = torch.from_numpy(np.concatenate(rows)).to(keep.device)
         s_idx = torch.from_numpy(np.concatenate([self.pairs[r][0] for r in ids])).to(keep.device)
         t_idx = torch.from_numpy(np.concatenate([self.pairs[r][1] for r in ids])).to(keep.device)
         target = torch.zeros(len(ids), s_len, k, device=keep.device)
         mask = torch.zeros(len(ids), s_len, device=keep.device)
-        target[b_idx, s_idx] = cached["topk_logprobs"][b_idx, t_idx].float()
+        target[b_idx, s_idx] = signal["topk_logprobs"][b_idx, t_idx].float()
         mask[b_idx, s_idx] = 1.0
         return {"topk_logprobs": target[keep]}, mask[keep]
 
@@ -222,9 +218,10 @@ def distill_lm(cfg: Config, *, on_step: Callable[[int], None] | None = None) -> 
                    "distill.log_dir": (d.log_dir, "folder")})
     train_ex, dev_ex, readers = load_distill_data(cfg)
     codec = _codec(readers[0]) if readers else None
-    if d.lm.cross_tokenizer and codec != "topk":
-        raise KDError(f"distill.lm.cross_tokenizer needs a topk cache, but {readers[0].path if readers else 'none'} "
-                      f"holds {codec or 'no cache'}; precompute with precompute.lm.codec: topk")
+    if d.lm.cross_tokenizer and codec != ULD_CODEC:
+        raise KDError(f"distill.lm.cross_tokenizer needs a {ULD_CODEC} cache, but "
+                      f"{readers[0].path if readers else 'none'} holds {codec or 'no cache'}; precompute with "
+                      f"precompute.lm.codec: {ULD_CODEC}")
     device = pick_device()
     set_seed(d.seed)
     student, student_tok = _build_student(cfg)
@@ -236,14 +233,13 @@ def distill_lm(cfg: Config, *, on_step: Callable[[int], None] | None = None) -> 
     train = _rows(cfg, train_ex, student_tok, teacher_tok, d.max_length)
     dev = get_task(cfg.data).encode(student_tok, dev_ex, d.max_length) if dev_ex is not None else None
     teacher = None
-    source = None
+    source: CachedTeachers | None = None
     if d.teacher_signal == "cached":
         missing = [i for i in train.ids if i not in readers[0]]
         if missing:
             raise KDError(f"{len(missing)} training block(s) are not in cache {readers[0].path}, e.g. {missing[:2]}; "
                           "rerun `kd precompute` with the same data, teacher and precompute.max_length")
-        fields = list(_CODEC_FIELDS[codec])
-        source = CachedTeachers(readers, fields, device, prefetch=d.prefetch)
+        source = CachedTeachers(readers, list(LM_CODECS[codec].kd_fields), device, prefetch=d.prefetch)
     elif d.teacher_signal == "online":
         teacher = load_causal_lm(resolve_model(_teacher_name(cfg))).to(device).eval()
         for p in teacher.parameters():

@@ -25,6 +25,7 @@ from torch import Tensor
 
 import cache_format as cf
 from cache_format import KDError
+from stages.kinds import LM_CODECS
 
 __all__ = ["CodecError", "CHUNK_ELEMENTS", "id_dtype", "codec_fields", "codec_settings", "check_codec",
            "check_dense_size", "row_seed", "encode_rows"]
@@ -46,16 +47,16 @@ def id_dtype(vocab_size: int) -> str:
 
 
 def codec_fields(lm: Any, vocab_size: int) -> list[cf.FieldSpec]:
-    """The per-token cache fields of codec `lm.codec` (an LMCacheConfig) for a vocabulary of `vocab_size`."""
+    """The per-token cache fields of codec `lm.codec` (an LMCacheConfig) for a vocabulary of `vocab_size`, named
+    and ordered as `LM_CODECS` (stages/kinds.py) lists them."""
     ids = id_dtype(vocab_size)
-    if lm.codec == "dense":
-        return [cf.FieldSpec("logprobs", "float16", ("T", vocab_size))]
-    if lm.codec == "topk":
-        return [cf.FieldSpec("topk_ids", ids, ("T", lm.k)), cf.FieldSpec("topk_logprobs", "float16", ("T", lm.k)),
-                cf.FieldSpec("logsumexp", "float32", ("T",))]
-    n = lm.samples
-    return [cf.FieldSpec("sample_ids", ids, ("T", n)), cf.FieldSpec("sample_counts", "uint8", ("T", n)),
-            cf.FieldSpec("sample_logprobs", "float16", ("T", n)), cf.FieldSpec("proposal_lognorm", "float32", ("T",))]
+    types = {  # every codec's fields: (dtype, shape)
+        "logprobs": ("float16", ("T", vocab_size)),
+        "topk_ids": (ids, ("T", lm.k)), "topk_logprobs": ("float16", ("T", lm.k)), "logsumexp": ("float32", ("T",)),
+        "sample_ids": (ids, ("T", lm.samples)), "sample_counts": ("uint8", ("T", lm.samples)),
+        "sample_logprobs": ("float16", ("T", lm.samples)), "proposal_lognorm": ("float32", ("T",)),
+    }
+    return [cf.FieldSpec(name, *types[name]) for name in LM_CODECS[lm.codec].fields]
 
 
 def codec_settings(lm: Any) -> dict[str, Any]:
