@@ -49,7 +49,9 @@ __all__ = [
 
 BUNDLED_TEACHER = "bundled:all-MiniLM-L6-v2"
 BUNDLED_DATA = "bundled:rotten_tomatoes"
-BUNDLED_TRANSFER = "bundled:imdb_sentences"
+BUNDLED_TRANSFER = "bundled:imdb_sentences"  # movie-review sentences: the demo's transfer set
+BUNDLED_GENERAL_TRANSFER = "bundled:ptb_sentences"  # Penn Treebank news sentences: general text
+TRANSFER_SOURCES = (BUNDLED_TRANSFER, BUNDLED_GENERAL_TRANSFER)
 
 
 class ConfigError(KDError, ValueError):
@@ -130,7 +132,7 @@ class DataConfig(_Section):
     id_field: str | None = "id"
     num_labels: int = 2
     label_names: list[str] | None = None
-    # The demo's params.yaml sets data/transfer.csv: movie-review sentences only fit the demo's task.
+    # None by default; the demo's params.yaml sets data/transfer.csv (the set `kd prepare` builds).
     transfer: str | None = None
     # The task kind (stages/tasks/<kind>.py) and the options only some kinds read (None: the kind's default;
     # TASK_KINDS says which kind reads which, and setting one another kind ignores is an error).
@@ -188,18 +190,29 @@ class DataConfig(_Section):
 class PrepareConfig(_Section):
     """`kd prepare`: split a source file into train/dev/test with a recorded, seeded split."""
 
-    source: str = BUNDLED_DATA
+    source: str | None = BUNDLED_DATA  # None: nothing to split (the data.* files exist); prepare checks them
     filter: dict[str, str] = {}
     fractions: dict[str, Float] = {"train": 0.8, "dev": 0.1, "test": 0.1}
     max_examples: int | None = None
     seed: int = 13
     out_dir: str = "data"
-    # The demo's params.yaml sets bundled:imdb_sentences; with another `source` they would be off-topic.
+    # Used whenever it is set, whatever `source` is: the demo's params.yaml sets bundled:imdb_sentences.
     transfer_source: str | None = None
     transfer_examples: int = 30000
 
     def _check(self) -> list[Problem]:
         errs = []
+        if self.transfer_source and self.transfer_source.startswith("bundled:") \
+                and self.transfer_source not in TRANSFER_SOURCES:
+            errs.append(("transfer_source", f"{self.transfer_source!r} is not a bundled transfer source; use "
+                         f"{' or '.join(TRANSFER_SOURCES)}, a file of texts, or null for none"))
+        if self.transfer_examples < 1:
+            errs.append(("transfer_examples", f"must be >= 1 (got {self.transfer_examples})"))
+        if self.source is None:
+            for key in ("filter", "fractions", "max_examples", "seed"):
+                if getattr(self, key) != type(self).model_fields[key].default:
+                    errs.append((key, "only applies when prepare.source names something to split (it is null); "
+                                 "remove it"))
         if set(self.fractions) - {"train", "dev", "test"} or "train" not in self.fractions:
             errs.append(("fractions", f"keys must be train and optionally dev, test (got {sorted(self.fractions)})"))
         if any(v <= 0 for v in self.fractions.values()) or abs(sum(self.fractions.values()) - 1) > 1e-6:
