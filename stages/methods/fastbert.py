@@ -37,14 +37,14 @@ from transformers.masking_utils import create_bidirectional_mask
 
 from cache_format import atomic_file, atomic_write_text
 from cache_format import KDError
-from stages._io import check_outputs
 from stages.train import dist
-from stages.train import FitResult, fit, pick_device, replace_folder, set_seed, write_model
+from stages.train import FitResult, fit, replace_folder, write_model
 from stages.config import Config, config_to_dict
 from stages.data import Encoded, collate, model_inputs
 from stages.losses import kd_loss
 from stages.models import ModelError, load_classifier, load_tokenizer, num_layers, teacher_fingerprint
 from stages.models.loading import _layer_list
+from stages.methods.common import start_method
 from stages.tasks import Task, get_task
 from stages.tasks import load_split
 from stages.models import resolve_model
@@ -339,26 +339,16 @@ def speed_curve(model: FastBert, data: Encoded, task: Task, speeds: Sequence[flo
     return rows
 
 
-def _backbone_name(cfg: Config) -> str:
-    d = cfg.distill
-    return d.fastbert.backbone or (d.teachers or cfg.precompute.teachers)[0]
-
-
 def distill_fastbert(cfg: Config, *, on_step: Callable[[int], None] | None = None) -> FitResult:
     """`kd distill` with distill.method: fastbert: train the branches of `distill.fastbert.backbone` and save
     the FastBERT folder to distill.output (metrics to distill.metrics)."""
     d = cfg.distill
-    output = Path(d.output)
-    check_outputs({"distill.output": (output, "model"), "distill.metrics": (d.metrics, "file"),
-                   "distill.log_dir": (d.log_dir, "folder")})
-    task = get_task(cfg.data)
     # The branches learn from the backbone, never from labels: the transfer set is training data as well.
-    train_ex = load_split(cfg, "train", transfer=True)
-    dev_ex = load_split(cfg, "dev") if cfg.data.dev else None
-    name = _backbone_name(cfg)
+    run, (train_ex, dev_ex) = start_method(  # seeds the branches' initialisation
+        cfg, lambda: (load_split(cfg, "train", transfer=True), load_split(cfg, "dev") if cfg.data.dev else None))
+    output, device, task = run.output, run.device, get_task(cfg.data)
+    name = d.fastbert.backbone or run.teachers[0]
     src = resolve_model(name)
-    device = pick_device()
-    set_seed(d.seed)  # the branches' initialisation
     backbone = load_classifier(src, task.num_labels, auto_model=task.auto_model, label_names=task.label_names)
     tokenizer = load_tokenizer(src)
     model = FastBert(backbone, d.fastbert.branch_width, d.fastbert.branch_heads)

@@ -17,8 +17,7 @@ from cache_format import CacheMismatchError, CacheMissError, KDError
 from cache_format import path_exists, parent_path
 from stages.config import Config, ConfigError, DataConfig, DistillConfig, KDConfig, config_to_dict
 from stages.train import dist
-from stages._io import check_outputs
-from stages.train import FitResult, NonFiniteLossError, fit, pick_device, save_model, set_seed, write_model
+from stages.train import FitResult, NonFiniteLossError, fit, save_model, write_model
 from stages.models import as_output, module_student
 from stages.data import IGNORE_LABEL, Encoded, Examples, data_fingerprint, model_inputs
 from stages.losses import (Match, MatchError, build_projections, check_matches, feature_map, match_loss,
@@ -26,6 +25,7 @@ from stages.losses import (Match, MatchError, build_projections, check_matches, 
 from stages.models import (ModelError, hidden_size, load_classifier, load_tokenizer, missing_folder,
                            num_layers, student_from_config, student_from_teacher, teacher_fingerprint)
 from stages.losses import combine_teachers, cwsm_temperature, flsw_temperature, probability_shift, weight_at
+from stages.methods.common import configured_teachers, start_method
 from stages.tasks import Task, get_task
 from stages.teacher import CachedTeachers, OnlineTeachers, cache_target, teacher_memos
 from stages.tasks import TeacherSpec, load_split
@@ -57,7 +57,7 @@ def build_student(cfg: Config) -> tuple[nn.Module, object]:
         # an error, as for teachers: silently re-initialising it would throw away what it learned.
         return load_classifier(src, n, head="if_missing", auto_model=head, label_names=names), load_tokenizer(src)
     if s.module:  # any nn.Module on the first teacher's token ids (stages/models/module_student.py)
-        tokenizer = load_tokenizer(resolve_model(_configured_teachers(cfg)[0]))
+        tokenizer = load_tokenizer(resolve_model(configured_teachers(cfg)[0]))
         return module_student(s.module, s.module_kwargs, num_labels=n, vocab_size=len(tokenizer),
                               pad_token_id=tokenizer.pad_token_id), tokenizer
     if s.num_kv_heads is not None:
@@ -162,17 +162,13 @@ class DistillObjective:
             self.source.close()
 
 
-def _configured_teachers(cfg: Config) -> list[str]:
-    return cfg.distill.teachers or cfg.precompute.teachers
-
-
 def _check_cache_teachers(cfg: Config, readers: Sequence[cf.CacheReader]) -> None:
     """Each explicit cache must hold the outputs of the configured teacher in the same position."""
     if not cfg.distill.check_cache_teacher:
         print("warning: distill.check_cache_teacher is false: the caches in distill.caches are not checked "
               "against the configured teachers", file=sys.stderr)
         return
-    teachers = _configured_teachers(cfg)
+    teachers = configured_teachers(cfg)
     which = "distill.teachers" if cfg.distill.teachers else "precompute.teachers"
     if len(teachers) != len(readers):
         raise CacheMismatchError(
@@ -253,7 +249,7 @@ def distill_settings(cfg: Config, readers: Sequence[cf.CacheReader]) -> dict:
     return {
         "teacher_signal": d.teacher_signal,
         "caches": [str(r.path) for r in readers],
-        "teachers": _configured_teachers(cfg) if d.teacher_signal == "online" else [],
+        "teachers": configured_teachers(cfg) if d.teacher_signal == "online" else [],
         "student": config_to_dict(d.student),
         "kd": config_to_dict(d.kd),
         "matches": [config_to_dict(m) for m in d.matches],
@@ -266,14 +262,8 @@ def distill_settings(cfg: Config, readers: Sequence[cf.CacheReader]) -> dict:
 def distill_kd(cfg: Config, *, on_step: Callable[[int], None] | None = None) -> DistillResult:
     """Logit and feature KD of a task kind's student: cached, online or labels-only teacher signal."""
     d = cfg.distill
-    output = Path(d.output)
-    check_outputs({"distill.output": (output, "model"), "distill.metrics": (d.metrics, "file"),
-                   "distill.log_dir": (d.log_dir, "folder")})
-    # Data and caches first: their errors must not cost a model load.
-    task = get_task(cfg.data)
-    train_ex, dev_ex, readers = load_distill_data(cfg)
-    device = pick_device()
-    set_seed(d.seed)  # the student's random parts (new heads, projections) depend on it
+    run, (train_ex, dev_ex, readers) = start_method(cfg, lambda: load_distill_data(cfg))
+    output, device, task = run.output, run.device, get_task(cfg.data)
     student, tokenizer = build_student(cfg)
     train = task.encode(tokenizer, train_ex, d.max_length)
     dev = task.encode(tokenizer, dev_ex, d.max_length) if dev_ex is not None else None
@@ -322,7 +312,7 @@ def distill_objective(cfg: Config, student: nn.Module, train_ex: Examples, train
         t_width = next((readers[0].fields[f].shape[-1] for f in fields if f.startswith("hidden.")), None)
         source = CachedTeachers(readers, [f for f in fields if f in readers[0].fields], device, prefetch=d.prefetch)
     elif d.teacher_signal == "online":
-        names = _configured_teachers(cfg)
+        names = configured_teachers(cfg)
         first = load_classifier(resolve_model(names[0]), task.num_labels, auto_model=task.auto_model,
                                 label_names=task.label_names)
         matches = _matches(d, num_layers(first), s_layers)

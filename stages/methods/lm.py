@@ -22,10 +22,10 @@ from torch import Tensor, nn
 import cache_format as cf
 from cache_format import KDError
 from stages.config import Config
-from stages._io import check_outputs
 from stages.kinds import LM_CODECS, LM_LOSSES, ULD_CODEC
-from stages.train import fit, pick_device, save_model, set_seed
+from stages.train import fit, save_model
 from stages.data import Encoded, Examples
+from stages.methods.common import start_method
 from stages.methods.kd import DistillResult, distill_settings, load_distill_data, write_metrics
 from stages.losses import (CODEC_LOSSES, LM_LOSS_FUNCTIONS, align_by_offsets, auto_chunk_tokens, chunked_loss,
                            next_token_ce, uld_loss)
@@ -190,8 +190,7 @@ def _build_student(cfg: Config) -> tuple[nn.Module, object]:
     return model, load_tokenizer(src)
 
 
-def _teacher_name(cfg: Config) -> str:
-    names = cfg.distill.teachers or cfg.precompute.teachers
+def _teacher_name(names: Sequence[str]) -> str:
     if len(names) != 1:
         raise KDError(f"language-model distillation takes one teacher, got {len(names)} ({', '.join(names)}); "
                       "list one in precompute.teachers (or distill.teachers)")
@@ -213,19 +212,15 @@ def _rows(cfg: Config, examples: Examples, student_tok, teacher_tok, max_length:
 def distill_lm(cfg: Config, *, on_step: Callable[[int], None] | None = None) -> DistillResult:
     """Train a student language model (see the module docstring) and save it with `save_pretrained`."""
     d = cfg.distill
-    output = Path(d.output)
-    check_outputs({"distill.output": (output, "model"), "distill.metrics": (d.metrics, "file"),
-                   "distill.log_dir": (d.log_dir, "folder")})
-    train_ex, dev_ex, readers = load_distill_data(cfg)
+    run, (train_ex, dev_ex, readers) = start_method(cfg, lambda: load_distill_data(cfg))
+    output, device = run.output, run.device
     codec = _codec(readers[0]) if readers else None
     if d.lm.cross_tokenizer and codec != ULD_CODEC:
         raise KDError(f"distill.lm.cross_tokenizer needs a {ULD_CODEC} cache, but "
                       f"{readers[0].path if readers else 'none'} holds {codec or 'no cache'}; precompute with "
                       f"precompute.lm.codec: {ULD_CODEC}")
-    device = pick_device()
-    set_seed(d.seed)
     student, student_tok = _build_student(cfg)
-    teacher_tok = load_tokenizer(resolve_model(_teacher_name(cfg))) if d.teacher_signal != "none" else None
+    teacher_tok = load_tokenizer(resolve_model(_teacher_name(run.teachers))) if d.teacher_signal != "none" else None
     if teacher_tok is not None and not d.lm.cross_tokenizer and not _same_vocabulary(student_tok, teacher_tok):
         raise KDError("the student's vocabulary differs from the teacher's, so their next-token distributions cannot "
                       "be compared id by id; give the student the teacher's tokenizer, or set "
@@ -241,7 +236,7 @@ def distill_lm(cfg: Config, *, on_step: Callable[[int], None] | None = None) -> 
                           "rerun `kd precompute` with the same data, teacher and precompute.max_length")
         source = CachedTeachers(readers, list(LM_CODECS[codec].kd_fields), device, prefetch=d.prefetch)
     elif d.teacher_signal == "online":
-        teacher = load_causal_lm(resolve_model(_teacher_name(cfg))).to(device).eval()
+        teacher = load_causal_lm(resolve_model(_teacher_name(run.teachers))).to(device).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
     settings = dict(readers[0].manifest.settings.get("lm", {})) if readers else {}

@@ -22,10 +22,10 @@ import torch
 from torch import nn
 
 from cache_format import KDError
-from stages._io import check_outputs
-from stages.train import FitResult, TaskMix, fit, pick_device, replace_folder, set_seed, write_model, write_run_record
+from stages.train import FitResult, TaskMix, fit, replace_folder, write_model, write_run_record
 from stages.config import Config
 from stages.models import student_from_config
+from stages.methods.common import start_method
 from stages.methods.kd import DistillObjective, DistillResult, distill_settings, build_student, distill_objective, load_distill_data, write_metrics
 from stages.tasks import get_task
 
@@ -84,15 +84,11 @@ class MultiTaskObjective:
 def distill_tasks(cfg: Config, *, on_step: Callable[[int], None] | None = None) -> DistillResult:
     """Distill one student for every task in `cfg.tasks`; each head is saved to `<distill.output>/<name>`."""
     d = cfg.distill
-    output = Path(d.output)
-    check_outputs({"distill.output": (output, "model"), "distill.metrics": (d.metrics, "file"),
-                   "distill.log_dir": (d.log_dir, "folder")})
     views = {name: cfg.for_task(name) for name in cfg.task_names()}
-    tasks = {name: get_task(view.data) for name, view in views.items()}
     # Every task's data and caches first: their errors must not cost a model load.
-    loaded = {name: load_distill_data(view) for name, view in views.items()}
-    device = pick_device()
-    set_seed(d.seed)
+    run, loaded = start_method(cfg, lambda: {name: load_distill_data(view) for name, view in views.items()})
+    output, device = run.output, run.device
+    tasks = {name: get_task(view.data) for name, view in views.items()}
     # The first task's student (as distill.student describes it) brings the encoder; every other task gets a new
     # head of its kind in the same architecture on that encoder (from_teacher / pretrained name one model, whose
     # head fits one task only).

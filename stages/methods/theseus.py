@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from stages._io import check_outputs
-from stages.train import EpochSampler, fit, pick_device, save_model, set_seed, write_model
+from stages.train import EpochSampler, fit, save_model, write_model
 from stages.config import Config, DistillConfig, TheseusConfig, config_to_dict
 from stages.data import model_inputs
+from stages.methods.common import start_method
 from stages.methods.kd import DistillResult, write_metrics
 from stages.models import ModelError, load_classifier, load_tokenizer, student_from_teacher
 from stages.models.loading import _layer_list
@@ -143,17 +143,12 @@ def _steps(d: DistillConfig, rows: int, epochs: float) -> int:
 def distill_theseus(cfg: Config, *, on_step: Callable[[int], None] | None = None) -> DistillResult:
     """Compress the (one) teacher into `distill.theseus.groups` blocks and save the successor model."""
     d, t = cfg.distill, cfg.distill.theseus
-    output = Path(d.output)
-    check_outputs({"distill.output": (output, "model"), "distill.metrics": (d.metrics, "file"),
-                   "distill.log_dir": (d.log_dir, "folder")})
-    task = get_task(cfg.data)
     # The loss is on gold labels, so the unlabelled transfer set has nothing to teach (as for labels only).
-    train_ex = load_split(cfg, "train")
-    dev_ex = load_split(cfg, "dev") if cfg.data.dev else None
-    name = (d.teachers or cfg.precompute.teachers)[0]
+    run, (train_ex, dev_ex) = start_method(
+        cfg, lambda: (load_split(cfg, "train"), load_split(cfg, "dev") if cfg.data.dev else None))
+    output, device, task = run.output, run.device, get_task(cfg.data)
+    name = run.teachers[0]
     src = resolve_model(name)
-    device = pick_device()
-    set_seed(d.seed)
     teacher = load_classifier(src, task.num_labels, auto_model=task.auto_model, label_names=task.label_names)
     tokenizer = load_tokenizer(src)
     model = TheseusModel(teacher, t.groups)
