@@ -192,6 +192,27 @@ def test_a_raising_callback_keeps_the_checkpoint_and_resume_finishes_the_same_ru
         p.name for p in (tmp_path / "full" / "snapshots").iterdir())
 
 
+def test_the_checkpoint_keeps_its_format(tmp_path, cached, scripted):
+    """The checkpoint is user data (a run killed by an older version resumes): its keys, in order, and what the
+    evaluations' part holds. A callback raising at step 10 leaves it with `callbacks_due` set."""
+    script, at_step = scripted
+    script.update({5: 0.7, 10: 0.3})
+    RAISE_AT.add(10)
+    settings = {"eval_every": 5, "keep_best": "score", "callbacks": ["tests.test_callbacks:flaky"]}
+    with pytest.raises(CallbackError):
+        distill(config_from_dict(cached("part", **settings)), on_step=at_step)
+    state = torch.load(tmp_path / "part" / "checkpoint" / "state.pt", map_location="cpu", weights_only=False)
+    assert list(state) == ["model", "modules", "optimizer", "scheduler", "sampler", "step", "rng", "settings", "dev",
+                           "evaluations", "best", "callbacks_due"]
+    assert state["step"] == 10 and state["callbacks_due"] == 0 and state["dev"]["score"] == 0.3
+    assert set(state["sampler"]) == {"epoch", "position", "seed", "n"}
+    assert set(state["rng"]) == {"python", "numpy", "torch", "cuda"}
+    assert [e["step"] for e in state["evaluations"]] == [5, 10] and state["evaluations"][0]["callbacks"] == {
+        "tests.test_callbacks:flaky": 5}
+    assert set(state["best"]) == {"step", "value", "dev", "model", "modules"} and state["best"]["step"] == 5
+    assert state["settings"]["keep_best"] == "score"
+
+
 @pytest.mark.parametrize("path, problem", [
     ("tests.no_such_module:fn", "does not import (ModuleNotFoundError"),
     ("tests.test_callbacks:nope", "does not import (AttributeError"),
