@@ -25,7 +25,7 @@ from stages.methods import FastBertError, curve_rows, is_fastbert, load_fastbert
 from torch import nn
 from stages.models.loading import _check_label_names
 from stages.models.module_student import is_module_folder, load_module_student
-from stages.tasks import Task
+from stages.tasks import Task, labelled
 from stages.models import ModelError,  load_model_config, load_tokenizer, num_parameters
 from stages.report import save_predictions
 from stages.tasks import get_task
@@ -114,7 +114,8 @@ def _score_models(cfg: Config, device: torch.device) -> tuple[dict[str, dict], d
                                 f"per example; data.task {cfg.data.task} has none, evaluate it with "
                                 "sequence_classification")
         if fastbert:  # the full model here (no early exit); per speed below
-            model = load_fastbert(src, task.num_labels, label_names=task.label_names).to(device)
+            head = labelled(task)
+            model = load_fastbert(src, head.num_labels, label_names=head.label_names).to(device)
         else:
             model = load_trained(src, task).to(device)  # a module student, or the task's load_model
         data = task.encode(tokenizer, examples, e.max_length)
@@ -149,10 +150,10 @@ def load_trained(name_or_path: str, task: Task) -> nn.Module:
     if not is_module_folder(name_or_path):
         return task.load_model(name_or_path)
     model = load_module_student(name_or_path)
-    n = model.config.num_labels
-    if n is not None and n != task.num_labels:
-        raise ModelError(f"{name_or_path} was trained for {n} labels but data.num_labels is {task.num_labels}; "
+    n, head = model.config.num_labels, labelled(task)  # a module student has a label head
+    if n is not None and n != head.num_labels:
+        raise ModelError(f"{name_or_path} was trained for {n} labels but data.num_labels is {head.num_labels}; "
                          "evaluate it on data of its own labels, or train one for these")
     if model.config.id2label:
-        _check_label_names(model.config, name_or_path, task.label_names)
+        _check_label_names(model.config, name_or_path, head.label_names)
     return model

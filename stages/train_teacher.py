@@ -16,7 +16,7 @@ from stages._io import check_outputs
 from stages.train import FitResult, fit, pick_device, save_model, set_seed, write_model
 from stages.data import model_inputs
 from stages.models import load_classifier, load_tokenizer
-from stages.tasks import Task, get_task
+from stages.tasks import LabelledTask, get_task, labelled
 from stages.tasks import load_split
 from stages.models import resolve_model
 
@@ -34,7 +34,7 @@ class _LabelObjective:
 
     modules = nn.ModuleDict()
 
-    def __init__(self, task: Task):
+    def __init__(self, task: LabelledTask):
         self.task = task
 
     def start_epoch(self, id_batches: Sequence[Sequence[str]]) -> None:
@@ -59,7 +59,7 @@ def train_teacher(cfg: Config) -> list[TrainTeacherResult]:
     output = Path(t.output)
     check_outputs({"train_teacher.output": (output, "model"), "train_teacher.metrics": (t.metrics, "file")})
     # The data first: a data error must not cost a model load.
-    task = get_task(cfg.data)
+    task = labelled(get_task(cfg.data))  # a kind without a label head (causal_lm) has no head to fine-tune
     train_ex = load_split(cfg, "train")
     dev_ex = load_split(cfg, "dev") if cfg.data.dev else None
     src = resolve_model(t.model)

@@ -16,6 +16,7 @@ import yaml
 from click.testing import CliRunner
 
 import cache_format as cf
+from cache_format import KDError
 from pipeline.cli import cli
 from stages.config import ConfigError, DataConfig, LMCacheConfig, config_from_dict
 from stages.data import DataError
@@ -295,6 +296,38 @@ def test_codec_fields_are_named_and_ordered_as_the_kinds_table_lists_them():
         assert [(f.name, f.dtype, tuple(f.shape)) for f in got] == fields
         assert tuple(f.name for f in got) == LM_CODECS[codec].fields
         assert set(LM_CODECS[codec].kd_fields) <= set(LM_CODECS[codec].fields)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the task interface: a language model is a Task without a label head
+
+
+def test_causal_lm_is_a_task_without_a_label_head():
+    from stages.tasks import LabelledTask, Task, labelled
+    from stages.tasks.causal_lm import _NO_HEAD
+
+    task = _task()
+    assert isinstance(task, Task) and not isinstance(task, LabelledTask)
+    # None of the head's methods exist on it (before, num_labels and logits_shape raised).
+    for name in ("num_labels", "label_names", "head_config", "logits", "logits_shape", "hard_loss", "kd_loss",
+                 "predict", "predictions", "score", "auto_model"):
+        assert not hasattr(task, name), name
+    with pytest.raises(KDError) as err:
+        labelled(task)
+    assert str(err.value) == _NO_HEAD and "\n" not in _NO_HEAD
+    for kind in ("sequence_classification", "multi_label", "regression", "token_classification", "extractive_qa"):
+        assert labelled(get_task(DataConfig(task=kind))) is not None
+
+
+def test_train_teacher_refuses_a_language_model_in_one_line(lm_dir, tmp_path):
+    from stages.train_teacher import train_teacher
+    from stages.tasks.causal_lm import _NO_HEAD
+
+    params = _params(lm_dir, tmp_path)
+    params["train_teacher"] = {"model": str(lm_dir / "teacher"), "output": str(tmp_path / "t"),
+                               "metrics": str(tmp_path / "t.json")}
+    with pytest.raises(KDError, match=re.escape(_NO_HEAD)):
+        train_teacher(config_from_dict(params))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ from stages.losses import kd_loss
 from stages.models import ModelError, load_classifier, load_tokenizer, num_layers, teacher_fingerprint
 from stages.models.loading import _layer_list
 from stages.methods.common import start_method
-from stages.tasks import Task, get_task
+from stages.tasks import LabelledTask, get_task, labelled
 from stages.tasks import load_split
 from stages.models import resolve_model
 
@@ -285,7 +285,7 @@ def _batches(data: Encoded, batch_size: int, device: torch.device):
 
 
 @torch.no_grad()
-def exit_scores(model: FastBert, data: Encoded, task: Task, batch_size: int, device: torch.device) -> dict[str, float]:
+def exit_scores(model: FastBert, data: Encoded, task: LabelledTask, batch_size: int, device: torch.device) -> dict[str, float]:
     """`kl`: mean over rows and branches of KL(p_final || p_branch); and each exit's metrics (`exit<i>_<name>`,
     exit i = after block i, the last one the backbone's head) when the rows are labelled."""
     was_training = model.training
@@ -310,7 +310,7 @@ def exit_scores(model: FastBert, data: Encoded, task: Task, batch_size: int, dev
 
 
 @torch.no_grad()
-def predict_exits(model: FastBert, data: Encoded, task: Task, batch_size: int,
+def predict_exits(model: FastBert, data: Encoded, task: LabelledTask, batch_size: int,
                   device: torch.device) -> tuple[np.ndarray, np.ndarray]:
     """Adaptive inference at `model.speed` over `data`: each row's prediction and the blocks it ran (row order)."""
     model.eval()
@@ -322,7 +322,7 @@ def predict_exits(model: FastBert, data: Encoded, task: Task, batch_size: int,
     return task.gather(preds, len(data)), task.gather(layers, len(data))
 
 
-def speed_curve(model: FastBert, data: Encoded, task: Task, speeds: Sequence[float], batch_size: int,
+def speed_curve(model: FastBert, data: Encoded, task: LabelledTask, speeds: Sequence[float], batch_size: int,
                 throughput: Callable[[nn.Module], float], device: torch.device) -> list[dict[str, float]]:
     """For each speed: the metrics, the average blocks run per example and `throughput(model)` (examples/s)."""
     keep = model.speed
@@ -346,7 +346,7 @@ def distill_fastbert(cfg: Config, *, on_step: Callable[[int], None] | None = Non
     # The branches learn from the backbone, never from labels: the transfer set is training data as well.
     run, (train_ex, dev_ex) = start_method(  # seeds the branches' initialisation
         cfg, lambda: (load_split(cfg, "train", transfer=True), load_split(cfg, "dev") if cfg.data.dev else None))
-    output, device, task = run.output, run.device, get_task(cfg.data)
+    output, device, task = run.output, run.device, labelled(get_task(cfg.data))
     name = d.fastbert.backbone or run.teachers[0]
     src = resolve_model(name)
     backbone = load_classifier(src, task.num_labels, auto_model=task.auto_model, label_names=task.label_names)

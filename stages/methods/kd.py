@@ -26,7 +26,7 @@ from stages.models import (ModelError, hidden_size, load_classifier, load_tokeni
                            num_layers, student_from_config, student_from_teacher, teacher_fingerprint)
 from stages.losses import combine_teachers, cwsm_temperature, flsw_temperature, probability_shift, weight_at
 from stages.methods.common import configured_teachers, start_method
-from stages.tasks import Task, get_task
+from stages.tasks import LabelledTask, get_task, labelled
 from stages.teacher import CachedTeachers, OnlineTeachers, cache_target, teacher_memos
 from stages.tasks import TeacherSpec, load_split
 from stages.models import resolve_model
@@ -45,7 +45,7 @@ class DistillResult:
 
 def build_student(cfg: Config) -> tuple[nn.Module, object]:
     """The student model and its tokenizer, as `distill.student` describes (with the task's head)."""
-    task = get_task(cfg.data)
+    task = labelled(get_task(cfg.data))
     s, n, head, names = cfg.distill.student, task.num_labels, task.auto_model, task.label_names
     if s.from_teacher:
         src = resolve_model(s.from_teacher)
@@ -79,7 +79,7 @@ def _matches(d: DistillConfig, teacher_layers: int, student_layers: int) -> list
     return out
 
 
-def logit_terms(kd: KDConfig, task: Task, logits: torch.Tensor, teachers: Sequence[torch.Tensor],
+def logit_terms(kd: KDConfig, task: LabelledTask, logits: torch.Tensor, teachers: Sequence[torch.Tensor],
                 batch: dict[str, torch.Tensor], step: int, total_steps: int, *,
                 teacher_lengths: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The weighted `kd` term (student vs the teachers' logits, combined) and `hard` term (gold labels).
@@ -111,7 +111,7 @@ def logit_terms(kd: KDConfig, task: Task, logits: torch.Tensor, teachers: Sequen
 class DistillObjective:
     """KD on logits + hard labels + intermediate matches, with their schedules."""
 
-    def __init__(self, cfg: DistillConfig, task: Task, source, matches: Sequence[Match], projections: nn.ModuleList,
+    def __init__(self, cfg: DistillConfig, task: LabelledTask, source, matches: Sequence[Match], projections: nn.ModuleList,
                  student_lengths: dict[str, int]):
         self.cfg = cfg
         self.task = task
@@ -215,8 +215,8 @@ def _open_caches(cfg: Config, train_examples) -> list[cf.CacheReader]:
                                           expect_data=dfp, expect_settings=target.settings))
     task = get_task(cfg.data)
     for r in readers:
-        logits = r.fields.get("logits")
-        if logits is None or tuple(logits.shape) == (want := task.logits_shape()):
+        logits = r.fields.get("logits")  # class logits: a labelled kind's cache (a causal_lm cache has none)
+        if logits is None or tuple(logits.shape) == (want := labelled(task).logits_shape()):
             continue
         if logits.shape[-1] != want[-1]:
             raise CacheMismatchError(
@@ -263,7 +263,7 @@ def distill_kd(cfg: Config, *, on_step: Callable[[int], None] | None = None) -> 
     """Logit and feature KD of a task kind's student: cached, online or labels-only teacher signal."""
     d = cfg.distill
     run, (train_ex, dev_ex, readers) = start_method(cfg, lambda: load_distill_data(cfg))
-    output, device, task = run.output, run.device, get_task(cfg.data)
+    output, device, task = run.output, run.device, labelled(get_task(cfg.data))
     student, tokenizer = build_student(cfg)
     train = task.encode(tokenizer, train_ex, d.max_length)
     dev = task.encode(tokenizer, dev_ex, d.max_length) if dev_ex is not None else None
@@ -293,7 +293,7 @@ def load_distill_data(cfg: Config) -> tuple[Examples, Examples | None, list[cf.C
 def distill_objective(cfg: Config, student: nn.Module, train_ex: Examples, train: Encoded,
                       readers: Sequence[cf.CacheReader], device: torch.device) -> "DistillObjective":
     """The teacher signal (cache, live teachers or none), matches and projections of one task's student."""
-    d, task = cfg.distill, get_task(cfg.data)
+    d, task = cfg.distill, labelled(get_task(cfg.data))
     _check_rows(readers, train.ids)
     s_layers = num_layers(student)
     source, matches = None, []
@@ -385,7 +385,7 @@ def _call(model: nn.Module, inputs: Any) -> Any:
 def distill_batches(model: nn.Module, batches: Iterable[tuple[Sequence[str], Any, torch.Tensor | None]],
                     caches: cf.CacheReader | Sequence[cf.CacheReader], kd: KDConfig | None = None, *,
                     epochs: int = 1, optimizer: torch.optim.Optimizer | None = None, lr: float = 1e-3,
-                    device: str | torch.device = "cpu", task: Task | None = None) -> list[dict[str, float]]:
+                    device: str | torch.device = "cpu", task: LabelledTask | None = None) -> list[dict[str, float]]:
     """Train `model` on your own batches against cached teacher logits; returns each epoch's mean loss terms.
 
     Each batch is `(ids, inputs, labels)`: the cache ids of its rows, what the model takes (a tensor:
@@ -405,7 +405,7 @@ def distill_batches(model: nn.Module, batches: Iterable[tuple[Sequence[str], Any
     if spec is None:
         raise ConfigError(f"distill_batches: cache {readers[0].path} holds no logits "
                           f"({', '.join(readers[0].fields)}); precompute it with logits")
-    task = task or get_task(DataConfig(num_labels=int(spec.shape[-1])))
+    task = labelled(task or get_task(DataConfig(num_labels=int(spec.shape[-1]))))
     if hasattr(batches, "__len__"):
         total = max(1, epochs * len(batches))
     elif any(s != "constant" for s in (kd.weight_schedule, kd.hard_weight_schedule)):

@@ -27,7 +27,7 @@ from stages.config import Config
 from stages.models import student_from_config
 from stages.methods.common import start_method
 from stages.methods.kd import DistillObjective, DistillResult, distill_settings, build_student, distill_objective, load_distill_data, write_metrics
-from stages.tasks import get_task
+from stages.tasks import get_task, labelled
 
 __all__ = ["MultiTaskStudent", "MultiTaskObjective", "distill_tasks", "share_encoder"]
 
@@ -88,7 +88,7 @@ def distill_tasks(cfg: Config, *, on_step: Callable[[int], None] | None = None) 
     # Every task's data and caches first: their errors must not cost a model load.
     run, loaded = start_method(cfg, lambda: {name: load_distill_data(view) for name, view in views.items()})
     output, device = run.output, run.device
-    tasks = {name: get_task(view.data) for name, view in views.items()}
+    tasks = {name: labelled(get_task(view.data)) for name, view in views.items()}
     # The first task's student (as distill.student describes it) brings the encoder; every other task gets a new
     # head of its kind in the same architecture on that encoder (from_teacher / pretrained name one model, whose
     # head fits one task only).

@@ -33,7 +33,7 @@ from stages.methods.common import start_method
 from stages.methods.kd import DistillResult, write_metrics
 from stages.models import ModelError, load_classifier, load_tokenizer, student_from_teacher
 from stages.models.loading import _layer_list
-from stages.tasks import Task, get_task
+from stages.tasks import LabelledTask, get_task, labelled
 from stages.tasks import load_split
 from stages.models import resolve_model
 
@@ -107,7 +107,7 @@ def replace_mask(p: float, groups: int, seed: int, step: int) -> list[bool]:
 class TheseusObjective:
     """The task's loss on the hybrid (phase 1, steps < `replace_steps`) or on the successors alone (phase 2)."""
 
-    def __init__(self, cfg: TheseusConfig, task: Task, seed: int, replace_steps: int):
+    def __init__(self, cfg: TheseusConfig, task: LabelledTask, seed: int, replace_steps: int):
         self.cfg = cfg
         self.task = task
         self.seed = seed
@@ -146,7 +146,7 @@ def distill_theseus(cfg: Config, *, on_step: Callable[[int], None] | None = None
     # The loss is on gold labels, so the unlabelled transfer set has nothing to teach (as for labels only).
     run, (train_ex, dev_ex) = start_method(
         cfg, lambda: (load_split(cfg, "train"), load_split(cfg, "dev") if cfg.data.dev else None))
-    output, device, task = run.output, run.device, get_task(cfg.data)
+    output, device, task = run.output, run.device, labelled(get_task(cfg.data))
     name = run.teachers[0]
     src = resolve_model(name)
     teacher = load_classifier(src, task.num_labels, auto_model=task.auto_model, label_names=task.label_names)

@@ -1,15 +1,17 @@
 """Task kinds, one module each: how a kind's data is read and encoded, what its teacher signal is, its head,
-losses and metrics. `get_task(cfg.data)` gives the stages the kind they run; they call only `Task` methods.
+losses and metrics. `get_task(cfg.data)` gives the stages the kind they run; they call only `Task` methods, and
+the methods of `LabelledTask` (a label head, its logits and losses) through `labelled(task)`.
 
-Adding a kind: a module here with a `Task` subclass, its entry in `TASKS`, and its settings entry in
-stages/kinds.py (`TASK_KINDS`: the data.* options it reads and what it supports).
+Adding a kind: a module here with a `Task` subclass (a `LabelledTask` if it has a label head), its entry in
+`TASKS`, and its settings entry in stages/kinds.py (`TASK_KINDS`: the data.* options it reads, what it supports
+and the distillation method that serves it).
 """
 
 from __future__ import annotations
 
 from stages.config import Config, DataConfig
 from stages.data import Examples, with_transfer
-from stages.tasks.base import TORCH_DTYPES, Task, TeacherSpec
+from stages.tasks.base import TORCH_DTYPES, LabelledTask, Task, TeacherSpec, labelled
 from stages.tasks.causal_lm import CausalLM
 from stages.tasks.extractive_qa import ExtractiveQA
 from stages.tasks.multi_label import MultiLabel
@@ -18,7 +20,7 @@ from stages.tasks.sequence_classification import SequenceClassification
 from stages.tasks.token_classification import TokenClassification
 from cache_format import KDError
 
-__all__ = ["Task", "TeacherSpec", "TORCH_DTYPES", "TASKS", "get_task", "load_split"]
+__all__ = ["Task", "LabelledTask", "labelled", "TeacherSpec", "TORCH_DTYPES", "TASKS", "get_task", "load_split"]
 
 TASKS: dict[str, type[Task]] = {
     SequenceClassification.name: SequenceClassification,

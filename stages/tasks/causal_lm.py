@@ -18,6 +18,9 @@ per-word perplexity). The token fields `char_start`/`char_end` carry the offsets
 
 The cache (precompute) holds `input_ids`, `char_offsets` and the codec's fields (stages/tasks/lm_codecs.py), computed
 from the teacher's last hidden state and output layer without building the [B, T, V] logits.
+
+A language model has no label head, so this kind is a `Task` and not a `LabelledTask`: a stage that needs a head
+(`kd train-teacher`, a module student's label count) gets the one-line `no_head` error.
 """
 
 from __future__ import annotations
@@ -32,10 +35,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
-from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers import PretrainedConfig
 
 import cache_format as cf
-from cache_format import KDError
 from stages.config import LMCacheConfig
 from stages.data import DataError, Encoded, Examples, read_table, read_text, string_column
 from stages.tasks.lm_codecs import check_codec, check_dense_size, codec_fields, codec_settings, encode_rows
@@ -52,12 +54,7 @@ _LM_ARCHITECTURES = ("ForCausalLM", "LMHeadModel")
 
 class CausalLM(Task):
     name = "causal_lm"
-    auto_model = AutoModelForCausalLM
-
-    @property
-    def num_labels(self) -> int:
-        """A language model has no label count: a stage that asks for one is a classification path."""
-        raise KDError(_NO_HEAD)
+    no_head = _NO_HEAD
 
     # -- data -------------------------------------------------------------------------------------------------
 
@@ -168,9 +165,6 @@ class CausalLM(Task):
 
     def signal_settings(self, spec: Any) -> dict[str, Any]:
         return {"lm": codec_settings(_lm(spec))}
-
-    def logits_shape(self) -> tuple[int | str, ...]:
-        raise KDError(_NO_HEAD)
 
     # -- metrics ----------------------------------------------------------------------------------------------
 

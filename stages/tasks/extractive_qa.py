@@ -33,7 +33,7 @@ from cache_format import KDError
 from cache_format import MAX_ID_BYTES
 from stages.data import DataError, Encoded, Examples, content_ids, read_table, string_column, where
 from stages.losses import hard_ce_loss, kd_loss
-from stages.tasks.base import Task
+from stages.tasks.base import LabelledTask
 
 __all__ = ["ExtractiveQA", "normalize_answer", "squad_exact_match", "squad_f1"]
 
@@ -47,7 +47,7 @@ _MASKED = -1e9  # logit of a padded token: no probability after softmax, yet fin
 _START, _END = "qa_start_char", "qa_end_char"  # token fields: each context token's character span, -1 elsewhere
 
 
-class ExtractiveQA(Task):
+class ExtractiveQA(LabelledTask):
     name = "extractive_qa"
     auto_model = AutoModelForQuestionAnswering
 

@@ -26,14 +26,14 @@ from torch import Tensor
 import cache_format as cf
 from stages.data import DataError, Encoded, Examples, encode, load_examples, where
 from stages.losses import LossInputError
-from stages.tasks.base import Task
+from stages.tasks.base import LabelledTask
 
 __all__ = ["MultiLabel", "multi_label_kd_loss", "multi_label_scores"]
 
 DEFAULT_THRESHOLD = 0.5
 
 
-class MultiLabel(Task):
+class MultiLabel(LabelledTask):
     name = "multi_label"
 
     @property

@@ -24,12 +24,12 @@ from torch import Tensor
 import cache_format as cf
 from stages.data import DataError, Encoded, Examples, encode, load_examples, where
 from stages.losses import LossInputError
-from stages.tasks.base import Task
+from stages.tasks.base import LabelledTask
 
 __all__ = ["Regression", "pearson", "spearman"]
 
 
-class Regression(Task):
+class Regression(LabelledTask):
     name = "regression"
 
     @property

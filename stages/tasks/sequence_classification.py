@@ -16,12 +16,12 @@ from torch import Tensor
 import cache_format as cf
 from stages.data import Encoded, Examples, encode, load_examples
 from stages.losses import hard_ce_loss, kd_loss
-from stages.tasks.base import Task
+from stages.tasks.base import LabelledTask
 
 __all__ = ["SequenceClassification", "accuracy_and_macro_f1"]
 
 
-class SequenceClassification(Task):
+class SequenceClassification(LabelledTask):
     name = "sequence_classification"
     class_per_example = True
 

@@ -34,7 +34,7 @@ from transformers import AutoModelForTokenClassification
 
 from stages.data import IGNORE_LABEL, DataError, Encoded, Examples, check_ids, content_ids, read_table, read_text, where
 from stages.losses import hard_ce_loss, kd_loss
-from stages.tasks.base import Task
+from stages.tasks.base import LabelledTask
 
 __all__ = ["TokenClassification", "read_conll", "CONLL_SUFFIXES"]
 
@@ -75,7 +75,7 @@ def read_conll(path: str | Path) -> list[tuple[list[str], list[str]]]:
     return rows
 
 
-class TokenClassification(Task):
+class TokenClassification(LabelledTask):
     name = "token_classification"
     auto_model = AutoModelForTokenClassification
 
