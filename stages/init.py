@@ -57,6 +57,7 @@ LABEL_NAMES = ("label", "labels", "class", "category", "categories", "target", "
 TOKEN_NAMES = ("tokens", "words")
 TAG_NAMES = ("tags", "ner_tags", "pos_tags", "labels", "label")
 ID_COLUMN = "id"
+KINDS = ("sequence_classification", "multi_label", "regression", "token_classification")  # the kinds it writes
 
 MAX_LENGTH_STEP = 16  # max_length is rounded up to a multiple of this
 LENGTH_SAMPLE = 20000  # texts tokenized to measure lengths (a seeded sample of larger files)
@@ -107,10 +108,17 @@ def init(files: Sequence[str | os.PathLike], *, params: str | os.PathLike = "par
                         "train, dev and test")
     if params.exists() and not force:
         raise InitError(f"{params} exists; pass --force to replace it (or --params OTHER.yaml to write another file)")
-    if task is not None and task not in TASK_KINDS:
-        raise InitError(f"task {task!r} is not a task kind; use one of {', '.join(TASK_KINDS)}")
+    if task is not None and task not in KINDS:
+        raise InitError(f"--task {task!r}: kd init writes params for {', '.join(KINDS)}")
     paths = [str(f) for f in files]
+    if any(Path(f).suffix.lower() == ".txt" for f in paths):
+        raise InitError("kd init reads tables (CSV, JSON lines, Parquet); plain text for a language model "
+                        "(data.task: causal_lm) needs params written by hand, see the Language models docs")
     tables = [read_table(f) for f in paths]
+    if {"context", "answers"} <= set(tables[0].column_names):
+        raise InitError(f"{paths[0]} looks like extractive QA (context, answers); kd init writes params for "
+                        "classification, multi-label, regression and token classification: write them by hand, "
+                        "see Task kinds, extractive QA")
     notes: list[str] = []
     cols = _columns(tables[0], paths[0], text_field, text_pair_field, label_field, label_delimiter, task)
     kind = cols["task"]
@@ -255,9 +263,10 @@ def _columns(table: pa.Table, path: str, text_field: str | None, pair_field: str
     def is_text(column: str) -> bool:
         return pa.types.is_string(types[column]) or pa.types.is_large_string(types[column])
 
-    label = label_field or next((lower[n] for n in LABEL_NAMES if n in lower and lower[n] != text_field), None)
-    if label is None:
+    found = [lower[n] for n in LABEL_NAMES if n in lower and lower[n] != text_field]
+    if label_field is None and len(found) != 1:  # none, or several (e.g. `category` and `sentiment`)
         raise _unclear(path, "label", listed, "--label-field")
+    label = label_field or found[0]
     text = text_field or next((lower[n] for n in TEXT_NAMES if n in lower and is_text(lower[n])
                                and lower[n] not in (label, pair_field)), None)
     if text is None:

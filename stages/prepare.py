@@ -128,7 +128,8 @@ def check_data(cfg: Config, *, transfer: bool = True) -> dict:
     problem (a DataError naming the setting and the file).
 
     data.train, dev and test go through the task kind's own reader (columns, labels, ids, empty texts), and so
-    does data.transfer (with `transfer`), whose ids and text columns must also fit data.train's. String labels without
+    does data.transfer (with `transfer`), whose ids and text columns must also fit data.train's; a default path
+    (e.g. data/test.csv) that the params do not name is checked only when the file exists. String labels without
     `data.label_names` take their names from data.train (`stages.data.with_label_names`); a dev or test label that
     data.train does not have is an error naming every such label. No tokenizer runs. With `tasks:`, each task's
     data. Returns what was found: per file its path and example count, and the label names and where they came
@@ -145,8 +146,8 @@ def check_data(cfg: Config, *, transfer: bool = True) -> dict:
     train = None
     for split in ("train", "dev", "test"):
         path = getattr(data, split)
-        if path is None:
-            continue
+        if path is None or (split not in cfg.data.model_fields_set and not Path(path).exists()):
+            continue  # a default path (data/test.csv) the params do not name and no file holds
         if split != "train" and names is not None and given is None:
             unseen = unseen_labels(data, path, names)
             if unseen:
@@ -154,25 +155,18 @@ def check_data(cfg: Config, *, transfer: bool = True) -> dict:
                                 f"does not have (its labels: {_listed(names)}); a class never seen in training "
                                 "cannot be learnt: fix those labels, add examples of them to data.train, or list "
                                 "every class in data.label_names")
-        examples = _load(task.load, f"data.{split}", path)
+        examples = task.load(path)
         if split == cfg.evaluate.split and task.needs_labels and examples.labels is None:
             raise DataError(f"data.{split} ({path}) has no labels (data.label_field is unset); kd evaluate "
                             "scores the models on them")
         found["files"][f"data.{split}"] = {"path": str(path), "examples": len(examples)}
         train = examples if split == "train" else train
     if transfer and data.transfer:
-        extra = _load(task.load, "data.transfer", data.transfer, transfer=True)
-        _load(with_transfer, "data.transfer", train, extra)  # ids and text pairs must fit the train set
+        extra = task.load(data.transfer, transfer=True)
+        if train is not None:
+            with_transfer(train, extra)  # ids and text pairs must fit the train set
         found["files"]["data.transfer"] = {"path": str(data.transfer), "examples": len(extra)}
     return found
-
-
-def _load(read, key: str, *args, **kwargs):
-    """`read(*args, **kwargs)`, its DataError prefixed with the setting `key`."""
-    try:
-        return read(*args, **kwargs)
-    except DataError as e:
-        raise DataError(f"{key}: {e}") from None
 
 
 def _listed(values: Sequence[str], n: int = 10) -> str:

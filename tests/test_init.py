@@ -107,9 +107,22 @@ def test_init_that_cannot_tell_the_columns_says_so_in_one_line(here, tiny_model_
     assert message.count("\n") == 0, message
     assert "columns: headline, body, kind" in message and "--label-field" in message, message
     assert not (here / "params.yaml").exists()
+    _csv(here / "two.csv", ["text", "category", "sentiment"], [("a b", "x", "pos"), ("c d", "y", "neg")])
+    with pytest.raises(InitError, match=r"which column of two.csv holds the label \(columns: text, category, "
+                                        r"sentiment\); name it with --label-field"):
+        init(["two.csv"], teacher=str(tiny_model_dir))
     # Named, it works (and the text is the one string column left).
     res = init(["x.csv"], teacher=str(tiny_model_dir), label_field="kind", text_field="body", transfer=False)
     assert res.label_names == ["x", "y"] and res.text_field == "body"
+
+
+def test_init_points_qa_and_language_model_data_to_the_docs(here, tiny_model_dir):
+    _jsonl(here / "qa.jsonl", [{"question": "q", "context": "c", "answers": {"text": ["c"], "answer_start": [0]}}])
+    with pytest.raises(InitError, match=r"looks like extractive QA"):
+        init(["qa.jsonl"], teacher=str(tiny_model_dir))
+    (here / "lm.txt").write_text("some text\n")
+    with pytest.raises(InitError, match=r"causal_lm\) needs params written by hand"):
+        init(["lm.txt"], teacher=str(tiny_model_dir))
 
 
 def test_init_with_three_files_takes_them_as_they_are_and_ids_only_when_every_file_has_them(here, tiny_model_dir):
@@ -262,7 +275,7 @@ def test_a_bad_test_file_stops_the_run_before_any_training(tmp_path, monkeypatch
     for command in (["prepare"], ["train-teacher"], ["precompute"], ["distill"]):
         out = CliRunner().invoke(cli, command)
         assert out.exit_code == 1, (command, out.output)
-        assert "data.test: column 'id' (id_field) not found in test.csv" in out.output, (command, out.output)
+        assert "column 'id' (id_field) not found in test.csv" in out.output, (command, out.output)
     assert not (tmp_path / "models").exists() and not (tmp_path / "caches").exists()
 
 

@@ -115,10 +115,8 @@ def test_empty_or_short_text_at_distill_and_evaluate(lm, tmp_path, text, stage):
         assert re.fullmatch(rf"Error: the text has \d+ tokens \(with an EOS after each document\), fewer than one "
                             rf"block of max_length={L}; give more text or lower max_length", line), line
     else:
-        # distill checks every data file first, naming the setting (evaluate reads only its split)
-        where = "data.train: " if stage == "distill" else ""
-        assert line == (f"Error: {where}{data} holds no text (every document is blank); give one document per line "
-                        "(.txt) or per row")
+        assert line == (f"Error: {data} holds no text (every document is blank); give one document per line (.txt) "
+                        "or per row")
 
 
 def test_the_lm_example_settings_parse():
