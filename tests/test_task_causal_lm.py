@@ -299,7 +299,7 @@ def test_codec_fields_are_named_and_ordered_as_the_kinds_table_lists_them():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the task interface: a language model is a Task without a label head
+# the task interface: a language model is a Task without a label head, and its online signal
 
 
 def test_causal_lm_is_a_task_without_a_label_head():
@@ -328,6 +328,35 @@ def test_train_teacher_refuses_a_language_model_in_one_line(lm_dir, tmp_path):
                                "metrics": str(tmp_path / "t.json")}
     with pytest.raises(KDError, match=re.escape(_NO_HEAD)):
         train_teacher(config_from_dict(params))
+
+
+def test_online_signal_is_the_teachers_own_full_logits(lm_dir):
+    """`OnlineTeachers` with `TeacherSpec.full_logits` gives exactly the logits of the teacher's own forward (what
+    online LM distillation read inline before it went through the teacher-signal path)."""
+    from stages.data import collate
+    from stages.tasks import TeacherSpec
+    from stages.teacher import OnlineTeachers, teacher_outputs
+
+    rows = _task().encode(load_tokenizer(str(lm_dir / "teacher")), _task().load(lm_dir / "train.txt"), L)
+    teacher = load_causal_lm(str(lm_dir / "teacher"))
+    spec = TeacherSpec(full_logits=True)
+    ids = [rows.ids[:4], rows.ids[4:7]]
+    source = OnlineTeachers([teacher], [rows], spec, torch.device("cpu"), _task())
+    source.start(ids)
+    for batch_ids in ids:
+        [got] = source.next(L)
+        batch, _ = collate(rows, np.array([rows.ids.index(i) for i in batch_ids]))
+        with torch.no_grad():
+            want = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        assert got["logits"].dtype == torch.float32 and torch.equal(got["logits"], want.float())
+        assert got["length"].tolist() == [L] * len(batch_ids)
+    fields = _task().teacher_fields(spec, teacher.config)
+    assert [(f.name, tuple(f.shape)) for f in fields] == [("logits", ("T", 300))]
+    # The cached signal is unchanged: the codec's fields and the character offsets.
+    batch, _ = collate(rows, np.arange(2))
+    with torch.no_grad():
+        cached = teacher_outputs(teacher, batch, TeacherSpec(lm=LMCacheConfig(k=8)), _task(), rows.ids[:2])
+    assert set(cached) == {"length", "topk_ids", "topk_logprobs", "logsumexp", "char_offsets"}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -2,10 +2,11 @@
 
 The student learns next-token cross-entropy on the text plus a KD term against the teacher's next-token
 distribution, read from the sparse cache (`topk`, `sampled`, `dense`: `CachedTeachers`), from a live teacher
-(online: forward KL, reverse KL, generalized JSD) or, for a teacher with another tokenizer, by Universal Logit
-Distillation over the cached top-k with positions aligned by character offsets. The codec and loss names are the
-tables of stages/kinds.py (`LM_CODECS`, `LM_LOSSES`). Every loss runs through `chunked_loss`, so the student's
-[B, T, V] logits never exist in full.
+(online: forward KL, reverse KL, generalized JSD over its full logits, served by `OnlineTeachers` like every
+kind's online signal) or, for a teacher with another tokenizer, by Universal Logit Distillation over the cached
+top-k with positions aligned by character offsets. The codec and loss names are the tables of stages/kinds.py
+(`LM_CODECS`, `LM_LOSSES`). Every loss runs through `chunked_loss`, so the student's [B, T, V] logits never exist
+in full.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from stages.losses import (CODEC_LOSSES, LM_LOSS_FUNCTIONS, align_by_offsets, au
                            next_token_ce, uld_loss)
 from stages.models import causal_lm_student, lm_metrics
 from stages.models import load_causal_lm, load_tokenizer
-from stages.tasks import get_task
-from stages.teacher import CachedTeachers
+from stages.tasks import TeacherSpec, get_task
+from stages.teacher import CachedTeachers, OnlineTeachers
 from stages.models import resolve_model
 
 __all__ = ["distill_lm", "LMObjective"]
@@ -52,13 +53,17 @@ def _same_vocabulary(student_tok, teacher_tok) -> bool:
 
 
 class LMObjective:
-    """Next-token CE + a KD term, computed in one chunked pass over the scored positions."""
+    """Next-token CE + a KD term, computed in one chunked pass over the scored positions.
 
-    def __init__(self, cfg: Config, source: CachedTeachers | None, teacher: nn.Module | None, codec: str | None,
+    `source` serves the teacher signal batch by batch: a cache's codec fields (`CachedTeachers`; `codec` names the
+    codec, `settings` are the cache's LM settings) or the live teacher's full `logits` (`OnlineTeachers` with
+    `TeacherSpec.full_logits`); None without a teacher."""
+
+    def __init__(self, cfg: Config, source: CachedTeachers | OnlineTeachers | None, codec: str | None,
                  settings: dict, pairs: dict[str, tuple[np.ndarray, np.ndarray]] | None, teacher_length: int):
         self.cfg = cfg
         self.source = source
-        self.teacher = teacher
+        self.online = isinstance(source, OnlineTeachers)
         self.codec = codec
         self.settings = settings
         self.pairs = pairs  # cross-tokenizer: row id -> (student positions, teacher positions) to compare
@@ -74,7 +79,7 @@ class LMObjective:
         lm, kd = self.cfg.distill.lm, self.cfg.distill.kd
         if lm.cross_tokenizer:
             return uld_loss
-        if self.teacher is not None:
+        if self.online:
             beta = {"beta": lm.jsd_beta} if "jsd_beta" in LM_LOSSES[lm.loss].options else {}
             return partial(LM_LOSS_FUNCTIONS[lm.loss], temperature=kd.temperature, **beta)
         # The cached codecs take the log-probabilities per_token computes once for both terms.
@@ -89,12 +94,10 @@ class LMObjective:
     def _teacher_targets(self, batch: dict[str, Tensor], ids: Sequence[str], keep: Tensor
                          ) -> tuple[dict[str, Tensor], Tensor]:
         """Teacher targets at the scored student positions, and a 0/1 mask of the positions that have one."""
-        if self.teacher is not None:
-            with torch.no_grad():
-                t = self.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            return {"teacher_logits": t[:, :-1][keep].float()}, torch.ones(int(keep.sum()), device=keep.device)
         signal = self.source.next(self.teacher_length)[0]  # the one teacher's rows for this batch
         every = torch.ones(int(keep.sum()), device=keep.device)
+        if self.online:
+            return {"teacher_logits": signal["logits"][:, :-1][keep].float()}, every
         if not self.cfg.distill.lm.cross_tokenizer:
             return {n: signal[n][:, :-1][keep] for n in LM_CODECS[self.codec].kd_fields}, every
         # Another tokenizer: the (student, teacher) position pairs of each row were found once, from the cached
@@ -120,13 +123,13 @@ class LMObjective:
                                   ).last_hidden_state[:, :-1][keep]
         labels = batch["input_ids"][:, 1:][keep]
         n = max(int(keep.sum()), 1)
-        use_kd = kd.weight > 0 and (self.source is not None or self.teacher is not None)
+        use_kd = kd.weight > 0 and self.source is not None
         targets: dict[str, Tensor] = {"labels": labels}
         kd_mask = None
         if use_kd:
             teacher, kd_mask = self._teacher_targets(batch, ids, keep)
             targets.update(teacher)
-        scale = kd.temperature ** 2 if kd.temperature_squared and self.teacher is not None else 1.0
+        scale = kd.temperature ** 2 if kd.temperature_squared and self.online else 1.0
         kd_term = self._kd_term() if use_kd else None
         # One pass computes both terms (the head's logits are the expensive part); the KD part is also kept
         # detached so the two are logged apart: `hard` carries the gradient of the sum.
@@ -227,8 +230,7 @@ def distill_lm(cfg: Config, *, on_step: Callable[[int], None] | None = None) -> 
                       "distill.lm.cross_tokenizer: true (Universal Logit Distillation over a topk cache)")
     train = _rows(cfg, train_ex, student_tok, teacher_tok, d.max_length)
     dev = get_task(cfg.data).encode(student_tok, dev_ex, d.max_length) if dev_ex is not None else None
-    teacher = None
-    source: CachedTeachers | None = None
+    source: CachedTeachers | OnlineTeachers | None = None
     if d.teacher_signal == "cached":
         missing = [i for i in train.ids if i not in readers[0]]
         if missing:
@@ -236,12 +238,12 @@ def distill_lm(cfg: Config, *, on_step: Callable[[int], None] | None = None) -> 
                           "rerun `kd precompute` with the same data, teacher and precompute.max_length")
         source = CachedTeachers(readers, list(LM_CODECS[codec].kd_fields), device, prefetch=d.prefetch)
     elif d.teacher_signal == "online":
-        teacher = load_causal_lm(resolve_model(_teacher_name(run.teachers))).to(device).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
+        # The teacher on the student's own rows (the same tokenizer), its full logits at every position.
+        teacher = load_causal_lm(resolve_model(_teacher_name(run.teachers))).requires_grad_(False)
+        source = OnlineTeachers([teacher], [train], TeacherSpec(full_logits=True), device, get_task(cfg.data))
     settings = dict(readers[0].manifest.settings.get("lm", {})) if readers else {}
     pairs = _alignment(train, readers[0], d.max_length) if d.lm.cross_tokenizer else None
-    objective = LMObjective(cfg, source, teacher, codec, settings, pairs, cfg.precompute.max_length)
+    objective = LMObjective(cfg, source, codec, settings, pairs, cfg.precompute.max_length)
     result = fit(student, objective, train, dev, d, output=output, log_dir=Path(d.log_dir), device=device,
                  desc=f"distill LM ({d.teacher_signal})", on_step=on_step,
                  run_settings={**distill_settings(cfg, readers), "lm": d.lm.model_dump()},

@@ -250,6 +250,9 @@ class TeacherSpec:
     dtype: str = "float32"
     store_input_ids: bool = False
     lm: Any = None  # precompute.lm (LMCacheConfig): what a causal_lm teacher's signal holds
+    # causal_lm, online only: the signal is the teacher's full next-token logits [T, V] instead of precompute.lm's
+    # codec fields (the online losses need every whole distribution; no cache holds them)
+    full_logits: bool = False
 
     @classmethod
     def from_config(cls, p: PrecomputeConfig) -> "TeacherSpec":

@@ -17,7 +17,8 @@ Per row, `Encoded.extras` holds "text" (the corpus slice from the block's first 
 per-word perplexity). The token fields `char_start`/`char_end` carry the offsets into collated batches.
 
 The cache (precompute) holds `input_ids`, `char_offsets` and the codec's fields (stages/tasks/lm_codecs.py), computed
-from the teacher's last hidden state and output layer without building the [B, T, V] logits.
+from the teacher's last hidden state and output layer without building the [B, T, V] logits. Online distillation
+asks for the full logits instead (`TeacherSpec.full_logits`): the same output layer over every position.
 
 A language model has no label head, so this kind is a `Task` and not a `LabelledTask`: a stage that needs a head
 (`kd train-teacher`, a module student's label count) gets the one-line `no_head` error.
@@ -43,7 +44,7 @@ from stages.data import DataError, Encoded, Examples, read_table, read_text, str
 from stages.tasks.lm_codecs import check_codec, check_dense_size, codec_fields, codec_settings, encode_rows
 from stages.models import Top1, head_logits, lm_metrics, lm_scores
 from stages.models import ModelError, load_causal_lm
-from stages.tasks.base import Task
+from stages.tasks.base import TORCH_DTYPES, Task
 
 __all__ = ["CausalLM"]
 
@@ -140,10 +141,12 @@ class CausalLM(Task):
         if archs and not any(a.endswith(_LM_ARCHITECTURES) for a in archs):
             raise ModelError(f"{teacher} is a {archs[0]}, not a causal language model; data.task causal_lm needs "
                              "a model that AutoModelForCausalLM loads (e.g. ...ForCausalLM)")
-        check_codec(_lm(spec), _vocab_size(config), teacher)
+        if not spec.full_logits:
+            check_codec(_lm(spec), _vocab_size(config), teacher)
 
     def check_rows(self, config: PretrainedConfig, teacher: str, spec: Any, rows: Encoded) -> None:
-        check_dense_size(_lm(spec), _vocab_size(config), int(rows.offsets[-1]), teacher)
+        if not spec.full_logits:
+            check_dense_size(_lm(spec), _vocab_size(config), int(rows.offsets[-1]), teacher)
 
     def load_teacher(self, path_or_name: str, *, eager_attention: bool = False) -> nn.Module:
         return load_causal_lm(path_or_name, eager_attention=eager_attention)
@@ -155,16 +158,22 @@ class CausalLM(Task):
 
     def teacher_signal(self, model: nn.Module, out: Any, batch: dict[str, Tensor], ids: Sequence[str],
                        spec: Any) -> dict[str, Tensor]:
+        """The codec's fields and `char_offsets`; with `spec.full_logits`, `logits` [B, T, V] (the output layer on
+        the whole batch at once, as the model's own forward applies it)."""
+        if spec.full_logits:
+            return {"logits": head_logits(model, out.last_hidden_state).to(TORCH_DTYPES[spec.dtype])}
         res = encode_rows(out.last_hidden_state, functools.partial(head_logits, model), _vocab_size(model.config),
                           self.lengths(batch), ids, _lm(spec))
         res["char_offsets"] = torch.stack([batch["char_start"], batch["char_end"]], dim=-1).int()
         return res
 
     def teacher_fields(self, spec: Any, config: PretrainedConfig) -> list[cf.FieldSpec]:
+        if spec.full_logits:
+            return [cf.FieldSpec("logits", spec.dtype, ("T", _vocab_size(config)))]
         return [*codec_fields(_lm(spec), _vocab_size(config)), cf.FieldSpec("char_offsets", "int32", ("T", 2))]
 
     def signal_settings(self, spec: Any) -> dict[str, Any]:
-        return {"lm": codec_settings(_lm(spec))}
+        return {"lm": "full_logits" if spec.full_logits else codec_settings(_lm(spec))}
 
     # -- metrics ----------------------------------------------------------------------------------------------
 

@@ -2,7 +2,8 @@
 
 `teacher_outputs` is the single definition of the teacher signal: precompute writes exactly
 what it returns, and online distillation feeds exactly what it returns to the losses. That is
-what makes cached and online distillation give the same student.
+what makes cached and online distillation give the same student. Every task kind's online signal
+goes through it, a causal LM's full logits included (`TeacherSpec.full_logits`).
 """
 
 from __future__ import annotations
@@ -123,7 +124,8 @@ class CachedTeachers:
 
 
 class OnlineTeachers:
-    """Runs the teachers live on each batch (online mode): the same outputs a cache would hold."""
+    """Runs the teachers live on each batch (online mode): the same outputs a cache would hold, or with
+    `spec.full_logits` a causal LM's full next-token logits (what the online LM losses read; no cache holds them)."""
 
     def __init__(self, models: Sequence[torch.nn.Module], encodings: Sequence[Encoded], spec: TeacherSpec,
                  device: torch.device, task: Task):
