@@ -1,5 +1,5 @@
 """Tests for reading, ids, validation, encode/collate (stages/data/examples.py), the epoch sampler's resume
-(stages/train/loop.py) and the train/dev/test split (stages/prepare.py). Regressions of issue 13: test_data_errors.py."""
+(stages/train/samplers.py) and the train/dev/test split (stages/prepare.py). Regressions of issue 13: test_data_errors.py."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from cache_format import KDError
-from stages.train import FitResult, TaskMix, fit, replace_folder, write_model, write_run_record
+from stages.train import FitResult, TaskMix, TaskSampler, fit, replace_folder, write_model, write_run_record
 from stages.config import Config
 from stages.models import student_from_config
 from stages.methods.common import start_method
@@ -117,9 +117,11 @@ def distill_tasks(cfg: Config, *, on_step: Callable[[int], None] | None = None) 
     settings = {"tasks": {name: distill_settings(view, loaded[name][2]) for name, view in views.items()},
                 "task_weights": objective.weights, "task_tau": d.task_tau}
     write = functools.partial(_write_heads, student, tokenizer, objective, tasks)
-    result = fit(student, objective, TaskMix(list(train), list(train.values())), dev or None, d, output=output,
-                 log_dir=Path(d.log_dir), device=device, desc=f"distill {len(tasks)} tasks ({d.teacher_signal})",
-                 on_step=on_step, run_settings=settings, evaluate=evaluate, task_tau=d.task_tau, write=write)
+    mix = TaskMix(list(train), list(train.values()))
+    sampler = TaskSampler(mix, d.batch_size, seed=d.seed, tau=d.task_tau, group_by_length=d.group_by_length)
+    result = fit(student, objective, mix, dev or None, d, output=output, log_dir=Path(d.log_dir), device=device,
+                 desc=f"distill {len(tasks)} tasks ({d.teacher_signal})", on_step=on_step, run_settings=settings,
+                 evaluate=evaluate, sampler=sampler, write=write)
     replace_folder(output, functools.partial(write, result=result))  # swapped in as one folder
     write_metrics(cfg, result)
     caches = [str(r.path) for _, _, readers in loaded.values() for r in readers]

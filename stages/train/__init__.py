@@ -1,28 +1,14 @@
-"""The training loop (`loop`) and the torchrun helpers it uses (`dist`)."""
+"""The training loop (`loop`: `fit`) and its parts: batches (`samplers`), checkpoints and output folders
+(`checkpoints`), evaluations (`evaluation`), user callbacks (`callbacks`), the finished model's folder
+(`saving`), and the torchrun helpers (`dist`)."""
 
 from __future__ import annotations
 
-from stages.train.loop import (
-    EpochSampler,
-    TaskMix,
-    TaskSampler,
-    Objective,
-    FitResult,
-    fit,
-    rank_share,
-    pick_device,
-    set_seed,
-    save_model,
-    write_model,
-    write_run_record,
-    replace_folder,
-    load_callbacks,
-    NonFiniteLossError,
-    ResumeError,
-    CallbackError,
-    RUN_FILE,
-    SNAPSHOTS,
-)
+from stages.train.samplers import Sampler, EpochSampler, TaskMix, TaskSampler, rank_share, collate_fn
+from stages.train.checkpoints import RUN_FILE, SNAPSHOTS, ResumeError, replace_folder
+from stages.train.callbacks import CallbackError, load_callbacks
+from stages.train.loop import Objective, FitResult, NonFiniteLossError, fit, pick_device, set_seed
+from stages.train.saving import save_model, write_model, write_run_record
 from stages.train import dist
 
-__all__ = ["EpochSampler", "TaskMix", "TaskSampler", "Objective", "FitResult", "fit", "rank_share", "pick_device", "set_seed", "save_model", "write_model", "write_run_record", "replace_folder", "load_callbacks", "NonFiniteLossError", "ResumeError", "CallbackError", "RUN_FILE", "SNAPSHOTS", "dist"]
+__all__ = ["Sampler", "EpochSampler", "TaskMix", "TaskSampler", "rank_share", "collate_fn", "RUN_FILE", "SNAPSHOTS", "ResumeError", "replace_folder", "CallbackError", "load_callbacks", "Objective", "FitResult", "NonFiniteLossError", "fit", "pick_device", "set_seed", "save_model", "write_model", "write_run_record", "dist"]
