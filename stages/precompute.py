@@ -24,7 +24,7 @@ from stages.train import pick_device
 from stages.data import Encoded, Examples, collate
 from stages.models import load_model_config, load_tokenizer
 from stages.tasks import get_task
-from stages.tasks import TeacherSpec, load_split
+from stages.tasks import Task, TeacherSpec, load_split
 from stages.teacher import cache_fields, cache_target, teacher_outputs
 from stages.models import resolve_model
 
@@ -107,6 +107,7 @@ def _check_writers(path: str | Path, world: int) -> None:
 
 
 def _precompute_one(cfg: Config, teacher: str, examples: Examples, device: torch.device) -> PrecomputeResult:
+    """Cache `teacher`'s outputs over `examples`: resume an unfinished cache, leave a finished one as it is."""
     p = cfg.precompute
     spec = TeacherSpec.from_config(p)
     task = get_task(cfg.data)
@@ -144,23 +145,37 @@ def _precompute_one(cfg: Config, teacher: str, examples: Examples, device: torch
     if finished:  # the manifest vanished between the check and the open
         enc, model = tokenize_and_load()
     dist.barrier()  # all writers hold their locks: none removes the folder as unused under another
-    done = writer.done_ids
+    status = "resumed" if writer.done_ids else "written"  # read now: the writer adds the ids it writes
+    todo = _rows_to_do(enc, writer.done_ids, rank, world)
+    _write_outputs(model, enc, todo, writer, spec, task, device, p.batch_size, f"precompute {Path(teacher).name}")
+    written = _job_total(len(todo), target.path, len(enc))
+    return PrecomputeResult(teacher, target.path, len(examples), written, time.perf_counter() - t0, status)
+
+
+def _rows_to_do(enc: Encoded, done: set[str], rank: int, world: int) -> np.ndarray:
+    """This rank's rows of `enc` not yet in the cache, longest first."""
     # Rank r takes every world-th example (all of them in one process), as the order of `enc` says.
     todo = np.array([i for i, x in enumerate(enc.ids) if i % world == rank and x not in done], dtype=np.int64)
-    status = "resumed" if done else "written"
     # Longest first, in batches of similar length: far less padding than file order, and the
     # cache is keyed by id so the order it is written in does not matter.
-    todo = todo[np.argsort(-enc.lengths[todo], kind="stable")]
+    return todo[np.argsort(-enc.lengths[todo], kind="stable")]
+
+
+def _write_outputs(model: torch.nn.Module, enc: Encoded, todo: np.ndarray, writer: cf.CacheWriter, spec: TeacherSpec,
+                   task: Task, device: torch.device, batch_size: int, desc: str) -> None:
+    """Run the teacher over the rows `todo` in batches and append its outputs to the cache (on a background
+    thread); close the writer, finalizing the cache in a single process. On any error the committed shards are
+    kept, so the next run resumes from them."""
     model.to(device).eval()
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
                 if device.type == "cuda" else torch.autocast("cpu", enabled=False))
     store_label = task.cache_label() is not None
     bg = _BackgroundWriter(writer)
     try:
-        with progress_bar(total=len(enc), initial=len(enc) - len(todo),
-                          desc=f"precompute {Path(teacher).name}", unit="ex") as bar, torch.inference_mode(), autocast:
-            for start in range(0, len(todo), p.batch_size):
-                rows = todo[start : start + p.batch_size]
+        with progress_bar(total=len(enc), initial=len(enc) - len(todo), desc=desc, unit="ex") as bar, \
+                torch.inference_mode(), autocast:
+            for start in range(0, len(todo), batch_size):
+                rows = todo[start : start + batch_size]
                 batch, ids = collate(enc, rows)
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 outs = teacher_outputs(model, batch, spec, task, ids)
@@ -172,21 +187,25 @@ def _precompute_one(cfg: Config, teacher: str, examples: Examples, device: torch
                 bg.put(list(ids), lengths.cpu().numpy(), arrays)
                 bar.update(len(rows))
         bg.join()
-        writer.close(finalize=world == 1)
+        writer.close(finalize=dist.world_size() == 1)
     except BaseException:
         if bg.thread.is_alive():
             bg.q.put(None)
             bg.thread.join()
         writer.close(finalize=False)  # keep the committed shards: the next run resumes from them
         raise
-    written = len(todo)
-    if world > 1:
-        written = int(dist.all_reduce_sum(torch.tensor(written)).item())  # the job's, not this rank's share
-        dist.barrier()  # every rank's shards are committed
-        if rank == 0:  # the manifest, the one commit marker, is written once all rows are there
-            cf.finalize_cache(target.path, expected_count=len(enc))
-        dist.barrier()
-    return PrecomputeResult(teacher, target.path, len(examples), written, time.perf_counter() - t0, status)
+
+
+def _job_total(written: int, path: str | Path, count: int) -> int:
+    """The rows the whole job wrote (`written` is this rank's); under torchrun, rank 0 then writes the manifest."""
+    if dist.world_size() == 1:
+        return written
+    written = int(dist.all_reduce_sum(torch.tensor(written)).item())  # the job's, not this rank's share
+    dist.barrier()  # every rank's shards are committed
+    if dist.rank() == 0:  # the manifest, the one commit marker, is written once all rows are there
+        cf.finalize_cache(path, expected_count=count)
+    dist.barrier()
+    return written
 
 
 def precompute(cfg: Config) -> list[PrecomputeResult]:
