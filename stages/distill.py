@@ -16,27 +16,43 @@ from stages.train import dist
 __all__ = ["distill"]
 
 
+def _fastbert(cfg: Config, *, on_step: Callable[[int], None] | None = None) -> DistillResult:
+    return DistillResult(Path(cfg.distill.output), "fastbert", [], distill_fastbert(cfg, on_step=on_step))
+
+
+# Each method's entry point, by the name `_method` picks.
+_METHODS: dict[str, Callable[..., DistillResult]] = {
+    "kd": distill_kd,
+    "lm": distill_lm,
+    "theseus": distill_theseus,
+    "fastbert": _fastbert,
+    "multitask": distill_tasks,
+}
+
+
+def _method(cfg: Config) -> str:
+    """`multitask` with `tasks:` in the params; else distill.method, where `kd` is the KD method that serves the
+    task kind (`TASK_KINDS[data.task].method`: `lm` for causal language models)."""
+    if cfg.tasks:
+        return "multitask"
+    if cfg.distill.method == "kd":
+        return TASK_KINDS[cfg.data.task].method
+    return cfg.distill.method
+
+
 def distill(cfg: Config, *, on_step: Callable[[int], None] | None = None) -> DistillResult:
     """Train the student described by `cfg.distill` and save it with `save_pretrained`.
 
     With `tasks:` in the params, one student with a head per task (methods/multitask.py); with
     `distill.method: theseus`, BERT-of-Theseus module replacing (methods/theseus.py); with `distill.method:
-    fastbert`, FastBERT's self-distilled branches on a fine-tuned backbone (methods/fastbert.py); for a causal
-    language model, methods/lm.py; otherwise logit and feature KD (methods/kd.py).
+    fastbert`, FastBERT's self-distilled branches on a fine-tuned backbone (methods/fastbert.py); otherwise the
+    task kind's KD method: methods/lm.py for a causal language model, logit and feature KD (methods/kd.py) for
+    every other kind.
     `on_step(step)` is called after every optimizer step (the benchmarks time steps with it).
 
     Under torchrun, every process trains its share of each batch with DistributedDataParallel (train/dist.py);
     rank 0 alone writes the outputs, and every rank returns once they are written."""
     dist.init()
-    if cfg.tasks:
-        result = distill_tasks(cfg, on_step=on_step)
-    elif cfg.distill.method == "theseus":
-        result = distill_theseus(cfg, on_step=on_step)
-    elif cfg.distill.method == "fastbert":
-        result = DistillResult(Path(cfg.distill.output), "fastbert", [], distill_fastbert(cfg, on_step=on_step))
-    elif TASK_KINDS[cfg.data.task].language_model:
-        result = distill_lm(cfg, on_step=on_step)
-    else:
-        result = distill_kd(cfg, on_step=on_step)
+    result = _METHODS[_method(cfg)](cfg, on_step=on_step)
     dist.barrier()
     return result

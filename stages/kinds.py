@@ -110,6 +110,7 @@ class TaskKind:
     regression: bool = False  # one float target: data.num_labels and label_names do not apply
     windows: bool = False  # long inputs are cut into windows of teacher tokens: the student must tokenise alike
     language_model: bool = False  # next-token prediction over packed blocks of text: precompute.lm, distill.lm
+    method: str = "kd"  # the stages/methods module that serves distill.method: kd for this kind
 
 
 TASK_KINDS: dict[str, TaskKind] = {
@@ -120,7 +121,7 @@ TASK_KINDS: dict[str, TaskKind] = {
                                      token_axis="words"),
     "extractive_qa": TaskKind(options=("question_field", "context_field", "answers_field", "doc_stride",
                                        "max_answer_length"), windows=True),
-    "causal_lm": TaskKind(language_model=True),
+    "causal_lm": TaskKind(language_model=True, method="lm"),
 }
 
 

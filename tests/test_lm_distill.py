@@ -222,3 +222,20 @@ def test_uld_pairs_positions_that_predict_the_same_character(lm, tmp_path):
             assert s_off[a + 1][0] == t_off[b + 1][0]  # the tokens they predict start at the same character
             checked += 1
     assert checked > 50
+
+
+def test_distill_picks_the_method_that_serves_the_task_kind(lm, tmp_path, monkeypatch):
+    """distill.method: kd means the kind's own KD method (`TASK_KINDS[...].method`): lm for causal_lm."""
+    import stages.distill as distill_module
+    from stages.kinds import TASK_KINDS
+
+    assert {k: v.method for k, v in TASK_KINDS.items()} == {
+        "sequence_classification": "kd", "multi_label": "kd", "regression": "kd", "token_classification": "kd",
+        "extractive_qa": "kd", "causal_lm": "lm"}
+    called = []
+    monkeypatch.setitem(distill_module._METHODS, "lm", lambda cfg, on_step=None: called.append("lm") or "done")
+    assert distill(_cfg(lm, tmp_path, signal="none")) == "done" and called == ["lm"]
+    assert distill_module._method(config_from_dict({})) == "kd"
+    theseus = {"method": "theseus", "theseus": {"groups": 2}, "teacher_signal": "online"}
+    assert distill_module._method(config_from_dict({"distill": theseus})) == "theseus"
+    assert distill_module._method(config_from_dict({"tasks": [{"name": "a", "data": {}}, {"name": "b", "data": {}}]})) == "multitask"
