@@ -125,7 +125,7 @@ def _check_out_dir(cfg: Config) -> None:
 
 def check_data(cfg: Config, *, transfer: bool = True) -> dict:
     """Read every data file the params name, as the stages will, before any model is loaded; raise at the first
-    problem (a DataError naming the setting and the file).
+    problem (a one-line DataError naming the file).
 
     data.train, dev and test go through the task kind's own reader (columns, labels, ids, empty texts), and so
     does data.transfer (with `transfer`), whose ids and text columns must also fit data.train's; a default path
