@@ -25,12 +25,9 @@ def _common(f: Callable) -> Callable:
                         help="Params file (the one dvc.yaml uses).")(f)
 
 
-def _run(section: str | None, params: str, overrides: tuple[str, ...], fn: Callable[[Config], object],
-         check: bool = True, transfer: bool = True, labels: bool = True) -> object:
-    """Parse config, check the data (`check`: every data file the params name, data.transfer with `transfer`;
-    `stages.prepare.check_data`), name string labels from data.train (`labels`: `stages.data.resolve_labels`), log
-    the resolved section, run the stage, turn user errors into one line. `kd prepare` writes the data, so it does
-    both itself."""
+def _run(section: str | None, params: str, overrides: tuple[str, ...], fn: Callable[[Config], object]) -> object:
+    """Parse config, log the resolved section, run the stage, turn user errors into one line. Each stage function
+    checks its data and names string labels itself (`stages.tasks.checked`), so Python callers get the same."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun started several processes
     if launched and section not in _TORCHRUN_STAGES:
@@ -39,14 +36,6 @@ def _run(section: str | None, params: str, overrides: tuple[str, ...], fn: Calla
                                    f"kd {' and kd '.join(_TORCHRUN_STAGES)})")
     try:
         cfg = load_config(params, overrides)
-        if check:
-            from stages.prepare import check_data  # imported here: it imports torch, which --help never needs
-
-            check_data(cfg, transfer=transfer)
-        if labels:
-            from stages.data import resolve_labels
-
-            cfg = resolve_labels(cfg)
         if section and os.environ.get("RANK", "0") == "0":  # one copy of the settings under torchrun
             click.echo(f"# {section} settings\n" + yaml.safe_dump({section: config_to_dict(getattr(cfg, section))},
                                                                  sort_keys=False).rstrip(), err=True)
@@ -131,7 +120,7 @@ def prepare(params: str, overrides: tuple[str, ...]) -> None:
     set prepare.transfer_source names (none when it is null), and check every data file the params name."""
     from stages.prepare import prepare as run
 
-    paths = _run("prepare", params, overrides, run, check=False, labels=False)
+    paths = _run("prepare", params, overrides, run)
     for name, path in paths.items():
         click.echo(f"{name}: {path}")
 
@@ -155,7 +144,7 @@ def augment(params: str, overrides: tuple[str, ...]) -> None:
     """
     from stages.augment import augment as run
 
-    res = _run("augment", params, overrides, run, check=False)
+    res = _run("augment", params, overrides, run)
     per_op = ", ".join(f"{op} {n}" for op, n in res.views.items()) or "augmentation is off: set augment.ops"
     first = f"; {res.included_input} input examples first" if res.included_input else ""
     click.echo(f"{sum(res.views.values())} views of {res.examples} examples ({per_op}; {res.duplicates} dropped "
@@ -178,9 +167,7 @@ def train_teacher(params: str, overrides: tuple[str, ...], resume: bool) -> None
     """
     from stages.train_teacher import train_teacher as run
 
-    # It reads no transfer set (which may be augment's views, not written yet).
-    for res in _run("train_teacher", params, overrides + (("train_teacher.resume=true",) if resume else ()), run,
-                    transfer=False):
+    for res in _run("train_teacher", params, overrides + (("train_teacher.resume=true",) if resume else ()), run):
         click.echo(f"teacher saved to {res.output}; dev {res.fit.dev_summary()}")
 
 
@@ -246,7 +233,7 @@ def evaluate(params: str, overrides: tuple[str, ...]) -> None:
     """
     from stages.evaluate import evaluate as run
 
-    click.echo(json.dumps(_run("evaluate", params, overrides, run, check=False), indent=2))
+    click.echo(json.dumps(_run("evaluate", params, overrides, run), indent=2))
 
 
 @cli.command()

@@ -39,6 +39,7 @@ from cache_format import MAX_ID_BYTES
 from stages._io import check_outputs, progress_bar
 from stages.config import AugmentConfig, Config, ConfigError
 from stages.data import DataError, Examples, load_examples, read_table
+from stages.tasks import checked
 
 __all__ = ["AugmentResult", "augment", "augment_examples", "View", "OPS", "TagVocabulary"]
 
@@ -208,6 +209,7 @@ def augment(cfg: Config) -> AugmentResult:
 
     With no operation on (the default), the file holds no views (only the input with include_input).
     """
+    cfg = checked(cfg, data=False)  # string labels named from data.train
     a, d = cfg.augment, cfg.data
     ops = {name: op.model_dump() for name, op in a.ops.enabled().items()}
     if ops and cfg.tasks:

@@ -11,6 +11,7 @@ from typing import Callable
 from stages.config import Config
 from stages.kinds import TASK_KINDS
 from stages.methods import DistillResult, distill_fastbert, distill_kd, distill_lm, distill_tasks, distill_theseus
+from stages.tasks import checked
 from stages.train import dist
 
 __all__ = ["distill"]
@@ -53,6 +54,7 @@ def distill(cfg: Config, *, on_step: Callable[[int], None] | None = None) -> Dis
     Under torchrun, every process trains its share of each batch with DistributedDataParallel (train/dist.py);
     rank 0 alone writes the outputs, and every rank returns once they are written."""
     dist.init()
+    cfg = checked(cfg)  # every data file before any model, string labels named from data.train
     result = _METHODS[_method(cfg)](cfg, on_step=on_step)
     dist.barrier()
     return result

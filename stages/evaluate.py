@@ -25,11 +25,9 @@ from stages.methods import FastBertError, curve_rows, is_fastbert, load_fastbert
 from torch import nn
 from stages.models.loading import _check_label_names
 from stages.models.module_student import is_module_folder, load_module_student
-from stages.tasks import Task, labelled
+from stages.tasks import Task, checked, get_task, labelled, load_split
 from stages.models import ModelError,  load_model_config, load_tokenizer, num_parameters
 from stages.report import save_predictions
-from stages.tasks import get_task
-from stages.tasks import load_split
 from stages.models import resolve_model
 
 __all__ = ["evaluate", "measure_throughput"]
@@ -67,6 +65,7 @@ def evaluate(cfg: Config) -> dict[str, dict]:
     the metrics are grouped by task: {task: {model: metrics}}; the predictions file then lists none (`kd report`
     compares single-task runs).
     """
+    cfg = checked(cfg, data=False)  # string labels named from data.train, as the models were trained
     e = cfg.evaluate
     outputs = {"evaluate.output": (e.output, "file"), "evaluate.predictions": (e.predictions, "file")}
     fastbert = not cfg.tasks and any(is_fastbert(resolve_model(p)) for p in e.models.values())

@@ -23,8 +23,7 @@ from stages._io import check_outputs, progress_bar
 from stages.train import pick_device
 from stages.data import Encoded, Examples, collate
 from stages.models import load_model_config, load_tokenizer
-from stages.tasks import get_task
-from stages.tasks import Task, TeacherSpec, load_split
+from stages.tasks import Task, TeacherSpec, checked, get_task, load_split
 from stages.teacher import cache_fields, cache_target, teacher_outputs
 from stages.models import resolve_model
 
@@ -219,6 +218,7 @@ def precompute(cfg: Config) -> list[PrecomputeResult]:
     dist.init()
     if cfg.tasks:
         return [r for name in cfg.task_names() for r in precompute(cfg.for_task(name))]
+    cfg = checked(cfg)  # every data file before any model, string labels named from data.train
     p = cfg.precompute
     if not is_remote(p.cache_root):  # an object store is checked when the writer opens it
         check_outputs({"precompute.cache_root": (p.cache_root, "folder")})

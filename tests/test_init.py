@@ -16,7 +16,8 @@ from pipeline.cli import cli
 from stages.config import config_from_dict, load_config
 from stages.data import DataError, resolve_labels, with_label_names
 from stages.init import InitError, init
-from stages.prepare import check_data, prepare
+from stages.prepare import prepare
+from stages.tasks import check_data, checked
 from tests.test_own_data import topic_rows, write_topics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -277,6 +278,29 @@ def test_a_bad_test_file_stops_the_run_before_any_training(tmp_path, monkeypatch
         assert out.exit_code == 1, (command, out.output)
         assert "column 'id' (id_field) not found in test.csv" in out.output, (command, out.output)
     assert not (tmp_path / "models").exists() and not (tmp_path / "caches").exists()
+
+
+def test_the_stage_functions_check_the_data_and_name_labels_as_the_commands_do(tmp_path, tiny_teacher_dir):
+    """The Python API is the same code: a stage function called directly checks every data file first."""
+    from stages.distill import distill
+    from stages.precompute import precompute
+    from stages.train_teacher import train_teacher
+
+    rows = [(f"e{i}", t, lab) for i, (_, t, lab) in enumerate(topic_rows(30))]
+    for name, part in (("train", rows[:20]), ("dev", rows[20:25])):
+        _csv(tmp_path / f"{name}.csv", ["id", "text", "label"], part)
+    _csv(tmp_path / "test.csv", ["text", "label"], [r[1:] for r in rows[25:]])  # no id column
+    data = {f: str(tmp_path / f"{f}.csv") for f in ("train", "dev", "test")}
+    cfg = config_from_dict({"data": {**data, "id_field": "id"},
+                            "train_teacher": {"model": str(tiny_teacher_dir), "output": str(tmp_path / "t")},
+                            "precompute": {"teachers": [str(tiny_teacher_dir)], "cache_root": str(tmp_path / "c")},
+                            "distill": {"output": str(tmp_path / "s")}})
+    for stage in (train_teacher, precompute, distill):
+        with pytest.raises(DataError, match="column 'id' \\(id_field\\) not found in .*test.csv"):
+            stage(cfg)
+    assert not any((tmp_path / d).exists() for d in ("t", "c", "s"))
+    assert checked(cfg.model_copy(update={"data": cfg.data.model_copy(update={"test": None})})).data.label_names \
+        == sorted({r[2] for r in rows[:20]})
 
 
 def test_prepare_adds_no_transfer_set_the_params_do_not_name(tmp_path):

@@ -1,7 +1,8 @@
 """Class names of string labels: taken from the training split when `data.label_names` is unset.
 
 A params file may leave `data.label_names` out when the labels are strings: every stage then takes the sorted
-distinct labels of `data.train` (`resolve_labels`, which the `kd` stage commands apply to the settings they load),
+distinct labels of `data.train` (`resolve_labels`, which every stage function applies first through
+`stages.tasks.checked`),
 so a class id means the same class in every stage and every run on the same training file. A dev or test label
 that the training split does not have is reported by `unseen_labels` (the up-front data check names them).
 """
@@ -104,8 +105,7 @@ def with_label_names(data: DataConfig) -> DataConfig:
 def resolve_labels(cfg: Config) -> Config:
     """`cfg` with `with_label_names` applied to its data (each task's data with `tasks:`).
 
-    The `kd` stage commands run every stage on the settings this returns; from Python, call it on the loaded
-    settings before a stage function: `train_teacher(resolve_labels(load_config("params.yaml")))`."""
+    Every stage function runs on the settings this returns (`stages.tasks.checked`)."""
     if cfg.tasks:
         return cfg.model_copy(update={"tasks": [t.model_copy(update={"data": with_label_names(t.data)})
                                                 for t in cfg.tasks]})
