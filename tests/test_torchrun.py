@@ -61,7 +61,9 @@ def setup(tmp_path_factory, tiny_data_dir, tiny_texts) -> dict:
     return {"tmp": tmp, "cache": cache.path, "student": tmp / "s1"}
 
 
-def _same_cache(a: Path, b: Path) -> None:
+def _same_cache(a: Path, b: Path, exact: bool = True) -> None:
+    """Same identity, ids and values; `exact=False` allows float32 rounding (1e-6): a resumed rank batches its
+    remaining rows differently, and a row's logits in another batch can differ in the last bits (seen: 2e-9)."""
     ra, rb = cf.CacheReader(a), cf.CacheReader(b)
     ma, mb = ra.manifest, rb.manifest
     assert (ma.teacher_fingerprint, ma.data_fingerprint, ma.settings, ma.fields, ma.count) == \
@@ -69,7 +71,8 @@ def _same_cache(a: Path, b: Path) -> None:
     assert sorted(ra.ids) == sorted(rb.ids)
     for i in ra.ids:
         x, y = ra.get(i), rb.get(i)
-        assert x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x), i
+        same = np.array_equal if exact else (lambda u, v: np.allclose(u, v, rtol=1e-6, atol=1e-6))
+        assert x.keys() == y.keys() and all(same(x[k], y[k]) for k in x), i
     assert cf.verify_cache(b).ok, cf.verify_cache(b).problems
 
 
@@ -138,7 +141,7 @@ def test_precompute_killed_rank_refused_with_one_process_resumed_with_two(setup)
     # the job's rows (both processes), not rank 0's share
     assert f"{cf.CacheReader(folder).manifest.count - committed} written" in run.stdout, run.stdout
     assert (folder / "shard-w2r1-000000.json").read_text() == kept
-    _same_cache(setup["cache"], folder)
+    _same_cache(setup["cache"], folder, exact=False)
 
 
 def test_ranks_with_different_settings_are_refused(setup):
