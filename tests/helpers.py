@@ -2,8 +2,25 @@
 
 from __future__ import annotations
 
+import csv
+import json
 from pathlib import Path
 from typing import Any, Sequence
+
+
+def write_csv(path: Path, header: list[str], rows: list[tuple]) -> Path:
+    """A CSV file with `header` and `rows` (quoted as csv does: commas, quotes and line breaks survive)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    """A JSON-lines file, one object per row."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
 
 
 def stage_params(tmp: Path, teacher: Path, data: dict[str, Any], *, keep_layers: Sequence[int] = (0, 3),

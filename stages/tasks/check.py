@@ -18,9 +18,10 @@ __all__ = ["check_data", "checked"]
 def checked(cfg: Config, *, data: bool = True, transfer: bool = True) -> Config:
     """The settings a stage runs on: with `data`, every data file checked first (`check_data`; data.transfer too
     with `transfer`), and string labels without `data.label_names` named from data.train (sorted)."""
+    resolved = resolve_labels(cfg)  # reads data.train's labels once, for the check and the stage
     if data:
-        check_data(cfg, transfer=transfer)
-    return resolve_labels(cfg)
+        _check(cfg, resolved, transfer)
+    return resolved
 
 
 def check_data(cfg: Config, *, transfer: bool = True) -> dict:
@@ -35,9 +36,15 @@ def check_data(cfg: Config, *, transfer: bool = True) -> dict:
     data. Returns what was found: per file its path and example count, and the label names and where they came
     from (for the record `kd prepare` writes).
     """
+    return _check(cfg, resolve_labels(cfg), transfer)
+
+
+def _check(cfg: Config, resolved: Config, transfer: bool) -> dict:
+    """`check_data` of `cfg`, whose string labels `resolved` (`resolve_labels(cfg)`) has named."""
     if cfg.tasks:
-        return {"tasks": {name: check_data(cfg.for_task(name), transfer=transfer) for name in cfg.task_names()}}
-    data = resolve_labels(cfg).data
+        return {"tasks": {name: _check(cfg.for_task(name), resolved.for_task(name), transfer)
+                          for name in cfg.task_names()}}
+    data = resolved.data
     names, given = data.label_names, cfg.data.label_names
     task = get_task(data)
     found: dict = {"task": data.task, "label_names": names,
