@@ -94,10 +94,15 @@ def _change_weights(teacher: Path, *, keep_stats: bool) -> None:
     assert (after.st_mtime_ns == before.st_mtime_ns) == keep_stats  # a precondition, not the behaviour under test
 
 
+@pytest.mark.parametrize("named", ["absolute", "bare"])
 def test_deleted_teacher_with_explicit_cache_still_trains(tmp_path, tiny_data_dir, tiny_teacher_dir, tiny_model_dir,
-                                                          capsys):
+                                                          capsys, monkeypatch, named):
     teacher = _copy_teacher(tiny_teacher_dir, tmp_path)
-    p = _params(tmp_path, tiny_data_dir, teacher, tiny_model_dir)
+    # "bare": a folder name without a slash, relative to the working folder, which could also be a hub name;
+    # it was a folder when the cache was made, so it is a gone folder, not a hub model to download.
+    monkeypatch.chdir(tmp_path)
+    name = str(teacher) if named == "absolute" else teacher.name
+    p = _params(tmp_path, tiny_data_dir, Path(name), tiny_model_dir)
     [res] = precompute(config_from_dict(p))
     shutil.rmtree(teacher)
     p["distill"]["caches"] = [str(res.path)]
@@ -105,7 +110,10 @@ def test_deleted_teacher_with_explicit_cache_still_trains(tmp_path, tiny_data_di
     out = distill(config_from_dict(p))
     assert out.caches == [str(res.path)] and out.fit.steps > 0
     gone = [line for line in capsys.readouterr().err.splitlines() if "is gone" in line]
-    assert len(gone) == 1 and gone[0].startswith("warning:") and str(res.path) in gone[0] and str(teacher) in gone[0]
+    assert len(gone) == 1 and gone[0].startswith("warning:") and str(res.path) in gone[0]
+    assert f"entry {name}:" in gone[0]
+    deep = CliRunner().invoke(cache, ["verify", "--deep", "--teacher", name, str(res.path)])
+    assert deep.exit_code == 1 and f"teacher folder {name} is gone" in deep.output, deep.output
     assert AutoModelForSequenceClassification.from_pretrained(tmp_path / "student").config.num_hidden_layers == 2
 
 

@@ -22,12 +22,12 @@ from stages.models import as_output, module_student
 from stages.data import IGNORE_LABEL, Encoded, Examples, data_fingerprint, model_inputs
 from stages.losses import (Match, MatchError, build_projections, check_matches, feature_map, match_loss,
                            needed_teacher_layers, preset_matches)
-from stages.models import (ModelError, hidden_size, load_classifier, load_tokenizer, missing_folder,
+from stages.models import (ModelError, hidden_size, load_classifier, load_tokenizer,
                            num_layers, student_from_config, student_from_teacher, teacher_fingerprint)
 from stages.losses import combine_teachers, cwsm_temperature, flsw_temperature, probability_shift, weight_at
 from stages.methods.common import configured_teachers, start_method
 from stages.tasks import LabelledTask, get_task, labelled
-from stages.teacher import CachedTeachers, OnlineTeachers, cache_target, teacher_memos
+from stages.teacher import CachedTeachers, OnlineTeachers, cache_target, teacher_folder_gone, teacher_memos
 from stages.tasks import TeacherSpec, load_split
 from stages.models import resolve_model
 
@@ -176,13 +176,14 @@ def _check_cache_teachers(cfg: Config, readers: Sequence[cf.CacheReader]) -> Non
             f"teacher of each cache in {which}, in the same order (or set distill.check_cache_teacher: false)"
         )
     for r, teacher in zip(readers, teachers):
-        src = resolve_model(teacher)
-        if missing_folder(src):  # nothing left to compare with; the cache itself is still checked
+        # A gone folder (also one named without a slash, which is not then looked up on the hub): nothing left to
+        # compare with; the cache itself is still checked.
+        if teacher_folder_gone(teacher, r.path, r.manifest.teacher_fingerprint):
             print(f"warning: cache {r.path} is not checked against {which} entry {teacher}: the teacher folder "
                   "is gone", file=sys.stderr)
             continue
         # Memoised by path and file stats next to the cache: no weight file is read unless one changed.
-        expected = teacher_fingerprint(src, teacher_memos(parent_path(r.path)))
+        expected = teacher_fingerprint(resolve_model(teacher), teacher_memos(parent_path(r.path)))
         if r.manifest.teacher_fingerprint != expected:
             raise CacheMismatchError(
                 f"cache {r.path} was made by another teacher (fingerprint {r.manifest.teacher_fingerprint}) than "

@@ -9,8 +9,9 @@ from stages.teacher.address import (
     cache_settings,
     CacheTarget,
     cache_target,
+    teacher_folder_gone,
     teacher_memos,
     verify_cache_teacher,
 )
 
-__all__ = ["teacher_outputs", "CachedTeachers", "OnlineTeachers", "cache_fields", "cache_settings", "CacheTarget", "cache_target", "teacher_memos", "verify_cache_teacher"]
+__all__ = ["teacher_outputs", "CachedTeachers", "OnlineTeachers", "cache_fields", "cache_settings", "CacheTarget", "cache_target", "teacher_folder_gone", "teacher_memos", "verify_cache_teacher"]

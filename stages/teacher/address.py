@@ -21,7 +21,8 @@ from stages.tasks import Task, get_task
 from stages.models import resolve_model
 from stages.tasks import TeacherSpec
 
-__all__ = ["cache_fields", "cache_settings", "CacheTarget", "cache_target", "teacher_memos", "verify_cache_teacher"]
+__all__ = ["cache_fields", "cache_settings", "CacheTarget", "cache_target", "teacher_folder_gone", "teacher_memos",
+           "verify_cache_teacher"]
 
 
 def cache_fields(spec: TeacherSpec, cfg, labelled: bool, task: Task) -> list[cf.FieldSpec]:
@@ -94,6 +95,23 @@ def teacher_memos(cache_root: str | os.PathLike) -> Path:
     return Path(cache_root) / TEACHER_MEMOS
 
 
+def teacher_folder_gone(teacher: str, cache: str | os.PathLike, fingerprint: str) -> bool:
+    """True when `teacher` names a teacher folder that is gone, so the teacher of `cache` cannot be checked.
+
+    A path (absolute, `./x`, `models/x`) that no longer exists is gone. So is a bare name ("teacher") that is
+    no folder now but was where the teacher of `fingerprint` was found when the cache was made: precompute
+    memoises each teacher folder's resolved path in `teacher_memos` of the cache's root. Any other bare name
+    is a hub name.
+    """
+    src = resolve_model(teacher)
+    if missing_folder(src):
+        return True
+    path = Path(src).expanduser()
+    if path.exists():
+        return False
+    return str(path.resolve()) in recorded_teachers(teacher_memos(parent_path(cache)), fingerprint)
+
+
 def verify_cache_teacher(cache: str | os.PathLike, teacher: str | None = None) -> list[str]:
     """Problems found by hashing the teacher of `cache` in full against its manifest (`kd cache verify --deep`).
 
@@ -107,11 +125,10 @@ def verify_cache_teacher(cache: str | os.PathLike, teacher: str | None = None) -
         return [f"no teacher is recorded for this cache in {memos}; pass the teacher with --teacher PATH"]
     problems = []
     for t in teachers:
-        src = resolve_model(t)
-        if missing_folder(src):
+        if teacher_folder_gone(t, cache, manifest.teacher_fingerprint):
             problems.append(f"teacher folder {t} is gone; pass the teacher with --teacher PATH")
             continue
-        found = teacher_fingerprint(src, memos, rehash=True)
+        found = teacher_fingerprint(resolve_model(t), memos, rehash=True)
         if found != manifest.teacher_fingerprint:
             problems.append(f"teacher {t} hashes to {found}, not to the cache's teacher fingerprint "
                             f"{manifest.teacher_fingerprint}: it changed since precompute (rerun `kd precompute`) "
