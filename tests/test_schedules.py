@@ -186,7 +186,19 @@ def test_combine_teachers_probs_returns_logits_of_the_mean_distribution(temperat
                     want[i][j][k] += w / sum(weights) * e[k] / sum(e)
     got = torch.softmax(out / temperature, dim=-1)
     torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64))
-    # fed to kd_loss at the same temperature, the mean distribution is the target
+    # Fed to kd_loss at the same temperature, the mean distribution is the target: T^2 * KL(mean || student at T),
+    # averaged over the positions, for a student unlike the target ...
+    s = _randn(2, 5, 4, seed=13)
+    kl = []
+    for i in range(2):
+        for j in range(5):
+            z = [x / temperature for x in s[i, j].tolist()]
+            log_z = max(z) + math.log(sum(math.exp(x - max(z)) for x in z))
+            kl.append(sum(p * (math.log(p) - (x - log_z)) for p, x in zip(want[i][j], z)))
+    expected = temperature**2 * sum(kl) / len(kl)
+    assert expected > 0.1
+    assert kd_loss(s, out, temperature).item() == pytest.approx(expected, rel=1e-9)
+    # ... and zero for a student whose logits are the target's own
     assert kd_loss(out.clone(), out, temperature).item() == pytest.approx(0.0, abs=1e-12)
 
 
