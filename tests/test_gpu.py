@@ -1,7 +1,8 @@
 """The CUDA-only paths (opt in: `pytest -m gpu tests/test_gpu.py`; skipped without CUDA).
 
-Autocast (bf16, fp16) in the training loop, the fp16 gradient scaler, and the pinned host copies of
-cached teacher outputs. Tiny random models from conftest; a few seconds on any CUDA GPU.
+Autocast (bf16, fp16) in the training loop, the fp16 gradient scaler, the pinned host copies of
+cached teacher outputs, and FastBERT's early exit on the device. Tiny random models from conftest; a few
+seconds on any CUDA GPU.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from stages.distill import distill
 from stages.precompute import precompute
 from stages.train.loop import _autocast
 from stages.config import config_from_dict
-from stages.models import load_classifier, student_from_teacher
+from stages.methods import FastBert, normalized_entropy
+from stages.models import load_classifier, load_tokenizer, student_from_teacher
 from stages.teacher import CachedTeachers
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -134,3 +136,49 @@ def test_cached_teachers_pin_host_memory_and_copy_to_cuda(tmp_path, tiny_data_di
         source.close()
     assert len(pinned) == len(batches) * len(fields)  # every field of every batch went through pinned memory
     assert all(t.is_pinned() for t in pinned)
+
+
+FASTBERT_TEXTS = ["the film was great and the cast superb", "dull", "boring plot",
+                  "a wonderful movie with charming music",
+                  "the acting was weak and the script messy and the ending bland", "funny"]
+
+
+def test_fastbert_leaving_rows_skip_the_later_blocks_on_cuda(tiny_teacher_dir):
+    """As tests/test_fastbert.py checks on the CPU: each block runs on exactly the rows that have not left."""
+    torch.manual_seed(0)  # the branches are initialised on the CPU, so their weights are the CPU test's
+    model = FastBert(load_classifier(str(tiny_teacher_dir), 2))
+    with torch.no_grad():  # a sharper first exit: the untrained branch's entropies, all near 1, spread out
+        model.branches[0].out.weight.mul_(30.0)
+        model.branches[0].out.bias.mul_(30.0)
+    model.to(CUDA)
+    enc = load_tokenizer(str(tiny_teacher_dir))(FASTBERT_TEXTS, padding=True, return_tensors="pt")
+    inputs = {k: v.to(CUDA) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    n = len(FASTBERT_TEXTS)
+    exits = model.exit_logits(**inputs)
+    first = normalized_entropy(exits[0])
+    # The speed halfway between the 3rd and 4th lowest first-exit entropies: 3 rows leave after block 1, with a
+    # margin (checked) far above the rounding differences between the full backbone and the block-by-block run.
+    low, high = first.sort().values[2:4].tolist()
+    assert high - low > 1e-2, (low, high)
+    model.speed = (low + high) / 2
+    rows_run: list[int] = []
+    hooks = [b.register_forward_hook(lambda m, args, out: rows_run.append(args[0].shape[0])) for b in model.blocks]
+    try:
+        out = model(**inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert out.logits.device.type == "cuda" and out.layers.device.type == "cuda"
+    layers, leave = out.layers.cpu(), (first <= model.speed).cpu()
+    assert int(leave.sum()) == 3
+    assert layers[leave].tolist() == [1] * 3
+    torch.testing.assert_close(out.logits[leave.to(CUDA)], exits[0][leave.to(CUDA)], rtol=1e-4, atol=1e-4)
+    # Block i ran on exactly the rows that had not left before it: fewer than the batch after block 1.
+    assert rows_run[0] == n
+    assert rows_run == [int((layers > i).sum()) for i in range(len(rows_run))]
+    assert sum(rows_run) == int(layers.sum()) < len(model.blocks) * n
+    # A row that stays gets what it would have got alone: the staying rows' exits are unchanged by the others.
+    stay = (~leave).to(CUDA)
+    again = model(**{k: v[stay] for k, v in inputs.items()})
+    torch.testing.assert_close(again.logits, out.logits[stay], rtol=1e-4, atol=1e-4)
+    assert again.layers.tolist() == out.layers[stay].tolist()
