@@ -8,7 +8,9 @@ import uuid
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
+from safetensors.torch import load_file
 
 import cache_format as cf
 from pipeline.cache_cli import cache
@@ -278,9 +280,23 @@ def test_precompute_to_s3_then_distill_from_it(tmp_path, bucket, tiny_data_dir, 
     assert res.status == "written" and str(res.path).startswith(f"{bucket}/caches/")
     [again] = precompute(config_from_dict(remote_cfg))
     assert again.status == "up to date" and again.path == res.path
-    [local] = precompute(config_from_dict(stage_params(tmp_path, tiny_teacher_dir, files)))
+    local_cfg = stage_params(tmp_path / "local", tiny_teacher_dir, files, distill={"epochs": 0.25})
+    [local] = precompute(config_from_dict(local_cfg))
     _assert_same(cf.CacheReader(local.path), cf.CacheReader(res.path))
 
     out = distill(config_from_dict(remote_cfg))
     assert out.caches == [res.path]
-    assert json.loads((tmp_path / "m_distill.json").read_text())["steps"] > 0
+    # The same seed from the cache on local disk: the student read from S3 must be the same, weight for weight
+    # (a teacher row read from the wrong example, or batches served out of order, would change it).
+    from_disk = distill(config_from_dict(local_cfg))
+    assert from_disk.caches == [str(local.path)] and out.fit.steps == from_disk.fit.steps > 0
+    remote_metrics = json.loads((tmp_path / "m_distill.json").read_text())
+    local_metrics = json.loads((tmp_path / "local" / "m_distill.json").read_text())
+    assert remote_metrics["steps"] == local_metrics["steps"] == out.fit.steps
+    remote_student = load_file(str(tmp_path / "student" / "model.safetensors"))
+    local_student = load_file(str(tmp_path / "local" / "student" / "model.safetensors"))
+    assert remote_student.keys() == local_student.keys()
+    for name, weight in local_student.items():
+        assert torch.equal(remote_student[name], weight), name
+    initial = load_file(str(tiny_teacher_dir / "model.safetensors"))
+    assert not torch.equal(remote_student["classifier.weight"], initial["classifier.weight"])  # it trained
