@@ -51,6 +51,19 @@ def _run_producer(path, delay=0.0, writer_id="0", start=0, stop=N, finalize=True
     return subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
 
 
+def flip_value_bit(data: bytearray, value: bytes) -> int:
+    """Flip the low bit of the first byte of `value` where it is stored in `data` (a shard's bytes), in place.
+
+    `value` (the bytes of a known stored value) must be there exactly once, so the flip changes that value and
+    nothing of the file's structure: a reader that does not hash the shard still parses it and serves the
+    changed value, so only the content hash can tell. Returns where the flipped byte is.
+    """
+    at = data.find(value)
+    assert at >= 0 and data.find(value, at + 1) < 0, f"{value.hex()} is stored {data.count(value)} times, not once"
+    data[at] ^= 0x01
+    return at
+
+
 def _check_values(reader: CacheReader, ids) -> None:
     out = reader.gather(ids)
     for k, eid in enumerate(ids):
@@ -129,13 +142,21 @@ def test_flipped_byte_caught_by_verify_and_reader(tmp_path):
     path = tmp_path / "c"
     assert _run_producer(path, stop=40).wait(60) == 0
     shard = sorted(path.glob("shard-*.arrow"))[1]
+    [info] = [s for s in CacheReader(path).manifest.shards if s.file == shard.name]
+    i = int(info.first_id[2:])
+    want = i * 1000 + np.arange((i % 7 + 1) * 4)  # the producer's values of that example
     data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0x01
+    flip_value_bit(data, np.float32(want[1]).tobytes())  # its second logit
     shard.write_bytes(bytes(data))
     report = verify_cache(path)
-    assert not report.ok and any(shard.name in p and "hash" in p for p in report.problems)
+    assert not report.ok and any(shard.name in p and "content hash differs" in p for p in report.problems)
     with pytest.raises(CacheCorruptError, match=shard.name):
         CacheReader(path, verify="open")
+    with pytest.raises(CacheCorruptError, match=f"{shard.name} content hash differs"):
+        CacheReader(path).gather([info.first_id])
+    # The control: unhashed, the shard still parses and serves the changed value, the others as written.
+    got = CacheReader(path, verify="off").get(info.first_id)["logits"].reshape(-1)
+    assert got[1] != want[1] and np.array_equal(np.delete(got, 1), np.delete(want, 1))
 
 
 def test_verify_reports_stray_and_missing_files(tmp_path):
@@ -181,23 +202,36 @@ def test_reader_pickles_by_path(tmp_path):
 def test_resume_refuses_a_kept_shard_damaged_while_stopped(tmp_path, shard_format, where):
     """A resumed writer hashes the shards it committed before it stopped: a damaged one is named, not finalized."""
     path = tmp_path / "c" if where == "local" else f"memory://kd-resume-{shard_format}/{tmp_path.name}"
-    fields = [FieldSpec("x", "float32", (4,))]
-    kw = dict(teacher_fingerprint="t", data_fingerprint="d", settings={}, shard_bytes=1, shard_format=shard_format)
+    # 16 rows of 8 KiB of random bits: one full zarr chunk, which blosc cannot compress and so stores as it is,
+    # so a stored value can be found in either format.
+    fields = [FieldSpec("x", "uint16", (4096,))]
+    ids = [f"e{i:02d}" for i in range(16)]
+    x = np.random.default_rng(0).integers(0, 2**16, (16, 4096), dtype=np.uint16)
+    kw = dict(teacher_fingerprint="t", data_fingerprint="d", settings={}, commit_examples=16,
+              shard_format=shard_format)
     w = CacheWriter(path, fields, **kw)
-    w.append(["a", "b"], np.zeros(2, int), {"x": np.arange(8, dtype=np.float32).reshape(2, 4)})
+    w.append(ids, np.zeros(16, int), {"x": x})  # one shard
     w.close(finalize=False)
     # Control: an undamaged stop resumes.
     w2 = CacheWriter(path, fields, **kw)
-    assert w2.done_ids == {"a", "b"}
+    assert w2.done_ids == set(ids)
     w2.close(finalize=False)
-    # Flip one byte in the middle of shard 0's largest stored object: the resume check is a hash, so any byte counts.
+    # Flip a bit of example e05's stored values in shard 0 (whichever of its objects holds them).
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(str(path))
     objects = [p for p in fs.find(root) if "shard-0-000000" in p and not p.endswith(".json")]
-    biggest = max(objects, key=fs.size)
-    data = bytearray(fs.cat_file(biggest))
-    data[len(data) // 2] ^= 0x01
-    fs.pipe_file(biggest, bytes(data))
+    [(obj, data)] = [(o, d) for o in objects if (d := bytearray(fs.cat_file(o))).find(x[5].tobytes()) >= 0]
+    flip_value_bit(data, x[5].tobytes())
+    fs.pipe_file(obj, bytes(data))
     with pytest.raises(CacheCorruptError, match=r"committed shard .*shard-0-000000.* damaged"):
         CacheWriter(path, fields, **kw)
+    # The control: without the resume's hash check the damaged shard parses, and the cache serves the changed value.
+    from cache_format import _writer
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(_writer, "_check_kept_shard", lambda *args: None)
+        CacheWriter(path, fields, **kw).close()
+    got = CacheReader(path, verify="off").gather(ids)["x"]
+    assert got[5, 0] == x[5, 0] ^ 1
+    assert np.array_equal(np.delete(got.reshape(-1), 5 * 4096), np.delete(x.reshape(-1), 5 * 4096))

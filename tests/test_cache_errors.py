@@ -23,6 +23,7 @@ from cache_format import (
     KDError,
     finalize_cache,
 )
+from tests.test_cache_durability import flip_value_bit
 
 FIELDS = [FieldSpec("logits", "float16", ("T", 2)), FieldSpec("label", "int32", ())]
 KW = dict(teacher_fingerprint="teach", data_fingerprint="data", settings={"max_length": 8})
@@ -98,13 +99,21 @@ def test_corrupt_truncated_shard_caught_at_open(cache):
         CacheReader(cache)
 
 
-def test_corrupt_flipped_byte_caught_at_open_with_verify_open(cache):
-    shard = next(cache.glob("shard-*.arrow"))
+def test_corrupt_flipped_byte_caught_at_open_with_verify_open(tmp_path):
+    path = tmp_path / "c"
+    logits = (100 + np.arange(18, dtype=np.float32)).reshape(3, 3, 2)  # distinct values, exact in float16
+    with _writer(path) as w:
+        w.append(["a", "b", "c"], np.full(3, 3), {"logits": logits, "label": np.arange(3)})
+    [shard] = path.glob("shard-*.arrow")
     data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0xFF
+    flip_value_bit(data, np.float16(logits[2, 1, 0]).tobytes())  # one stored value of example "c"
     shard.write_bytes(bytes(data))
-    with pytest.raises(CacheCorruptError, match="content hash differs"):
-        CacheReader(cache, verify="open")
+    with pytest.raises(CacheCorruptError, match=f"{shard.name} content hash differs"):
+        CacheReader(path, verify="open")
+    # The control: unhashed, the shard still parses and serves example "c" with that one value changed.
+    got = CacheReader(path, verify="off").get("c")["logits"]
+    changed = got != logits[2]
+    assert changed.tolist() == [[False, False], [True, False], [False, False]]
 
 
 def test_exists_with_other_configuration(cache):

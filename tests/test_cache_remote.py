@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 import cache_format as cf
 from pipeline.cache_cli import cache
 from tests.helpers import start_moto_server
+from tests.test_cache_durability import flip_value_bit
 
 s3fs = pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
@@ -114,21 +115,32 @@ def test_s3_cache_reads_back_equal_to_the_local_one(tmp_path, bucket):
         cf.CacheWriter(url, FIELDS, **{**IDENTITY, "settings": {"max_length": 64}})
 
 
+def _logits_of(batches: list[tuple], example_id: str) -> np.ndarray:
+    """The logits `_batches` made for `example_id` ("ex<batch><row>")."""
+    return batches[int(example_id[2:4])][2]["logits"][int(example_id[4:6])]
+
+
 def test_remote_lazy_verification_catches_a_damaged_shard(bucket):
     url = f"{bucket}/c"
-    _write(url, _batches(4))
+    batches = _batches(4)
+    _write(url, batches)
     fs = s3fs.S3FileSystem()
     shard = cf.CacheReader(url).manifest.shards[-1]
     key = f"{url[5:]}/{shard.file}"
+    want = _logits_of(batches, shard.last_id)
     data = bytearray(fs.cat_file(key))
-    data[len(data) // 2] ^= 0xFF  # a value byte: the Arrow metadata still parses
+    flip_value_bit(data, want.tobytes())  # a value byte: the Arrow metadata still parses
     fs.pipe_file(key, bytes(data))
-    ids = sorted(cf.CacheReader(url, verify="off").ids)  # "off" reads it without hashing
-    with pytest.raises(cf.CacheCorruptError, match="content hash differs"):
+    off = cf.CacheReader(url, verify="off")  # "off" reads it without hashing
+    ids = sorted(off.ids)
+    with pytest.raises(cf.CacheCorruptError, match=f"{shard.file} content hash differs"):
         # Small shards are fetched whole at open, so their hash is checked there; big ones on the first full read.
         cf.CacheReader(url).gather(ids)
     res = CliRunner().invoke(cache, ["verify", url])
     assert res.exit_code == 1 and f"{shard.file}: content hash differs" in res.output
+    # The control: unhashed, the shard parses and serves the changed value (and only that one).
+    got = off.get(shard.last_id)["logits"]
+    assert (got != want).tolist() == [True, False, False]
 
 
 def test_remote_reads_fetch_only_what_is_read(bucket):
@@ -137,28 +149,33 @@ def test_remote_reads_fetch_only_what_is_read(bucket):
     rng = np.random.default_rng(0)
     fields = [cf.FieldSpec("hidden.1", "float16", ("T", 512))]
     ids = [f"e{i:03d}" for i in range(256)]
+    values = rng.standard_normal((256, 64, 512)).astype(np.float16)
     with cf.CacheWriter(url, fields, **IDENTITY) as w:  # one 16 MiB shard
-        w.append(ids, np.full(256, 64), {"hidden.1": rng.standard_normal((256, 64, 512)).astype(np.float16)})
+        w.append(ids, np.full(256, 64), {"hidden.1": values})
     reader = cf.CacheReader(url)
     [shard] = reader._remote
     assert shard.filled.mean() < 0.2
     one = reader.get("e100")["hidden.1"]
     assert shard.filled.mean() < 0.3 and not shard.verified
-    assert one.shape == (64, 512) and one.any()
+    assert one.shape == (64, 512) and np.array_equal(one, values[100])
     reader.gather(ids)  # every byte read: the hash is checked
     assert shard.filled.all() and shard.verified
 
-    # The same with a damaged value byte: the first full read fails, and so does every later one.
+    # The same with a damaged value of e200: the first full read fails, and so does every later one.
     fs = s3fs.S3FileSystem()
     key = f"{url[5:]}/{shard.name}"
     data = bytearray(fs.cat_file(key))
-    data[len(data) // 2] ^= 0xFF
+    flip_value_bit(data, values[200].tobytes())
     fs.pipe_file(key, bytes(data))
     reader = cf.CacheReader(url)
-    reader.get("e100")
+    assert np.array_equal(reader.get("e100")["hidden.1"], values[100])  # a partial read is not hashed
     for _ in range(2):
-        with pytest.raises(cf.CacheCorruptError, match="content hash differs"):
+        with pytest.raises(cf.CacheCorruptError, match=f"{shard.name} content hash differs"):
             reader.gather(ids)
+    # The control: unhashed, the shard parses and serves e200 with its first value changed.
+    got = cf.CacheReader(url, verify="off").get("e200")["hidden.1"]
+    changed = np.argwhere(got.view(np.uint16) != values[200].view(np.uint16))
+    assert changed.tolist() == [[0, 0]]
 
 
 def test_interrupted_upload_is_not_complete_and_resumes(tmp_path, bucket):

@@ -28,7 +28,7 @@ from stages.distill import distill
 from stages.precompute import precompute
 from stages.config import config_from_dict
 from tests.helpers import stage_params
-from tests.test_cache_durability import PRODUCER, REPO, N, _check_values
+from tests.test_cache_durability import PRODUCER, REPO, N, _check_values, flip_value_bit
 
 # Every kind of field: fixed, scalar, ragged ("T", H), several "T" axes, bf16, fp16, int ids, bool.
 FIELDS = [
@@ -40,6 +40,9 @@ FIELDS = [
     FieldSpec("input_ids", "int32", ("T",)),
     FieldSpec("topk_ids", "uint16", ("T", 2)),
     FieldSpec("mask", "bool", (2,)),
+    # Random bits, 8 KiB a row: blosc cannot compress a full 16-row chunk of them, so zarr stores it as it is
+    # and a test can find one stored value in a shard's bytes and flip it.
+    FieldSpec("noise", "uint16", (4096,)),
 ]
 KW = dict(teacher_fingerprint="t", data_fingerprint="d", settings={"s": 1})
 
@@ -59,6 +62,7 @@ def _data(n: int = 60, seed: int = 0):
         "input_ids": [rng.integers(0, 30000, int(t)) for t in lengths],
         "topk_ids": [rng.integers(0, 65535, (int(t), 2)) for t in lengths],
         "mask": rng.random((n, 2)) > 0.5,
+        "noise": rng.integers(0, 2**16, (n, 4096), dtype=np.uint16),
     }
     return ids, lengths, arrays
 
@@ -139,26 +143,35 @@ def test_info_verify_and_reopen_as_writer(both):
     assert names["arrow"] == cf.cache_dir_name("m", "t", "d", {}) != names["zarr"]
 
 
-def _corrupt_one_chunk(cache: Path) -> Path:
-    shard = sorted(cache.glob("shard-*.zarr"))[1]
-    chunk = shard / "hidden.1" / "values" / "c" / "0" / "0"
-    data = bytearray(chunk.read_bytes())
-    data[len(data) // 2] ^= 0xFF  # same size: only the content hash can tell
-    chunk.write_bytes(bytes(data))
-    return shard
+def _flip_noise(data: bytearray, example: int) -> None:
+    """Flip the low bit of the first "noise" value of `example` (an index into `_data()`) in a chunk's bytes."""
+    flip_value_bit(data, _data()[2]["noise"][example].tobytes())
+
+
+def _assert_one_value_changed(reader: CacheReader, example: int) -> None:
+    """The control: the damaged shard parses, and serves `example` with only its flipped value changed."""
+    want = _data()[2]["noise"][example]
+    got = reader.get(f"ex{example:03d}")["noise"]
+    assert got[0] == want[0] ^ 1 and np.array_equal(got[1:], want[1:])
 
 
 def test_corrupt_zarr_shard_refused_by_verify_and_lazy_check(both):
-    shard = _corrupt_one_chunk(both[1])
+    shard = both[1] / "shard-0-000001.zarr"  # ex023 .. ex045
+    chunk = shard / "noise" / "c" / "0" / "0"
+    data = bytearray(chunk.read_bytes())
+    _flip_noise(data, 25)  # same size: only the content hash can tell
+    chunk.write_bytes(bytes(data))
     report = verify_cache(both[1])
     assert not report.ok and any(shard.name in p and "content hash" in p for p in report.problems)
     reader = CacheReader(both[1])  # lazy: opening is fine, reading the damaged shard is not
     first, second = reader.manifest.shards[0], reader.manifest.shards[1]
+    assert second.file == shard.name
     reader.gather([first.first_id])  # other shards keep serving
     with pytest.raises(CacheCorruptError, match=f"{shard.name} content hash differs"):
         reader.gather([second.first_id])
-    with pytest.raises(CacheCorruptError, match="content hash differs"):
+    with pytest.raises(CacheCorruptError, match=f"{shard.name} content hash differs"):
         CacheReader(both[1], verify="open")
+    _assert_one_value_changed(CacheReader(both[1], verify="off"), 25)
     # A missing array file changes the size: refused at open in every mode.
     next(shard.glob("label/c/*")).unlink()
     with pytest.raises(CacheCorruptError, match="bytes, the manifest says"):
@@ -301,15 +314,16 @@ def test_zarr_cache_on_s3_server(tmp_path, monkeypatch):
         _assert_same(local.get("ex007"), remote.get("ex007"))
         assert verify_cache(url).ok, verify_cache(url).problems
         assert cf.cache_info(url)["shard_format"] == "zarr"
-        shard = remote.manifest.shards[0].file
-        key = f"{bucket}/caches/zarr/{shard}/hidden.1/values/c/0/0"
+        shard = remote.manifest.shards[0].file  # ex000 .. ex022
+        key = f"{bucket}/caches/zarr/{shard}/noise/c/0/0"
         data = bytearray(fs.cat_file(key))
-        data[len(data) // 2] ^= 0xFF
+        _flip_noise(data, 5)
         fs.pipe_file(key, bytes(data))
         report = verify_cache(url)
         assert not report.ok and any(shard in p and "content hash" in p for p in report.problems)
-        with pytest.raises(CacheCorruptError, match="content hash differs"):
+        with pytest.raises(CacheCorruptError, match=f"{shard} content hash differs"):
             CacheReader(url).gather([remote.manifest.shards[0].first_id])
+        _assert_one_value_changed(CacheReader(url, verify="off"), 5)
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
         server.stop()

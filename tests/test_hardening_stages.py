@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from cache_format import CacheCorruptError, CacheMismatchError, KDError
+from cache_format import CacheCorruptError, CacheMismatchError, CacheReader, KDError
 from pipeline.cli import cli
 from stages.distill import distill
 from stages.evaluate import evaluate
@@ -29,6 +29,7 @@ from stages.models import TEACHER_MEMOS, ModelError, teacher_fingerprint
 from tests.tiny_models import make_tiny_classifier
 from stages.teacher import CachedTeachers
 from stages.tasks import load_split
+from tests.test_cache_durability import flip_value_bit
 from tests.test_stages import _params
 
 
@@ -468,8 +469,12 @@ def test_kd_distill_refuses_a_cache_with_one_flipped_bit(tmp_path, tiny_data_dir
     assert runner.invoke(cli, ["precompute", "--params", str(params_file)]).exit_code == 0
     [cache] = [p for p in (tmp_path / "caches").iterdir() if p.is_dir() and p.name != TEACHER_MEMOS]
     [shard] = sorted(cache.glob("shard-*.arrow"))
+    reader = CacheReader(cache)
+    example = reader.ids[7]
+    want = reader.get(example)["logits"].copy()  # not a view of the mapped shard, which is changed next
+    del reader
     data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0x01  # one bit in the middle of the column data
+    flip_value_bit(data, want.tobytes())  # one bit of one example's stored teacher logits
     shard.write_bytes(bytes(data))
 
     result = runner.invoke(cli, ["distill", "--params", str(params_file)])
@@ -478,3 +483,6 @@ def test_kd_distill_refuses_a_cache_with_one_flipped_bit(tmp_path, tiny_data_dir
     assert shard.name in message and "kd cache verify" in message, result.output
     assert not _saved(Path(params["distill"]["output"]))
     assert not Path(params["distill"]["metrics"]).exists()
+    # The control: unhashed, the shard parses and serves that example's logits with the one value changed.
+    got = CacheReader(cache, verify="off").get(example)["logits"]
+    assert (got != want).tolist() == [True] + [False] * (len(want) - 1)
