@@ -4,10 +4,12 @@ Every per-token function takes the student's logits ``[n, V]`` (any float dtype;
 returns ``[n]`` float32 losses, one per position. ``chunked_loss`` sums one of them over all positions,
 ``chunk_tokens`` rows of hidden states at a time, recomputing each chunk's logits in backward
 (activation checkpointing, as Liger's and torchtune's chunked losses avoid materialising ``[B, T, V]``).
-Temperature-squared scaling and the mean over tokens are the caller's business.
+The mean over tokens and any temperature-squared factor are the caller's business.
 
-Notation: p = teacher distribution, s = student distribution (softmax of ``logits``), KL(p || s) =
-sum_x p(x) (log p(x) - log s(x)); terms with p(x) = 0 count 0.
+Notation: p = teacher distribution, s = student distribution, KL(p || s) = sum_x p(x) (log p(x) - log s(x));
+terms with p(x) = 0 count 0. Temperature T: a cache holds the teacher's log-probabilities at the temperature it
+was captured at (its logits divided by T before the log-softmax), so the cached losses never rescale them and put
+only the student at T, s = softmax(logits / T); the online losses put both at T.
 
 Pure torch: no I/O, no imports from ``stages`` but the loss and codec names of ``stages/kinds.py``; the
 tables at the end attach a function to each name there.
@@ -25,20 +27,21 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from cache_format import KDError
-from stages.kinds import TOPK_TAILS
+from stages.kinds import LM_LOSSES, TOPK_TAILS
 
 __all__ = [
     "auto_chunk_tokens",
     "LMLossInputError",
     "align_by_offsets",
     "chunked_loss",
-    "dense_kl",
+    "divergence",
+    "dense_loss",
     "forward_kl",
     "generalized_jsd",
     "next_token_ce",
     "reverse_kl",
     "sampled_kl",
-    "topk_kl",
+    "topk_loss",
     "uld_loss",
     "LM_LOSS_FUNCTIONS",
     "CODEC_LOSSES",
@@ -46,8 +49,8 @@ __all__ = [
 
 # 1 - sum(probs) is only resolved to float32's epsilon near 1: a smaller tail mass is rounding noise.
 _TAIL_FLOOR = torch.finfo(torch.float32).eps
-_LOG_TAIL_FLOOR = math.log(_TAIL_FLOOR)
 _LN2 = math.log(2.0)
+_NEG_INF = -math.inf
 
 
 class LMLossInputError(KDError, ValueError):
@@ -76,10 +79,80 @@ def _check_temperature(temperature: float) -> float:
     return t
 
 
-def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """sum_x p (log p - log q) over the last axis; p = 0 terms count 0 (no 0 * -inf = NaN, in value or grad)."""
-    finite_log_p = torch.where(log_p > -math.inf, log_p, torch.zeros_like(log_p))
-    return (log_p.exp() * (finite_log_p - log_q)).sum(-1)
+def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
+    """KL(a || b) = sum_x a (log a - log b) over the last axis.
+
+    Terms with a = 0 count 0 whatever b is (0 too), with finite gradients: the outer where gives them 0, and
+    log a reaches the product only through a where too (a where's backward selects rather than multiplies, so
+    the unused branch's 0 * inf = NaN is dropped before it reaches log a or b). Where a > 0 and b = 0 the value
+    is inf, as it should be.
+    """
+    zero = log_a == _NEG_INF
+    safe_a = torch.where(zero, torch.zeros_like(log_a), log_a)
+    return torch.where(zero, torch.zeros_like(log_a), safe_a.exp() * (safe_a - log_b)).sum(-1)
+
+
+def _log_mix(log_a: Tensor, log_b: Tensor, w: float) -> Tensor:
+    """log(w a + (1 - w) b), elementwise, w in [0, 1]; -inf where both weighted terms are 0.
+
+    torch.logaddexp of two -inf is -inf with a NaN gradient (even times 0): an id both sides rule out (-inf
+    logits, as a padded vocabulary has) would carry it into every logit's gradient through the log-softmax.
+    """
+    x = log_a + (math.log(w) if w > 0 else _NEG_INF)
+    y = log_b + (math.log1p(-w) if w < 1 else _NEG_INF)
+    empty = (x == _NEG_INF) & (y == _NEG_INF)
+    zeros = torch.zeros_like(x)
+    mixed = torch.logaddexp(torch.where(empty, zeros, x), torch.where(empty, zeros, y))
+    return torch.where(empty, torch.full_like(x, _NEG_INF), mixed)
+
+
+def _check_weight(value: float, name: str, setting: str) -> float:
+    v = float(value)
+    if not 0.0 <= v <= 1.0:
+        raise LMLossInputError(f"{name} must be in [0, 1], got {value}; set {setting}")
+    return v
+
+
+def divergence(name: str, log_p: Tensor, log_s: Tensor, *, beta: float = 0.5, alpha: float = 0.1) -> Tensor:
+    """Divergence ``name`` (a key of ``stages.kinds.LM_LOSSES``) per row between two normalised
+    log-distributions on the same support (last axis): ``log_p`` the teacher's, ``log_s`` the student's.
+
+    - forward_kl: KL(p || s).  reverse_kl: KL(s || p).
+    - jsd: generalised JSD (GKD, Agarwal et al. 2024; TRL's GKDTrainer): m = beta p + (1 - beta) s,
+      beta KL(p || m) + (1 - beta) KL(s || m). It tends to 0 at both ends of beta, so beta = 0 returns its limit
+      JSD / beta = KL(p || s) and beta = 1 its limit JSD / (1 - beta) = KL(s || p), as TRL does.
+    - tvd: 0.5 sum |p - s|.
+    - skew_kl: KL(p || alpha p + (1 - alpha) s); skew_reverse_kl: KL(s || alpha s + (1 - alpha) p): the skew KL
+      and skew reverse KL of DistiLLM (Ko et al., ICML 2024, arXiv 2402.03898, Definition 1; alpha 0.1 there).
+      Its reference code (distillm/losses.py) drops the teacher's entropy from skew_kl, a constant that changes
+      the value, not the gradient: here it is the divergence, 0 when s = p.
+
+    Zero probabilities count 0 on either side, with finite gradients. Returns [rows] float32.
+    """
+    if name not in LM_LOSSES:
+        raise LMLossInputError(f"unknown loss {name!r}; valid: {', '.join(LM_LOSSES)}")
+    if log_p.shape != log_s.shape:
+        raise LMLossInputError(f"divergence: teacher {tuple(log_p.shape)} and student {tuple(log_s.shape)} "
+                               "log-probabilities differ in shape; pass both over the same support")
+    log_p, log_s = log_p.float(), log_s.float()
+    if name == "forward_kl":
+        return _kl(log_p, log_s)
+    if name == "reverse_kl":
+        return _kl(log_s, log_p)
+    if name == "tvd":
+        return 0.5 * (log_p.exp() - log_s.exp()).abs().sum(-1)
+    if name == "jsd":
+        beta = _check_weight(beta, "jsd beta", "distill.lm.jsd_beta")
+        if beta == 0.0:
+            return _kl(log_p, log_s)
+        if beta == 1.0:
+            return _kl(log_s, log_p)
+        log_m = _log_mix(log_p, log_s, beta)
+        return beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_s, log_m)
+    alpha = _check_weight(alpha, "skew alpha", "distill.lm.skew_alpha")
+    if name == "skew_kl":
+        return _kl(log_p, _log_mix(log_p, log_s, alpha))
+    return _kl(log_s, _log_mix(log_s, log_p, alpha))  # skew_reverse_kl
 
 
 def _log1mexp(a: Tensor) -> Tensor:
@@ -95,8 +168,11 @@ def _log1mexp(a: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- chunking
 
 
-def _log_probs(logits: Tensor, normalized: bool) -> Tensor:
-    return logits.float() if normalized else F.log_softmax(logits.float(), dim=-1)
+def _log_probs(logits: Tensor, normalized: bool, temperature: float = 1.0) -> Tensor:
+    """The student's log-probabilities at ``temperature``; ``normalized``: ``logits`` already are."""
+    if normalized:
+        return logits.float()
+    return F.log_softmax(logits.float() / temperature, dim=-1)
 
 
 def auto_chunk_tokens(vocab_size: int, elements: int = 1 << 23) -> int:
@@ -162,64 +238,94 @@ def next_token_ce(logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(logits.float(), labels.long(), ignore_index=-100, reduction="none")
 
 
-def dense_kl(logits: Tensor, logprobs: Tensor, temperature: float = 1.0) -> Tensor:
-    """KL(p || s) per token from cached teacher log-probabilities ``logprobs`` [n, V] (temperature 1).
+def _teacher_tail(topk_logprobs: Tensor, tail_logprob: Tensor | None) -> Tensor:
+    """The teacher's log mass outside its k ids: the cached ``tail_logprob``, or else log(1 - sum exp(topk)).
 
-    At temperature T: s = softmax(logits / T) and p = softmax(logprobs / T) (the cached log-probabilities
-    divided by T and renormalised, which equals the teacher's softmax of its logits / T).
+    The fallback floors the tail at float32's epsilon, also where rounded (float16) top-k probabilities sum past
+    1: below it 1 - sum is rounding noise, and an empty tail would make reverse KL infinite.
     """
-    _check_logits(logits, "dense_kl", logprobs=logprobs)
+    if tail_logprob is not None:
+        return tail_logprob.float()
+    return _log1mexp(torch.logsumexp(topk_logprobs.float(), dim=-1))
+
+
+def dense_loss(logits: Tensor, logprobs: Tensor, *, loss: str = "forward_kl", temperature: float = 1.0,
+               beta: float = 0.5, alpha: float = 0.1, normalized: bool = False) -> Tensor:
+    """Divergence ``loss`` per token against a dense cache: the teacher's log-probabilities ``logprobs`` [n, V],
+    already at the cache's temperature T, so only the student is put at T: s = softmax(logits / T).
+
+    The cached values are float16-rounded: one log-softmax renormalises them. ``normalized=True``: ``logits``
+    are already the student's log-probabilities at T (one log-softmax shared with the cross-entropy term).
+    """
+    _check_logits(logits, "dense_loss", logprobs=logprobs)
     if logprobs.shape != logits.shape:
-        raise LMLossInputError(f"dense_kl: teacher logprobs {tuple(logprobs.shape)} and student logits "
+        raise LMLossInputError(f"dense_loss: teacher logprobs {tuple(logprobs.shape)} and student logits "
                                f"{tuple(logits.shape)} differ; teacher and student need the same vocabulary")
     t = _check_temperature(temperature)
-    log_p = F.log_softmax(logprobs.float() / t, dim=-1)
-    log_s = F.log_softmax(logits.float() / t, dim=-1)
-    return _kl(log_p, log_s)
+    log_p = F.log_softmax(logprobs.float(), dim=-1)
+    return divergence(loss, log_p, _log_probs(logits, normalized, t), beta=beta, alpha=alpha)
 
 
-def topk_kl(logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, tail: str = "bucket", *,
-            normalized: bool = False) -> Tensor:
-    """KL(p || s) per token against a cached top-k teacher: ``topk_ids`` [n, k] and their log-probabilities
-    ``topk_logprobs`` [n, k] (normalised over the full vocabulary).
+def topk_loss(logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, tail_logprob: Tensor | None = None, *,
+              loss: str = "forward_kl", tail: str = "bucket", temperature: float = 1.0, beta: float = 0.5,
+              alpha: float = 0.1, normalized: bool = False) -> Tensor:
+    """Divergence ``loss`` per token against a cached top-k teacher: ``topk_ids`` [n, k], their log-probabilities
+    ``topk_logprobs`` [n, k] (normalised over the full vocabulary, at the cache's temperature T) and
+    ``tail_logprob`` [n], the teacher's exact log mass outside its k ids (None: log(1 - sum exp(topk_logprobs)),
+    floored at float32's epsilon). The student is put at T: s = softmax(logits / T).
 
-    ``tail="bucket"``: exact KL between the two distributions coarsened to k ids + one bucket for every
-    other id, with p_tail = 1 - sum p_topk and s_tail = 1 - sum s(topk ids) (computed as -expm1 of a
-    logsumexp, floored at float32's epsilon). With k = V it is the full forward KL.
-    ``tail="renormalize"``: KL between the teacher's top-k renormalised to sum to 1 and the student's softmax
-    restricted to the same ids (the tail is ignored).
-    ``normalized=True``: ``logits`` are already the student's log-probabilities (one log-softmax shared with
-    the cross-entropy term saves a pass over the vocabulary).
+    ``tail="bucket"``: the divergence between the two distributions coarsened to the k ids + one bucket for every
+    other id: teacher [topk, tail] (renormalised once, for the float16 rounding), student [s(ids), S_tail], with
+    log S_tail a logsumexp of the student's log-probabilities over the other ids (never 1 - sum s(ids), which
+    loses a tail below float32's epsilon and its gradient). It is the exact divergence of the coarsened
+    distributions; coarsening never increases an f-divergence (data processing inequality), so it is a lower
+    bound on the full divergence for every loss here (forward/reverse KL, JSD, TVD and both skews are
+    f-divergences), equal to it at k = V. On an id j outside the k the gradient w.r.t. logits / T is
+    s_j (g_tail - sum_c s_c g_c), with g = dD/d(coarse student probabilities): the bucket's gradient shared in
+    proportion to the student's own tail (forward KL: s_j - p_tail s_j / S_tail), so the loss moves the student's
+    tail mass towards the teacher's but leaves the shape of the tail alone.
+    ``tail="renormalize"``: the divergence between the teacher's top k renormalised and the student's softmax
+    restricted to the same ids and renormalised (the tail is ignored).
+    ``normalized=True``: ``logits`` are already the student's log-probabilities at T.
     """
-    _check_logits(logits, "topk_kl", topk_ids=topk_ids, topk_logprobs=topk_logprobs)
+    _check_logits(logits, "topk_loss", topk_ids=topk_ids, topk_logprobs=topk_logprobs)
     if topk_ids.shape != topk_logprobs.shape or topk_ids.dim() != 2:
-        raise LMLossInputError(f"topk_kl: topk_ids {tuple(topk_ids.shape)} and topk_logprobs "
+        raise LMLossInputError(f"topk_loss: topk_ids {tuple(topk_ids.shape)} and topk_logprobs "
                                f"{tuple(topk_logprobs.shape)} must both be [tokens, k]")
+    if tail_logprob is not None and tail_logprob.shape != topk_ids.shape[:1]:
+        raise LMLossInputError(f"topk_loss: tail_logprob has shape {tuple(tail_logprob.shape)}; pass "
+                               f"[{topk_ids.shape[0]}], one tail mass per token")
     if tail not in TOPK_TAILS:
-        raise LMLossInputError(f"topk_kl: unknown tail {tail!r}; valid: {', '.join(TOPK_TAILS)}")
-    log_s = _log_probs(logits, normalized).gather(-1, topk_ids.long())
-    log_p = topk_logprobs.float()
+        raise LMLossInputError(f"topk_loss: unknown tail {tail!r}; valid: {', '.join(TOPK_TAILS)}")
+    t = _check_temperature(temperature)
+    ids = topk_ids.long()
+    log_s_all = _log_probs(logits, normalized, t)
+    log_s = log_s_all.gather(-1, ids)
     if tail == "renormalize":
-        return _kl(F.log_softmax(log_p, dim=-1), F.log_softmax(log_s, dim=-1))
-    head = _kl(log_p, log_s)
-    a_p = torch.logsumexp(log_p, dim=-1)
-    # Rounded (float16) teacher log-probabilities may sum past 1: that tail is empty, not negative.
-    p_tail = (-torch.expm1(a_p)).clamp_min(0.0)
-    tail_terms = p_tail * (_log1mexp(a_p) - _log1mexp(torch.logsumexp(log_s, dim=-1)))
-    return head + torch.where(p_tail > 0, tail_terms, torch.zeros_like(tail_terms))
+        return divergence(loss, F.log_softmax(topk_logprobs.float(), dim=-1), F.log_softmax(log_s, dim=-1),
+                          beta=beta, alpha=alpha)
+    in_topk = torch.zeros_like(log_s_all, dtype=torch.bool).scatter_(-1, ids, True)
+    # -inf where the k ids are the whole vocabulary; the NaN gradient of a logsumexp of only -inf never gets
+    # through: masked_fill's backward zeroes every filled entry
+    s_tail = torch.logsumexp(log_s_all.masked_fill(in_topk, _NEG_INF), dim=-1)
+    # A bucket that holds no id (k = V) is empty for the teacher too, whatever rounding left in its tail.
+    p_tail = torch.where(s_tail == _NEG_INF, s_tail, _teacher_tail(topk_logprobs, tail_logprob))
+    log_p = F.log_softmax(torch.cat([topk_logprobs.float(), p_tail.unsqueeze(-1)], dim=-1), dim=-1)
+    return divergence(loss, log_p, torch.cat([log_s, s_tail.unsqueeze(-1)], dim=-1), beta=beta, alpha=alpha)
 
 
 def sampled_kl(logits: Tensor, sample_ids: Tensor, sample_counts: Tensor, sample_logprobs: Tensor,
                proposal_lognorm: Tensor, proposal_temperature: float = 1.0, *, samples: int,
-               normalized: bool = False) -> Tensor:
+               temperature: float = 1.0, normalized: bool = False) -> Tensor:
     """Unbiased importance-weighted estimate of KL(p || s) per token from ids sampled from the teacher.
 
     Each position holds ``samples`` draws from the proposal q = p^(1/tau) / Z (tau = ``proposal_temperature``,
     log Z = ``proposal_lognorm`` [n]), stored as unique ``sample_ids`` [n, m] with ``sample_counts`` [n, m]
-    (0 = empty slot, which counts 0) and log p(id) ``sample_logprobs`` [n, m]. Estimate:
-    sum_i (c_i / samples) * (p_i / q_i) * (log p_i - log s_i), with log q_i = log p_i / tau - log Z
-    (tau = 1: p_i / q_i = 1). Its expectation over the draws is KL(p || s); single values may be negative.
-    ``normalized=True``: ``logits`` are already log-probabilities, as for ``topk_kl``.
+    (0 = empty slot, which counts 0) and log p(id) ``sample_logprobs`` [n, m], p at the cache's temperature T.
+    Estimate: sum_i (c_i / samples) * (p_i / q_i) * (log p_i - log s_i), with log q_i = log p_i / tau - log Z
+    (tau = 1: p_i / q_i = 1) and s = softmax(logits / T). Its expectation over the draws is KL(p || s), and so is
+    that of its gradient; single values may be negative. Forward KL only.
+    ``normalized=True``: ``logits`` are already the student's log-probabilities at T.
     """
     _check_logits(logits, "sampled_kl", sample_ids=sample_ids, sample_counts=sample_counts,
                   sample_logprobs=sample_logprobs, proposal_lognorm=proposal_lognorm)
@@ -230,7 +336,8 @@ def sampled_kl(logits: Tensor, sample_ids: Tensor, sample_counts: Tensor, sample
     if samples < 1:
         raise LMLossInputError(f"sampled_kl: samples must be >= 1, got {samples}; pass precompute.lm.samples")
     tau = _check_temperature(proposal_temperature)
-    log_s = _log_probs(logits, normalized).gather(-1, sample_ids.long())
+    t = _check_temperature(temperature)
+    log_s = _log_probs(logits, normalized, t).gather(-1, sample_ids.long())
     # empty slots may hold any log-probability (-inf too): 0 keeps their zero terms finite, gradients too
     log_p = torch.where(sample_counts > 0, sample_logprobs.float(), torch.zeros((), device=logits.device))
     # log(p/q) = log p - (log p / tau - log Z)
@@ -238,42 +345,42 @@ def sampled_kl(logits: Tensor, sample_ids: Tensor, sample_counts: Tensor, sample
     return (sample_counts.float() / samples * log_w.exp() * (log_p - log_s)).sum(-1)
 
 
-# --------------------------------------------------------------------------- online references (full vocabulary)
+# --------------------------------------------------------------------------- online (the teacher's full logits)
+
+
+def _online(name: str, logits: Tensor, teacher_logits: Tensor, temperature: float, beta: float,
+            alpha: float) -> Tensor:
+    _check_pair(logits, teacher_logits, name)
+    t = _check_temperature(temperature)
+    return divergence(name, F.log_softmax(teacher_logits.float() / t, dim=-1),
+                      F.log_softmax(logits.float() / t, dim=-1), beta=beta, alpha=alpha)
+
+
+def _online_loss(name: str) -> Callable[..., Tensor]:
+    def loss(logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0, beta: float = 0.5,
+             alpha: float = 0.1) -> Tensor:
+        return _online(name, logits, teacher_logits, temperature, beta, alpha)
+
+    loss.__name__ = loss.__qualname__ = name
+    loss.__doc__ = (f"`divergence('{name}')` per token over the teacher's full ``teacher_logits`` [n, V], both "
+                    "softmaxes at ``temperature``.")
+    return loss
 
 
 def forward_kl(logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
     """KL(p || s) per token over the full vocabulary, both softmaxes at ``temperature``."""
-    _check_pair(logits, teacher_logits, "forward_kl")
-    t = _check_temperature(temperature)
-    return _kl(F.log_softmax(teacher_logits.float() / t, dim=-1), F.log_softmax(logits.float() / t, dim=-1))
+    return _online("forward_kl", logits, teacher_logits, temperature, 0.5, 0.1)
 
 
 def reverse_kl(logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
     """KL(s || p) per token over the full vocabulary (mode-seeking), both softmaxes at ``temperature``."""
-    _check_pair(logits, teacher_logits, "reverse_kl")
-    t = _check_temperature(temperature)
-    return _kl(F.log_softmax(logits.float() / t, dim=-1), F.log_softmax(teacher_logits.float() / t, dim=-1))
+    return _online("reverse_kl", logits, teacher_logits, temperature, 0.5, 0.1)
 
 
 def generalized_jsd(logits: Tensor, teacher_logits: Tensor, beta: float = 0.5, temperature: float = 1.0) -> Tensor:
-    """GKD's generalised Jensen-Shannon divergence JSD(beta) per token (Agarwal et al. 2024).
-
-    m = beta * p + (1 - beta) * s, JSD = beta * KL(p || m) + (1 - beta) * KL(s || m), both softmaxes at
-    ``temperature``. JSD(beta) itself tends to 0 at both ends; as TRL's GKDTrainer does, beta = 0 returns
-    its limit JSD / beta = forward KL(p || s) and beta = 1 its limit JSD / (1 - beta) = reverse KL(s || p).
-    """
-    _check_pair(logits, teacher_logits, "generalized_jsd")
-    if not 0.0 <= beta <= 1.0:
-        raise LMLossInputError(f"generalized_jsd: beta must be in [0, 1], got {beta}; set distill.lm.jsd_beta")
-    t = _check_temperature(temperature)
-    log_p = F.log_softmax(teacher_logits.float() / t, dim=-1)
-    log_s = F.log_softmax(logits.float() / t, dim=-1)
-    if beta == 0.0:
-        return _kl(log_p, log_s)
-    if beta == 1.0:
-        return _kl(log_s, log_p)
-    log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_s + math.log1p(-beta)]), dim=0)
-    return beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_s, log_m)
+    """GKD's generalised Jensen-Shannon divergence JSD(beta) per token (`divergence("jsd")`), both softmaxes at
+    ``temperature``."""
+    return _online("jsd", logits, teacher_logits, temperature, beta, 0.1)
 
 
 def _check_pair(logits: Tensor, teacher_logits: Tensor, what: str) -> None:
@@ -286,22 +393,38 @@ def _check_pair(logits: Tensor, teacher_logits: Tensor, what: str) -> None:
 # --------------------------------------------------------------------------- cross-tokenizer (ULD)
 
 
-def uld_loss(logits: Tensor, topk_logprobs: Tensor) -> Tensor:
-    """Universal Logit Distillation (Boizard et al. 2024) per token, over the teacher's cached top k.
+def uld_loss(logits: Tensor, topk_logprobs: Tensor, tail_logprob: Tensor | None = None, *,
+             temperature: float = 1.0) -> Tensor:
+    """Universal Logit Distillation (Boizard et al. 2024, arXiv 2402.12030) per token, against a cached top k.
 
-    L1 distance between the student's k largest probabilities (softmax of ``logits``, sorted descending) and
-    the teacher's top-k probabilities ``exp(topk_logprobs)`` [n, k] (sorted descending). Sorting makes it
-    independent of which id is which, so the vocabularies need not match. A student vocabulary smaller than
-    k is padded with zero probabilities, as the paper pads the smaller vocabulary.
+    The paper's loss is sum_i |s_(i) - p_(i)| over both full distributions sorted descending, the smaller
+    vocabulary padded with zero probabilities (its reference code, llm-recipes models/distillation_model.py:
+    softmax at a student and a teacher temperature, both 1 by default, sort, zero-pad, L1; here both are the
+    cache's T). Sorting makes it independent of which id is which, so the vocabularies need not match.
+    The cache holds the teacher's k largest log-probabilities ``topk_logprobs`` [n, k] (at T) and
+    ``tail_logprob`` [n], its log mass outside them (None: log(1 - sum exp(topk_logprobs)), floored at float32's
+    epsilon), not its sorted values beyond k. So the student's full distribution s = softmax(logits / T), sorted,
+    is compared as sum_{i <= k} |s_(i) - p_(i)| + |sum_{i > k} s_(i) - p_tail|: by the triangle inequality a
+    lower bound on the paper's loss, equal to it when the teacher's sorted tail is proportional to the student's
+    (in particular at k = the teacher's vocabulary size: p_tail = 0 and the teacher's padded tail is 0). A
+    student vocabulary smaller than k is padded with zeros (its tail is then empty).
     """
     _check_logits(logits, "uld_loss", topk_logprobs=topk_logprobs)
     if topk_logprobs.dim() != 2:
         raise LMLossInputError(f"uld_loss: topk_logprobs has shape {tuple(topk_logprobs.shape)}; pass [tokens, k]")
+    if tail_logprob is not None and tail_logprob.shape != topk_logprobs.shape[:1]:
+        raise LMLossInputError(f"uld_loss: tail_logprob has shape {tuple(tail_logprob.shape)}; pass "
+                               f"[{topk_logprobs.shape[0]}], one tail mass per token")
+    t = _check_temperature(temperature)
     k = topk_logprobs.shape[1]
     teacher = topk_logprobs.float().exp().sort(dim=-1, descending=True).values
-    student = F.softmax(logits.float(), dim=-1).topk(min(k, logits.shape[1]), dim=-1).values
-    student = F.pad(student, (0, k - student.shape[1]))
-    return (student - teacher).abs().sum(-1)
+    p_tail = _teacher_tail(topk_logprobs, tail_logprob).exp()
+    student = F.softmax(logits.float() / t, dim=-1).sort(dim=-1, descending=True).values
+    if student.shape[1] < k:
+        student = F.pad(student, (0, k - student.shape[1]))
+    # the student's tail summed directly: 1 - sum(head) would lose a tail below float32's epsilon
+    s_tail = student[:, k:].sum(-1)
+    return (student[:, :k] - teacher).abs().sum(-1) + (s_tail - p_tail).abs()
 
 
 def align_by_offsets(student_offsets: Tensor, teacher_offsets: Tensor) -> tuple[Tensor, Tensor]:
@@ -335,15 +458,11 @@ def align_by_offsets(student_offsets: Tensor, teacher_offsets: Tensor) -> tuple[
 # --------------------------------------------------------------------------- the torch half of stages/kinds.py
 
 # The per-token function of each KD loss (distill.lm.loss) over the teacher's full logits (online).
-LM_LOSS_FUNCTIONS: dict[str, Callable[..., Tensor]] = {
-    "forward_kl": forward_kl,
-    "reverse_kl": reverse_kl,
-    "jsd": generalized_jsd,
-}
+LM_LOSS_FUNCTIONS: dict[str, Callable[..., Tensor]] = {name: _online_loss(name) for name in LM_LOSSES}
 
-# The per-token KL term of each cache codec (precompute.lm.codec), against its cached fields.
+# The per-token KD term of each cache codec (precompute.lm.codec), against its cached fields.
 CODEC_LOSSES: dict[str, Callable[..., Tensor]] = {
-    "dense": dense_kl,
-    "topk": topk_kl,
+    "dense": dense_loss,
+    "topk": topk_loss,
     "sampled": sampled_kl,
 }
