@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
 from stages.distill import distill
@@ -17,7 +18,8 @@ from stages.precompute import precompute
 from stages.train_teacher import train_teacher
 from stages.train import RUN_FILE, TaskMix, TaskSampler
 from stages.config import ConfigError, config_from_dict
-from stages.data import Encoded
+from cache_format import CacheReader
+from stages.data import Encoded, model_inputs
 from stages.models import ModelError
 from tests.tiny_models import make_tiny_classifier
 from stages.methods import MultiTaskObjective
@@ -108,14 +110,29 @@ def _params(tmp: Path, sentiment: Path, ner: Path, base_model: Path, **distill) 
     }
 
 
+@pytest.fixture(scope="module")
+def trained_tasks(tmp_path_factory, tiny_data_dir, tiny_model_dir, _kd_home) -> Path:
+    """A folder with the NER data, both tasks' teachers (`teachers/<task>`) and their caches (`caches/`): trained
+    and precomputed once for the module's tests, which only read them."""
+    root = tmp_path_factory.mktemp("multitask")
+    with pytest.MonkeyPatch.context() as env:  # the sandbox of the function-scoped autouse fixture, for this setup
+        env.setenv("HF_HOME", str(root / "hf_home"))
+        env.setenv("KD_CACHE_HOME", str(_kd_home))
+        cfg = config_from_dict(_params(root, tiny_data_dir, _ner_data(root / "ner"), tiny_model_dir))
+        teachers = train_teacher(cfg)
+        assert [r.output for r in teachers] == [root / "teachers" / "sentiment", root / "teachers" / "ner"]
+        caches = precompute(cfg)
+        assert len({r.path for r in caches}) == 2 and all(r.status == "written" for r in caches)
+    return root
+
+
 @pytest.fixture()
-def two_tasks(tmp_path, tiny_data_dir, tiny_model_dir):
-    params = _params(tmp_path, tiny_data_dir, _ner_data(tmp_path / "ner"), tiny_model_dir)
-    cfg = config_from_dict(params)
-    teachers = train_teacher(cfg)
-    assert [r.output for r in teachers] == [tmp_path / "teachers" / "sentiment", tmp_path / "teachers" / "ner"]
-    caches = precompute(cfg)
-    assert len({r.path for r in caches}) == 2 and all(r.status == "written" for r in caches)
+def two_tasks(tmp_path, trained_tasks, tiny_data_dir, tiny_model_dir):
+    """Params with the module's teachers and caches, and this test's own outputs under `tmp_path`."""
+    params = _params(tmp_path, tiny_data_dir, trained_tasks / "ner", tiny_model_dir)
+    params["train_teacher"]["output"] = str(trained_tasks / "teachers")  # where each task's teacher is read
+    params["precompute"]["cache_root"] = str(trained_tasks / "caches")
+    params["evaluate"]["models"]["teacher"] = str(trained_tasks / "teachers")
     return params
 
 
@@ -124,8 +141,71 @@ def _heads(out: Path) -> dict[str, dict[str, torch.Tensor]]:
             "ner": AutoModelForTokenClassification.from_pretrained(out / "ner").state_dict()}
 
 
-def test_two_kinds_share_an_encoder_and_report_per_task_metrics(tmp_path, two_tasks):
+def _record_first_batches(monkeypatch) -> dict[str, dict]:
+    """For the first batch of each task: the terms `MultiTaskObjective.losses` returned, the batch, its ids and
+    the logits of the task's head on it, from a forward with the same dropout masks as the objective's own."""
+    seen: dict[str, dict] = {}
+    real = MultiTaskObjective.losses
+
+    def losses(self, model, batch, ids, step, total_steps):
+        name = ids[0].split("/", 1)[0]
+        if name in seen:
+            return real(self, model, batch, ids, step, total_steps)
+        rng = torch.get_rng_state()
+        with torch.no_grad():
+            logits = model.heads[name](**model_inputs(batch)).logits.double()
+        torch.set_rng_state(rng)  # the objective's forward draws the same dropout masks
+        inputs = {k: v.clone() for k, v in batch.items()}
+        terms = real(self, model, batch, ids, step, total_steps)
+        seen[name] = {"terms": {k: v.item() for k, v in terms.items()}, "batch": inputs, "logits": logits,
+                      "ids": [i.split("/", 1)[1] for i in ids]}
+        return terms
+
+    monkeypatch.setattr(MultiTaskObjective, "losses", losses)
+    return seen
+
+
+def _kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) of the softmaxes at `temperature`, per row of [..., C] logits."""
+    log_t = torch.log_softmax(teacher / temperature, -1)
+    return (log_t.exp() * (log_t - torch.log_softmax(student / temperature, -1))).sum(-1)
+
+
+def _expected_terms(first: dict, sentiment_cache: str, ner_cache: str) -> dict[str, float]:
+    """Each task's kd and hard terms of its first batch, computed directly: task weight x T^2 x KL at the task's
+    temperature (sentiment: weight 1, distill.kd.temperature 4; ner: weight 0.5, its own temperature 2)."""
+    s = first["sentiment"]
+    teacher = torch.tensor(CacheReader(sentiment_cache).gather(s["ids"])["logits"], dtype=torch.float64)
+    out = {"sentiment/kd": 1.0 * 4.0**2 * _kl(s["logits"], teacher, 4.0).mean().item(),
+           "sentiment/hard": 1.0 * F.cross_entropy(s["logits"], s["batch"]["labels"]).item()}
+    # The token task: each word's first sub-token, over the words both the student and the teacher kept.
+    n = first["ner"]
+    reader, word_index, labels = CacheReader(ner_cache), n["batch"]["word_index"], n["batch"]["labels"]
+    kl, ce = [], []
+    for row, example in enumerate(n["ids"]):
+        teacher = torch.tensor(reader.get(example)["logits"], dtype=torch.float64)
+        for token in (word_index[row] >= 0).nonzero()[:, 0].tolist():
+            word, student = int(word_index[row, token]), n["logits"][row, token]
+            if word < len(teacher):
+                kl.append(_kl(student, teacher[word], 2.0).item())
+            if labels[row, token] != -100:
+                ce.append(F.cross_entropy(student[None], labels[row, token][None]).item())
+    assert len(kl) > len(n["ids"]) and len(ce) > len(n["ids"])  # several words a row
+    out["ner/kd"] = 0.5 * 2.0**2 * float(np.mean(kl))
+    out["ner/hard"] = 0.5 * float(np.mean(ce))
+    return out
+
+
+def test_two_kinds_share_an_encoder_and_report_per_task_metrics(tmp_path, two_tasks, monkeypatch):
+    first = _record_first_batches(monkeypatch)
     res = distill(config_from_dict(two_tasks))
+    # Each task's terms carry its weight and its KD temperature.
+    got = {k: v for name in ("sentiment", "ner") for k, v in first[name]["terms"].items()}
+    expected = _expected_terms(first, *res.caches)
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        # abs: the sentiment KL is ~3e-6 a row (both models near uniform at T 4), where float32 keeps 2 digits
+        assert got[key] == pytest.approx(value, rel=1e-5, abs=5e-7), key
     # 200 + 100 rows in batches of 16: 13 + 7 batches per epoch, 2 epochs.
     assert res.fit.steps == 40 and len(res.caches) == 2
     assert {"sentiment/accuracy", "ner/f1", "ner/accuracy"} <= set(res.fit.dev)
@@ -184,17 +264,17 @@ def test_multi_task_resume_gives_the_uninterrupted_student(tmp_path, two_tasks):
             torch.testing.assert_close(got[name][key], value, rtol=0, atol=1e-6)
 
 
-def test_several_teachers_and_matches_per_task(tmp_path, tiny_data_dir, tiny_model_dir, monkeypatch):
-    params = _params(tmp_path, tiny_data_dir, _ner_data(tmp_path / "ner"), tiny_model_dir)
+def test_several_teachers_and_matches_per_task(tmp_path, trained_tasks, tiny_data_dir, tiny_model_dir, monkeypatch):
+    params = _params(tmp_path, tiny_data_dir, trained_tasks / "ner", tiny_model_dir)
+    params["train_teacher"]["output"] = str(trained_tasks / "teachers")  # the module's teachers
     second = make_tiny_classifier(tmp_path / "ner2", num_labels=len(TAGS), layers=2, hidden=32, heads=2,
                                   intermediate=64, vocab_texts=[" ".join(w for s, _ in _sentences(50) for w in s)],
                                   seed=7, auto_model=AutoModelForTokenClassification)
     params["tasks"][0]["matches"] = [{"kind": "hidden_mse", "teacher_layer": 2, "student_layer": 1,
                                       "projection": "linear"}]
-    params["tasks"][1]["teachers"] = [str(tmp_path / "teachers" / "ner"), str(second)]
+    params["tasks"][1]["teachers"] = [str(trained_tasks / "teachers" / "ner"), str(second)]
     params["precompute"]["hidden_layers"] = [2]  # for the sentence task's match (a token task caches logits only)
     cfg = config_from_dict(params)
-    train_teacher(cfg)
     caches = precompute(cfg)
     assert len(caches) == 3
     assert "hidden.2" in str(json.loads((caches[0].path / "manifest.json").read_text())["fields"])
