@@ -77,14 +77,27 @@ def _params(tmp: Path, data: Path, teacher: Path, student: dict | None = None, *
     return p
 
 
+@pytest.fixture(scope="module")
+def teacher_cache(tmp_path_factory, tiny_data_dir, tiny_teacher_dir, _kd_home) -> Path:
+    """A cache root with the teacher's cache of the tiny data, written once for the module's tests."""
+    root = tmp_path_factory.mktemp("any_student")
+    with pytest.MonkeyPatch.context() as env:  # the sandbox of the function-scoped autouse fixture, for this setup
+        env.setenv("HF_HOME", str(root / "hf_home"))
+        env.setenv("KD_CACHE_HOME", str(_kd_home))
+        [res] = precompute(config_from_dict(_params(root, tiny_data_dir, tiny_teacher_dir)))
+    assert res.status == "written"
+    return root / "caches"
+
+
 @pytest.fixture()
-def cached(tmp_path, tiny_data_dir, tiny_teacher_dir):
-    """A function making distill params for a module student (the teacher cache written once)."""
+def cached(tmp_path, tiny_data_dir, tiny_teacher_dir, teacher_cache):
+    """A function making distill params for a module student, reading the module's teacher cache."""
 
     def params(student: dict | None = None, **distill_settings) -> dict:
-        return _params(tmp_path, tiny_data_dir, tiny_teacher_dir, student, **distill_settings)
+        p = _params(tmp_path, tiny_data_dir, tiny_teacher_dir, student, **distill_settings)
+        p["precompute"]["cache_root"] = str(teacher_cache)
+        return p
 
-    precompute(config_from_dict(params()))
     return params
 
 
