@@ -110,7 +110,7 @@ def synthetic_logits(n: int, rng: np.random.Generator) -> Case:
 
 
 def synthetic_topk(n: int, rng: np.random.Generator, k: int = 64) -> Case:
-    """Top-k log-probabilities (sorted, decreasing, like real ones), int32 ids and f32 logsumexp per token."""
+    """Top-k log-probabilities (sorted, decreasing, like real ones), int32 ids and f32 tail log-mass per token."""
     lengths = rng.integers(32, 129, n).astype(np.int32)
     lp, ids, lse = [], [], []
     for t in lengths:
@@ -118,9 +118,9 @@ def synthetic_topk(n: int, rng: np.random.Generator, k: int = 64) -> Case:
         ids.append(rng.integers(0, 32_000, (t, k), dtype=np.int32))
         lse.append(rng.normal(10, 1, t).astype(np.float32))
     fields = [FieldSpec("topk_logprobs", "float16", ("T", k)), FieldSpec("topk_ids", "int32", ("T", k)),
-              FieldSpec("logsumexp", "float32", ("T",))]
+              FieldSpec("tail_logprob", "float32", ("T",))]
     return Case(f"synthetic top-{k} LM (T<=128) ({n} ex)", fields, [f"ex{i:07d}" for i in range(n)], lengths,
-                {"topk_logprobs": lp, "topk_ids": ids, "logsumexp": lse})
+                {"topk_logprobs": lp, "topk_ids": ids, "tail_logprob": lse})
 
 
 def _bench(case: Case, fmt: str, path: str, picks: list[list[str]], warmup: list[str], step_s: float) -> dict:

@@ -46,9 +46,9 @@ CASES = [
     Case("hidden T=128 H=768 f16 x1", (FieldSpec("hidden.12", "float16", ("T", 768)),), 1_500),
     Case("hidden T=128 H=768 f16 x2",
          (FieldSpec("hidden.6", "float16", ("T", 768)), FieldSpec("hidden.12", "float16", ("T", 768))), 1_000),
-    Case("top-64 T=128 (f16 logprobs, i32 ids, f32 lse)",
+    Case("top-64 T=128 (f16 logprobs, i32 ids, f32 tail)",
          (FieldSpec("topk_logprobs", "float16", ("T", 64)), FieldSpec("topk_ids", "int32", ("T", 64)),
-          FieldSpec("logsumexp", "float32", ("T",))), 10_000),
+          FieldSpec("tail_logprob", "float32", ("T",))), 10_000),
 ]
 
 

@@ -46,7 +46,7 @@ def _child(spec: dict) -> dict:
     """Run `spec["repeats"]` forward+backward steps of one mode; return peak memory (bytes) and step times."""
     import torch
 
-    from stages.losses import chunked_loss, next_token_ce, topk_kl
+    from stages.losses import chunked_loss, next_token_ce, topk_loss
 
     n, h, v, k, device = spec["n"], spec["hidden"], spec["vocab"], spec["k"], torch.device(spec["device"])
     torch.manual_seed(0)
@@ -61,7 +61,7 @@ def _child(spec: dict) -> dict:
     }
 
     def per_token(logits, labels, topk_ids, topk_logprobs):
-        return next_token_ce(logits, labels) + topk_kl(logits, topk_ids, topk_logprobs)
+        return next_token_ce(logits, labels) + topk_loss(logits, topk_ids, topk_logprobs)
 
     def step(rows: int = n) -> None:
         h, t = hidden[:rows], {key: x[:rows] for key, x in targets.items()}
