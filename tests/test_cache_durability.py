@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +18,24 @@ from cache_format import CacheCorruptError, CacheReader, CacheWriter, FieldSpec,
 REPO = Path(__file__).resolve().parents[1]
 N = 120
 
-# The producer: deterministic values per example index, so any process can check them.
+# The producer: deterministic values per example index, so any process can check them. An optional 7th argument
+# names a shard file: the process kills itself (SIGKILL) when that shard is written in full, just before it is
+# renamed into place, so a kill test stops at the same point every time instead of racing the producer.
 PRODUCER = textwrap.dedent(
     """
-    import sys, time
+    import os, signal, sys, time
     import numpy as np
     from cache_format import CacheWriter, FieldSpec
     path, delay, writer_id, start, stop = sys.argv[1], float(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+    if len(sys.argv) > 7:
+        kill_before, real_replace = sys.argv[7], os.replace
+
+        def replace(src, dst, *args, **kwargs):
+            if os.path.basename(dst) == kill_before:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real_replace(src, dst, *args, **kwargs)
+
+        os.replace = replace  # every atomic write of cache_format renames with os.replace
     fields = [FieldSpec("logits", "float32", ("T", 4)), FieldSpec("label", "int64", ())]
     w = CacheWriter(path, fields, teacher_fingerprint="t", data_fingerprint="d", settings={}, writer_id=writer_id,
                     shard_bytes=400)
@@ -44,9 +54,9 @@ PRODUCER = textwrap.dedent(
 )
 
 
-def _run_producer(path, delay=0.0, writer_id="0", start=0, stop=N, finalize=True):
+def _run_producer(path, delay=0.0, writer_id="0", start=0, stop=N, finalize=True, kill_before=None):
     cmd = [sys.executable, "-c", PRODUCER, str(path), str(delay), writer_id, str(start), str(stop),
-           "1" if finalize else "0"]
+           "1" if finalize else "0", *([kill_before] if kill_before else [])]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
 
@@ -75,19 +85,18 @@ def _check_values(reader: CacheReader, ids) -> None:
 
 def test_sigkill_mid_write_then_resume(tmp_path):
     path = tmp_path / "c"
-    proc = _run_producer(path, delay=0.05)
-    deadline = time.time() + 30
-    while len(list(path.glob("shard-*.json"))) < 3 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    # Killed with shards 0-2 committed and shard 3 written in full but not yet in place.
+    proc = _run_producer(path, kill_before="shard-0-000003.arrow")
+    proc.wait(60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
     assert not (path / "manifest.json").exists()
-    committed = len(list(path.glob("shard-*.json")))
-    assert 3 <= committed
+    assert sorted(p.name for p in path.glob("shard-*.json")) == [f"shard-0-00000{i}.json" for i in range(3)]
+    [partial] = path.glob("shard-0-000003.arrow.*.partial")
+    assert partial.stat().st_size > 0 and not (path / "shard-0-000003.arrow").exists()
     # A fresh process resumes: it skips committed ids, cleans leftovers and finalizes.
     resumed = _run_producer(path)
     assert resumed.wait(60) == 0, resumed.stderr.read().decode()
+    assert not list(path.glob("*.partial"))
     report = verify_cache(path)
     assert report.ok, report.problems
     reader = CacheReader(path, verify="open")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import signal
-import time
 from pathlib import Path
 
 import numpy as np
@@ -187,25 +186,25 @@ def test_sigkill_mid_write_then_resume(tmp_path):
     producer = PRODUCER.replace("settings={},", 'settings={}, shard_format="zarr",')
     assert producer != PRODUCER
 
-    def run(delay: float):
-        cmd = [sys.executable, "-c", producer, str(path), str(delay), "0", "0", str(N), "1"]
+    def run(*kill_before: str):
+        cmd = [sys.executable, "-c", producer, str(path), "0", "0", "0", str(N), "1", *kill_before]
         return subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=subprocess.PIPE)
 
-    proc = run(0.05)
-    deadline = time.time() + 60
-    while len(list(path.glob("shard-*.json"))) < 3 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL and not (path / "manifest.json").exists()
-    # What a kill can also leave: a partial shard folder and a renamed shard without its sidecar.
-    (path / "shard-0-000099.zarr.abc.partial" / "x").mkdir(parents=True)
+    # Killed with shards 0-2 committed and shard 3's folder written in full but not yet in place.
+    proc = run("shard-0-000003.zarr")
+    proc.wait(120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
+    assert not (path / "manifest.json").exists()
+    [partial] = path.glob("shard-0-000003.zarr.*.partial")
+    assert list(partial.rglob("zarr.json")) and not (path / "shard-0-000003.zarr").exists()
+    # What a kill can also leave: a renamed shard without its sidecar.
     committed = sorted(path.glob("shard-0-*.json"))
+    assert [p.name for p in committed] == [f"shard-0-00000{i}.json" for i in range(3)]
     last = committed[-1]
     shard = path / last.name.replace(".json", ".zarr")
     last.unlink()
     assert shard.is_dir()
-    resumed = run(0.0)
+    resumed = run()
     assert resumed.wait(120) == 0, resumed.stderr.read().decode()
     assert not list(path.glob("*.partial"))
     report = verify_cache(path)
