@@ -153,9 +153,12 @@ HELP: dict[str, str] = {
                          "([Arrow or Zarr](caches.md#cache-formats-arrow-or-zarr))",
     "precompute.lm.codec": "what is cached per token: `dense`, `topk` or `sampled` "
                            "([Language models](language-models.md#the-sparse-cache))",
+    "precompute.lm.temperature": "capture temperature T: every codec stores softmax(teacher logits / T); part of the "
+                                 "cache's name, and a causal_lm `distill.kd.temperature` left unset takes it",
     "precompute.lm.k": "topk: ids kept per token (at most the vocabulary)",
     "precompute.lm.samples": "sampled: ids drawn per token, 1 to 255",
-    "precompute.lm.proposal_temperature": "sampled: draw from q ∝ p^(1/this)",
+    "precompute.lm.proposal_temperature": "sampled: draw from q ∝ p^(1/this); at least 1 ([why](language-models.md"
+                                          "#the-sparse-cache))",
     "precompute.lm.max_dense_vocab": "dense: refused for a larger vocabulary",
     "precompute.lm.seed": "sampled: with the row id, seeds each row's draws",
     # distill
@@ -215,9 +218,11 @@ HELP: dict[str, str] = {
     "distill.kd.loss": "`kl`, `ce` (soft cross-entropy) or `mse` on logits",
     "distill.kd.weight": "weight of the logit KD term",
     "distill.kd.weight_schedule": "`constant`, `linear_decay` or `linear_growth` over training (scales `weight`)",
-    "distill.kd.temperature": "softmax temperature (the base temperature for dynamic schedules). With a cached "
-                              "`topk` or `sampled` LM cache the KD term runs at T = 1 whatever this says",
-    "distill.kd.temperature_squared": "multiply the KD term by T² (Hinton); TextBrewer does not",
+    "distill.kd.temperature": "softmax temperature (the base temperature for dynamic schedules). causal_lm: "
+                              "`precompute.lm.temperature` when not given, and a cached run must use the cache's "
+                              "capture temperature ([Temperature](language-models.md#temperature))",
+    "distill.kd.temperature_squared": "multiply the KD term by T² (Hinton; for causal_lm with every signal); "
+                                      "TextBrewer does not",
     "distill.kd.temperature_schedule": "`constant`, or per-example `flsw` / `cwsm` (arXiv 1911.07471)",
     "distill.kd.flsw_beta": "FLSW beta",
     "distill.kd.flsw_gamma": "FLSW gamma",
@@ -237,8 +242,10 @@ HELP: dict[str, str] = {
                                     "teacher's (null: none; not for attention kinds)",
     "distill.matches[].projection_lr": "with `projection`: that projection's own learning rate (null: "
                                        "`distill.lr`)",
-    "distill.lm.loss": "`forward_kl` (cached or online), `reverse_kl` or `jsd` (online only)",
+    "distill.lm.loss": "`forward_kl`, `reverse_kl`, `jsd`, `tvd`, `skew_kl` or `skew_reverse_kl`: any with a dense "
+                       "or topk cache or online; a sampled cache serves `forward_kl` only",
     "distill.lm.jsd_beta": "jsd: the mixture weight beta, in (0, 1)",
+    "distill.lm.skew_alpha": "skew_kl, skew_reverse_kl: the mixture weight alpha (DistiLLM), in (0, 1)",
     "distill.lm.topk_tail": "cached topk: the tail mass as one `bucket`, or `renormalize` the top-k",
     "distill.lm.chunk_tokens": "tokens per chunk of the student's logits in the loss (null: 2**23 / V, 32 MiB of "
                                "logits per chunk)",

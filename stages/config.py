@@ -45,6 +45,8 @@ __all__ = [
     "load_config",
     "config_from_dict",
     "config_to_dict",
+    "lm_codec_problem",
+    "lm_temperature_problem",
 ]
 
 BUNDLED_TEACHER = "bundled:all-MiniLM-L6-v2"
@@ -52,6 +54,14 @@ BUNDLED_DATA = "bundled:rotten_tomatoes"
 BUNDLED_TRANSFER = "bundled:imdb_sentences"  # movie-review sentences: the demo's transfer set
 BUNDLED_GENERAL_TRANSFER = "bundled:ptb_sentences"  # Penn Treebank news sentences: general text
 TRANSFER_SOURCES = (BUNDLED_TRANSFER, BUNDLED_GENERAL_TRANSFER)
+
+# Why precompute.lm.proposal_temperature < 1 is refused, as measured by bench/lm_proposal.py (see
+# docs/language-models.md): a proposal sharper than the teacher rarely draws its tail, so the few tail draws carry
+# huge importance weights p/q and the estimate's variance grows.
+PROPOSAL_BELOW_1 = ("a proposal sharper than the teacher gives its rarely drawn ids importance weights p/q = "
+                    "Z p^(1 - 1/tau) that grow without bound as p falls; bench/lm_proposal.py (V = 1000 Zipf-like "
+                    "teacher, 12 draws, 20,000 encodings, 3 seeds) measured a largest p/q of 577 and a gradient "
+                    "variance 38-177x that at tau = 1 for tau = 0.5 (13 and 2.3-4.6x for 0.7)")
 
 
 class ConfigError(KDError, ValueError):
@@ -280,9 +290,12 @@ class LMCacheConfig(_Section):
     """`precompute.lm`: what a causal_lm cache stores per token (data.task causal_lm only; stages/tasks/lm_codecs.py)."""
 
     codec: Literal[tuple(LM_CODECS)] = "topk"  # type: ignore[valid-type]  # the codecs come from the registry
+    # The capture temperature: every codec stores the teacher's softmax of logits / temperature (part of the cache's
+    # identity). A causal_lm distill.kd.temperature left unset takes this value.
+    temperature: Float = 1.0
     k: int = 32  # topk: ids kept per token
     samples: int = 12  # sampled: ids drawn per token (stored as unique ids with counts)
-    proposal_temperature: Float = 1.0  # sampled: draw from q ~ p^(1/proposal_temperature)
+    proposal_temperature: Float = 1.0  # sampled: draw from q ~ p^(1/proposal_temperature); >= 1 (PROPOSAL_BELOW_1)
     max_dense_vocab: int = 4096  # dense: refused for a larger vocabulary
     seed: int = 0  # sampled: with the row id, seeds each row's draws
 
@@ -293,8 +306,13 @@ class LMCacheConfig(_Section):
                 errs.append((name, f"must be >= 1 (got {getattr(self, name)})"))
         if not 1 <= self.samples <= 255:  # counts are stored as uint8
             errs.append(("samples", f"must be in [1, 255] (got {self.samples})"))
+        if not 0 < self.temperature < float("inf"):
+            errs.append(("temperature", f"must be a finite number > 0 (got {self.temperature})"))
         if self.proposal_temperature <= 0:
             errs.append(("proposal_temperature", f"must be > 0 (got {self.proposal_temperature})"))
+        elif self.proposal_temperature < 1:
+            errs.append(("proposal_temperature", f"{self.proposal_temperature} is below 1: {PROPOSAL_BELOW_1}; "
+                         "use 1 (draw from the teacher itself) or more"))
         # A setting another codec reads would silently do nothing (compared with the default: a dumped
         # config that lists every key must parse again).
         users = {key: name for name, codec in LM_CODECS.items() for key in codec.options}
@@ -526,22 +544,26 @@ class TheseusConfig(_Section):
 
 
 class LMDistillConfig(_Section):
-    """`distill.lm`: the KD loss of a causal_lm student (data.task causal_lm only; kd.weight, kd.hard_weight and
-    kd.temperature are read as for every kind, the hard term being next-token cross-entropy)."""
+    """`distill.lm`: the KD loss of a causal_lm student (data.task causal_lm only; kd.weight, kd.hard_weight,
+    kd.temperature and kd.temperature_squared are read as for every kind, the hard term being next-token
+    cross-entropy; kd.temperature, when not given, is precompute.lm.temperature: `Config._lm_distill_temperature`)."""
 
     loss: Literal[tuple(LM_LOSSES)] = "forward_kl"  # type: ignore[valid-type]  # the losses come from the registry
     jsd_beta: Float = 0.5
+    skew_alpha: Float = 0.1  # skew_kl, skew_reverse_kl: the teacher's (student's) share of the mixture (DistiLLM)
     topk_tail: Literal[TOPK_TAILS] = "bucket"  # type: ignore[valid-type]
     chunk_tokens: int | None = None  # tokens per chunk of the loss; None: 2**23 // V (32 MiB of logits, flat in V)
     cross_tokenizer: bool = False  # Universal Logit Distillation over a cached top-k (another tokenizer)
 
     def _check(self) -> list[Problem]:
         errs = []
-        owner = {key: name for name, loss in LM_LOSSES.items() for key in loss.options}  # settings one loss reads
-        if not 0 < self.jsd_beta < 1:
-            errs.append(("jsd_beta", f"must be in (0, 1) (got {self.jsd_beta})"))
-        elif self.loss != owner["jsd_beta"] and self.jsd_beta != type(self).model_fields["jsd_beta"].default:
-            errs.append(("jsd_beta", f"only applies to loss: {owner['jsd_beta']}, not {self.loss}; remove it"))
+        for key in ("jsd_beta", "skew_alpha"):  # the settings only some losses read
+            owners = [name for name, loss in LM_LOSSES.items() if key in loss.options]
+            value = getattr(self, key)
+            if not 0 < value < 1:
+                errs.append((key, f"must be in (0, 1) (got {value})"))
+            elif self.loss not in owners and value != type(self).model_fields[key].default:
+                errs.append((key, f"only applies to loss: {' or '.join(owners)}, not {self.loss}; remove it"))
         if self.chunk_tokens is not None and self.chunk_tokens < 1:
             errs.append(("chunk_tokens", f"must be >= 1 (got {self.chunk_tokens})"))
         return errs
@@ -776,6 +798,26 @@ class Config(_Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     tasks: list[TaskConfig] = []  # several tasks, one student: each task's data replaces the `data` section
 
+    @model_validator(mode="before")
+    @classmethod
+    def _lm_distill_temperature(cls, data: Any) -> Any:
+        # A causal_lm run's distill.kd.temperature, when not given, is the cache's capture temperature
+        # (precompute.lm.temperature, default 1): the cached teacher is only exact at it. Resolved here, on the raw
+        # settings, so the value is validated like a given one and a dumped config parses back to the same.
+        if not isinstance(data, Mapping):
+            return data
+        kind = TASK_KINDS.get(_raw(data.get("data"), "task"))
+        distill = data.get("distill", {})
+        kd = _raw(distill, "kd", {})
+        if kind is None or not kind.language_model or not isinstance(distill, Mapping) or not isinstance(kd, Mapping):
+            return data
+        if "temperature" in kd:
+            return data
+        capture = _yaml_float(_raw(_raw(data.get("precompute"), "lm"), "temperature", 1.0))
+        if isinstance(capture, bool) or not isinstance(capture, (int, float)) or not capture > 0:
+            return data  # precompute.lm.temperature reports its own error
+        return {**data, "distill": {**distill, "kd": {**kd, "temperature": capture}}}
+
     def task_names(self) -> list[str]:
         """The names of the tasks of a multi-task run ([] for a single-task one)."""
         return [t.name for t in self.tasks]
@@ -807,6 +849,15 @@ class Config(_Section):
         # Cross-section rules only (keys are full paths); pydantic runs them once every section passed its own.
         return (_task_list_rules(self) + _student_rules(self) + _each_task_rules(self) + _method_rules(self)
                 + _cache_rules(self) + _task_rules(self) + _augment_rules(self))
+
+
+def _raw(section: Any, key: str, default: Any = None) -> Any:
+    """`section[key]` of raw settings (a mapping, or a section object: then only a key that was given)."""
+    if isinstance(section, Mapping):
+        return section.get(key, default)
+    if isinstance(section, BaseModel) and key in section.model_fields_set:
+        return getattr(section, key)
+    return default
 
 
 def _task_list_rules(cfg: "Config") -> list[Problem]:
@@ -975,6 +1026,20 @@ def _augment_rules(cfg: "Config") -> list[Problem]:
     return errs
 
 
+def lm_codec_problem(loss: str, codec: str) -> str:
+    """Why a cache of `codec` cannot serve distill.lm.loss `loss`, and the codecs (or online) that can."""
+    serves = " and ".join(name for name, x in LM_LOSSES.items() if codec in x.codecs)
+    return (f"{loss} is not served by a {codec} cache (it serves {serves} only); use precompute.lm.codec: "
+            f"{' or '.join(LM_LOSSES[loss].codecs)}, or distill.teacher_signal: online")
+
+
+def lm_temperature_problem(temperature: float, capture: float, cache: str = "the cache") -> str:
+    """Why distill.kd.temperature `temperature` cannot read a causal_lm cache captured at `capture`, and the fix."""
+    return (f"{temperature:g} differs from {cache}'s capture temperature {capture:g}: a cached teacher holds its "
+            f"distribution at the temperature it was captured at; set precompute.lm.temperature: {temperature:g} "
+            f"and rerun kd precompute (or distill.kd.temperature: {capture:g})")
+
+
 def _lm_rules(cfg: "Config") -> list[Problem]:
     """precompute.lm and distill.lm: only for a language-model kind, and what each choice needs."""
     task, d, p = cfg.data.task, cfg.distill, cfg.precompute
@@ -990,10 +1055,13 @@ def _lm_rules(cfg: "Config") -> list[Problem]:
     if not p.store_input_ids:
         errs.append(("precompute.store_input_ids", f"a {task} cache always holds the teacher's token ids (the "
                      "student trains on them); set it to true"))
-    if not LM_LOSSES[d.lm.loss].cached and d.teacher_signal != "online":
-        cached = " or ".join(name for name, loss in LM_LOSSES.items() if loss.cached)
-        errs.append(("distill.lm.loss", f"{d.lm.loss} needs the teacher's full distribution at every step, so "
-                     f"distill.teacher_signal: online (now {d.teacher_signal}); or use loss: {cached}"))
+    # With the caches precompute writes, their codec and capture temperature are known here; explicit
+    # distill.caches are checked against their manifests when distill opens them (stages/methods/lm.py).
+    known_cache = d.teacher_signal == "cached" and not d.caches
+    if known_cache and not d.lm.cross_tokenizer and p.lm.codec not in LM_LOSSES[d.lm.loss].codecs:
+        errs.append(("distill.lm.loss", lm_codec_problem(d.lm.loss, p.lm.codec)))
+    if known_cache and d.kd.temperature != p.lm.temperature:
+        errs.append(("distill.kd.temperature", lm_temperature_problem(d.kd.temperature, p.lm.temperature)))
     cached_topk = d.teacher_signal == "cached" and p.lm.codec == "topk"
     if d.lm.cross_tokenizer and not (d.teacher_signal == "cached" and p.lm.codec == ULD_CODEC):
         errs.append(("distill.lm.cross_tokenizer", "Universal Logit Distillation reads a cached top-k: set "

@@ -142,7 +142,8 @@ class LMCodec:
 
 LM_CODECS: dict[str, LMCodec] = {
     "dense": LMCodec(("logprobs",), ("logprobs",), options=("max_dense_vocab",)),
-    "topk": LMCodec(("topk_ids", "topk_logprobs", "logsumexp"), ("topk_ids", "topk_logprobs"), options=("k",)),
+    "topk": LMCodec(("topk_ids", "topk_logprobs", "tail_logprob"), ("topk_ids", "topk_logprobs", "tail_logprob"),
+                    options=("k",)),
     "sampled": LMCodec(("sample_ids", "sample_counts", "sample_logprobs", "proposal_lognorm"),
                        ("sample_ids", "sample_counts", "sample_logprobs", "proposal_lognorm"),
                        options=("samples", "proposal_temperature", "seed")),
@@ -154,22 +155,27 @@ class LMLoss:
     """A KD loss of a causal-LM student (setting distill.lm.loss); its function is in stages/losses/lm.py
     (`LM_LOSS_FUNCTIONS`).
 
-    cached: True if a cache serves it (each codec's KL term against the cached distribution); False if it needs
-        the teacher's full distribution at every step (distill.teacher_signal: online).
+    codecs: the cache codecs that serve it (distill.teacher_signal: cached). A dense cache serves every loss
+        exactly; a top-k cache serves each loss on the k cached ids plus one bucket for the rest of the
+        vocabulary (the loss between the two coarsened distributions); the sampled codec's importance-weighted
+        estimate exists for forward KL only. Online (the teacher's full logits at every step) serves every loss.
     options: the distill.lm keys only this loss reads (setting one for another loss is an error).
     """
 
-    cached: bool
+    codecs: tuple[str, ...]
     options: tuple[str, ...] = ()
 
 
 LM_LOSSES: dict[str, LMLoss] = {
-    "forward_kl": LMLoss(cached=True),
-    "reverse_kl": LMLoss(cached=False),
-    "jsd": LMLoss(cached=False, options=("jsd_beta",)),
+    "forward_kl": LMLoss(codecs=("dense", "topk", "sampled")),
+    "reverse_kl": LMLoss(codecs=("dense", "topk")),
+    "jsd": LMLoss(codecs=("dense", "topk"), options=("jsd_beta",)),
+    "tvd": LMLoss(codecs=("dense", "topk")),
+    "skew_kl": LMLoss(codecs=("dense", "topk"), options=("skew_alpha",)),
+    "skew_reverse_kl": LMLoss(codecs=("dense", "topk"), options=("skew_alpha",)),
 }
 
-# How a cached top-k serves the mass outside its k ids (distill.lm.topk_tail; `losses.topk_kl`).
+# How a cached top-k serves the mass outside its k ids (distill.lm.topk_tail; `losses.topk_loss`).
 TOPK_TAILS = ("bucket", "renormalize")
 
 # Universal Logit Distillation (distill.lm.cross_tokenizer: true; `losses.uld_loss`), the KD term for a teacher

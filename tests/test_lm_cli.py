@@ -103,6 +103,26 @@ def test_cross_tokenizer_on_a_sampled_cache_is_refused(lm, tmp_path):
          "distill.teacher_signal: cached and precompute.lm.codec: topk")]
 
 
+def test_a_distill_temperature_other_than_the_caches_is_refused_in_one_line(lm, tmp_path):
+    """A cache's capture temperature (1 here) is the only one it serves: by the settings' rules for the caches
+    precompute writes, and against the manifest for an explicit distill.caches folder."""
+    params = _params(lm, tmp_path, kd={"temperature": 2.0})
+    code, output = _kd(["distill"], params, tmp_path)
+    assert code == 1 and "Traceback" not in output
+    assert output.strip().splitlines() == [
+        "Error: invalid settings:",
+        ("  distill.kd.temperature: 2 differs from the cache's capture temperature 1: a cached teacher holds its "
+         "distribution at the temperature it was captured at; set precompute.lm.temperature: 2 and rerun kd "
+         "precompute (or distill.kd.temperature: 1)")]
+    cache = _cache(lm, "topk")
+    line = _one_error_line(*_kd(["distill"], _params(lm, tmp_path, kd={"temperature": 2.0}, caches=[str(cache)]),
+                                tmp_path))
+    assert line == (f"Error: distill.kd.temperature: 2 differs from cache {cache}'s capture temperature 1: a cached "
+                    "teacher holds its distribution at the temperature it was captured at; set "
+                    "precompute.lm.temperature: 2 and rerun kd precompute (or distill.kd.temperature: 1)")
+    assert not (tmp_path / "student").exists()
+
+
 @pytest.mark.parametrize("text", ["", "\n  \n", "the cat\n"], ids=["empty", "blank", "shorter-than-a-block"])
 @pytest.mark.parametrize("stage", ["distill", "evaluate"])
 def test_empty_or_short_text_at_distill_and_evaluate(lm, tmp_path, text, stage):

@@ -16,6 +16,7 @@ from stages.distill import distill
 from stages.evaluate import evaluate
 from stages.precompute import precompute
 from stages.config import ConfigError, config_from_dict
+from stages.kinds import LM_CODECS, LM_LOSSES
 from tests.tiny_models import make_tiny_causal_lm
 
 L = 16
@@ -56,7 +57,7 @@ def _cfg(root: Path, tmp: Path, *, signal: str = "cached", codec: dict | None = 
                        "batch_size": 8, "lm": codec or {}},
         "distill": {"teacher_signal": signal, "max_length": L, "batch_size": 8, "epochs": 1, "lr": 3e-3,
                     "student": student or {"config": str(root / "teacher"), "num_layers": 1},
-                    "kd": {"temperature": 1.0, "weight": 1.0, "hard_weight": 1.0}, "lm": lm or {},
+                    "kd": {"weight": 1.0, "hard_weight": 1.0}, "lm": lm or {},  # T: precompute.lm.temperature
                     "output": str(student_dir), "log_dir": str(tmp / "live"), "metrics": str(tmp / "m.json"),
                     **distill_settings},
         "evaluate": {"models": {"teacher": str(root / "teacher"), "student": str(student_dir)},
@@ -65,15 +66,55 @@ def _cfg(root: Path, tmp: Path, *, signal: str = "cached", codec: dict | None = 
     })
 
 
-@pytest.mark.parametrize("codec", [{"codec": "topk", "k": 8}, {"codec": "sampled", "samples": 6},
-                                   {"codec": "dense"}])
-def test_cached_distill_trains_a_loadable_student(lm, tmp_path, codec):
-    cfg = _cfg(lm, tmp_path, codec=codec)
+def _record_kd(monkeypatch) -> list[float]:
+    """The KD term of every training step of the next distills (LMObjective.losses' "kd"), in order."""
+    from stages.methods.lm import LMObjective
+
+    seen: list[float] = []
+    real = LMObjective.losses
+
+    def recording(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        seen.append(float(out["kd"]))
+        return out
+
+    monkeypatch.setattr(LMObjective, "losses", recording)
+    return seen
+
+
+def _untrained_perplexity(cfg) -> float:
+    """Dev perplexity of the student distill builds, before any step (same seed, same init)."""
+    from stages.methods.lm import _build_student
+    from stages.models import lm_metrics
+    from stages.tasks import get_task
+    from stages.train import set_seed
+
+    set_seed(cfg.distill.seed)
+    student, tok = _build_student(cfg)
+    task = get_task(cfg.data)
+    dev = task.encode(tok, task.load(cfg.data.dev), L)
+    return lm_metrics(student, dev, batch_size=8, device="cpu")["perplexity"]
+
+
+@pytest.mark.parametrize("codec, loss, hard_weight", [({"codec": "topk", "k": 8}, "forward_kl", 1.0),
+                                                      ({"codec": "sampled", "samples": 6}, "forward_kl", 1.0),
+                                                      ({"codec": "dense"}, "forward_kl", 1.0),
+                                                      ({"codec": "topk", "k": 8}, "skew_reverse_kl", 0.0)])
+def test_cached_distill_trains_a_loadable_student(lm, tmp_path, monkeypatch, codec, loss, hard_weight):
+    """The KD term falls over training and, with the text's cross-entropy, the student's dev perplexity ends far
+    below the untrained one's. (This teacher is a random model with a peaked output layer: its next tokens are
+    not the text's, so a mode-seeking loss is seen to fall on its own, without the cross-entropy pulling away.)"""
+    cfg = _cfg(lm, tmp_path, codec=codec, lm={"loss": loss}, epochs=3,
+               kd={"weight": 1.0, "hard_weight": hard_weight})
     precompute(cfg)
+    kd = _record_kd(monkeypatch)
     res = distill(cfg)
-    assert res.teacher_signal == "cached" and res.fit.steps > 0
+    assert res.teacher_signal == "cached" and res.fit.steps == len(kd) > 10
+    assert np.mean(kd[-3:]) < 0.85 * np.mean(kd[:3]), kd
     metrics = json.loads((tmp_path / "m.json").read_text())
-    assert np.isfinite(metrics["dev_perplexity"])
+    if hard_weight:
+        untrained = _untrained_perplexity(cfg)
+        assert metrics["dev_perplexity"] < 0.5 * untrained, (metrics["dev_perplexity"], untrained)
     student = AutoModelForCausalLM.from_pretrained(tmp_path / "student")
     out = student.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 6)
@@ -93,7 +134,7 @@ def test_kd_term_follows_the_teacher(lm, tmp_path):
     assert trained > untrained + 0.2, (trained, untrained)
 
 
-@pytest.mark.parametrize("loss", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("loss", sorted(LM_LOSSES))
 def test_online_losses_run(lm, tmp_path, loss):
     cfg = _cfg(lm, tmp_path, signal="online", lm={"loss": loss})
     res = distill(cfg)
@@ -239,3 +280,268 @@ def test_distill_picks_the_method_that_serves_the_task_kind(lm, tmp_path, monkey
     theseus = {"method": "theseus", "theseus": {"groups": 2}, "teacher_signal": "online"}
     assert distill_module._method(config_from_dict({"distill": theseus})) == "theseus"
     assert distill_module._method(config_from_dict({"tasks": [{"name": "a", "data": {}}, {"name": "b", "data": {}}]})) == "multitask"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the KD term on one batch: temperature, T^2, every loss through every cache, the one head function
+
+
+def _kd_of_one_batch(cfg, source, codec, student, rows, pairs=None) -> float:
+    """LMObjective's KD term on the first 8 rows of `rows` (one teacher `source`, no gradient)."""
+    from stages.data import collate
+    from stages.methods.lm import LMObjective
+
+    ids = list(rows.ids[:8])
+    batch, _ = collate(rows, np.arange(8))
+    settings = dict(source.readers[0].manifest.settings["lm"]) if codec else {}
+    objective = LMObjective(cfg, source, codec, settings, pairs, L)
+    objective.start_epoch([ids])
+    try:
+        with torch.no_grad():
+            return float(objective.losses(student, batch, ids, 0, 1)["kd"])
+    finally:
+        objective.close()
+
+
+def _cached(path):
+    import cache_format as cf
+    from stages.methods.lm import _codec
+    from stages.teacher import CachedTeachers
+
+    reader = cf.CacheReader(path)
+    codec = _codec(reader)
+    return CachedTeachers([reader], list(LM_CODECS[codec].kd_fields), torch.device("cpu"), prefetch=1), codec
+
+
+def _online(root, rows):
+    from stages.models import load_causal_lm
+    from stages.tasks import TeacherSpec, get_task
+    from stages.teacher import OnlineTeachers
+
+    teacher = load_causal_lm(str(root / "teacher")).eval()
+    return OnlineTeachers([teacher], [rows], TeacherSpec(full_logits=True), torch.device("cpu"),
+                          get_task(config_from_dict({"data": {"task": "causal_lm"}}).data))
+
+
+@pytest.fixture(scope="module")
+def batch_setup(lm, tmp_path_factory):
+    """Caches captured at T = 2 (dense; topk with k = V = 300; topk k = 8; sampled), the teacher's rows and a
+    1-layer student (seeded) to score them with."""
+    from stages.methods.lm import _build_student
+    from stages.models import load_tokenizer
+    from stages.tasks import get_task
+    from stages.train import set_seed
+
+    tmp = tmp_path_factory.mktemp("batch")
+    caches = {}
+    for name, codec in {"dense": {"codec": "dense"}, "topk_v": {"codec": "topk", "k": 300},
+                        "topk": {"codec": "topk", "k": 8}, "sampled": {"codec": "sampled", "samples": 12}}.items():
+        cfg = _cfg(lm, tmp, codec={**codec, "temperature": 2.0})
+        caches[name] = precompute(cfg)[0].path
+    task = get_task(cfg.data)
+    rows = task.encode(load_tokenizer(str(lm / "teacher")), task.load(lm / "train.txt"), L)
+    set_seed(0)
+    student, _ = _build_student(cfg)
+    with torch.no_grad():  # a random init predicts almost uniformly: a peaked student makes T matter
+        student.lm_head.weight.mul_(20)
+    return {"caches": caches, "rows": rows, "student": student.eval(), "tmp": tmp}
+
+
+def _hot(lm, tmp, **kd):
+    """Settings of a T = 2 run (the caches' capture temperature; distill.kd.temperature follows it)."""
+    cfg = _cfg(lm, tmp, codec={"codec": "dense", "temperature": 2.0})
+    return cfg.model_copy(update={"distill": cfg.distill.model_copy(update={
+        "kd": cfg.distill.kd.model_copy(update=kd)})})
+
+
+def test_cached_dense_at_t2_equals_online_forward_kl_at_t2_with_t_squared(lm, batch_setup):
+    """A dense cache captured at T = 2 gives the online KD term at T = 2, T^2 included: both equal
+    T^2 * mean KL(softmax(teacher / T) || softmax(student / T)) computed here from the two models' logits."""
+    from stages.models import load_causal_lm
+
+    rows, student = batch_setup["rows"], batch_setup["student"]
+    cfg = _hot(lm, batch_setup["tmp"])
+    assert cfg.distill.kd.temperature == 2.0 and cfg.distill.kd.temperature_squared
+    cached = _kd_of_one_batch(cfg, *_cached(batch_setup["caches"]["dense"]), student, rows)
+    online = _kd_of_one_batch(cfg, _online(lm, rows), None, student, rows)
+    ids = torch.from_numpy(rows.input_ids[: 8 * L].astype(np.int64)).view(8, L)
+    with torch.no_grad():
+        t = load_causal_lm(str(lm / "teacher"))(input_ids=ids).logits[:, :-1].reshape(-1, 300) / 2
+        s = student(input_ids=ids).logits[:, :-1].reshape(-1, 300) / 2
+    kl = (t.softmax(-1) * (t.log_softmax(-1) - s.log_softmax(-1))).sum(-1).mean()
+    assert online == pytest.approx(4 * float(kl), rel=1e-4)
+    assert cached == pytest.approx(online, rel=5e-3)  # the cache holds float16 log-probabilities
+
+
+def test_a_topk_cache_with_k_equal_v_gives_the_dense_kd_term_for_every_loss(lm, batch_setup):
+    """At k = V the top-k bucket is the whole distribution: for every loss, the topk cache's KD term equals the
+    dense cache's (same float16 values, in another order) and the online one (within float16 rounding)."""
+    rows, student = batch_setup["rows"], batch_setup["student"]
+    for loss in LM_LOSSES:
+        cfg = _hot(lm, batch_setup["tmp"])
+        cfg = cfg.model_copy(update={"distill": cfg.distill.model_copy(update={
+            "lm": cfg.distill.lm.model_copy(update={"loss": loss})})})
+        dense = _kd_of_one_batch(cfg, *_cached(batch_setup["caches"]["dense"]), student, rows)
+        topk = _kd_of_one_batch(cfg, *_cached(batch_setup["caches"]["topk_v"]), student, rows)
+        online = _kd_of_one_batch(cfg, _online(lm, rows), None, student, rows)
+        assert dense > 0 and np.isfinite(topk), loss
+        assert topk == pytest.approx(dense, rel=1e-4), loss
+        assert dense == pytest.approx(online, rel=1e-2), loss
+
+
+def test_sampled_estimates_and_topk_bounds_the_dense_forward_kl_at_t2(lm, batch_setup):
+    """At the caches' T = 2: the sampled estimate (12 seeded draws per position, unbiased) is within 10% of the
+    dense forward KL on one batch of 120 positions, and the k = 8 bucket is a lower bound of it (the student at
+    T = 1 instead would give the sampled codec 25 against the dense 14 here)."""
+    rows, student = batch_setup["rows"], batch_setup["student"]
+    cfg = _hot(lm, batch_setup["tmp"])
+    kd = {name: _kd_of_one_batch(cfg, *_cached(batch_setup["caches"][name]), student, rows)
+          for name in ("dense", "topk", "sampled")}
+    assert kd["sampled"] == pytest.approx(kd["dense"], rel=0.1), kd
+    assert 0 < kd["topk"] < kd["dense"], kd
+
+
+@pytest.mark.parametrize("signal", ["online", "dense", "topk", "sampled", "uld"])
+def test_every_signal_multiplies_the_kd_term_by_t_squared(lm, batch_setup, signal):
+    """One rule: with distill.kd.temperature_squared the KD term is T^2 times the one without, for every signal."""
+    from stages.methods.lm import _alignment
+    from stages.models import load_tokenizer
+    from stages.tasks import get_task
+
+    rows, student, pairs = batch_setup["rows"], batch_setup["student"], None
+    if signal == "uld":  # a student with another tokenizer, on the teacher's blocks re-tokenised
+        from stages.methods.lm import _build_student
+
+        task = get_task(config_from_dict({"data": {"task": "causal_lm"}}).data)
+        rows = task.encode_like(load_tokenizer(str(lm / "other")), rows, L)
+        student, _ = _build_student(_cfg(lm, batch_setup["tmp"], student={"config": str(lm / "other"),
+                                                                           "num_layers": 1}))
+        source, codec = _cached(batch_setup["caches"]["topk"])
+        pairs = _alignment(rows, source.readers[0], L)
+        lm_settings = {"cross_tokenizer": True}
+    else:
+        lm_settings = {}
+    values = []
+    for squared in (True, False):
+        cfg = _hot(lm, batch_setup["tmp"], temperature_squared=squared)
+        cfg = cfg.model_copy(update={"distill": cfg.distill.model_copy(update={
+            "lm": cfg.distill.lm.model_copy(update=lm_settings)})})
+        if signal == "online":
+            source, codec = _online(lm, rows), None
+        else:
+            source, codec = _cached(batch_setup["caches"]["topk" if signal == "uld" else signal])
+        values.append(_kd_of_one_batch(cfg, source, codec, student, rows, pairs))
+    assert values[1] > 0 and values[0] == pytest.approx(4 * values[1], rel=1e-6), values
+
+
+def test_the_training_loss_reads_the_softcapped_head(lm, tmp_path):
+    """The LM objective's logits are `head_logits`' (Gemma-2 style final_logit_softcapping applied), as in
+    precompute and evaluate: its loss is the cross-entropy of the capped logits, not of the raw output layer."""
+    import torch.nn.functional as F
+
+    from stages.data import collate
+    from stages.methods.lm import LMObjective
+    from stages.models import head_logits, load_causal_lm, load_tokenizer
+    from stages.tasks import get_task
+
+    model = load_causal_lm(str(lm / "teacher")).eval()  # its output layer is scaled: large logits
+    model.config.final_logit_softcapping = 2.0
+    cfg = _cfg(lm, tmp_path, signal="none")
+    task = get_task(cfg.data)
+    rows = task.encode(load_tokenizer(str(lm / "teacher")), task.load(lm / "train.txt"), L)
+    batch, ids = collate(rows, np.arange(4))
+    with torch.no_grad():
+        loss = float(LMObjective(cfg, None, None, {}, None, L).losses(model, batch, ids, 0, 1)["hard"])
+        hidden = model.base_model(input_ids=batch["input_ids"]).last_hidden_state[:, :-1].reshape(-1, 48)
+        labels = batch["input_ids"][:, 1:].reshape(-1)
+        capped = float(F.cross_entropy(head_logits(model, hidden), labels))
+        raw = float(F.cross_entropy(model.get_output_embeddings()(hidden), labels))
+    assert abs(capped - raw) > 1.0
+    assert loss == pytest.approx(capped, rel=1e-5)
+
+
+def test_a_cached_distill_never_builds_the_teacher(lm, tmp_path, monkeypatch):
+    """With teacher_signal cached, no teacher model is loaded (only its tokenizer and config are read): loading it
+    raises here, and a cached distill still runs, while an online one stops at the teacher."""
+    from transformers import PreTrainedModel
+    from transformers.models.auto.auto_factory import _BaseAutoModelClass
+
+    cfg = _cfg(lm, tmp_path, codec={"codec": "topk", "k": 8})
+    precompute(cfg)
+    teacher = (lm / "teacher").resolve()
+
+    def guard(real):
+        def load(cls, name, *args, **kwargs):
+            if Path(str(name)).resolve() == teacher:
+                raise AssertionError(f"the teacher model was built from {name}")
+            return real.__func__(cls, name, *args, **kwargs)
+        return classmethod(load)
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", guard(PreTrainedModel.from_pretrained))
+    monkeypatch.setattr(_BaseAutoModelClass, "from_pretrained", guard(_BaseAutoModelClass.from_pretrained))
+    assert distill(cfg).fit.steps > 0
+    with pytest.raises(AssertionError, match="the teacher model was built"):
+        distill(_cfg(lm, tmp_path / "online", signal="online"))
+
+
+def test_a_cache_at_another_temperature_or_of_the_old_topk_format_is_refused(lm, tmp_path):
+    """Explicit distill.caches are checked against their manifests: the capture temperature must be the distill
+    temperature, the codec must serve the loss, and a top-k cache from before tail_logprob is refused."""
+    from stages.methods.lm import _codec
+
+    cache = precompute(_cfg(lm, tmp_path, codec={"codec": "topk", "k": 8}))[0].path
+    cfg = _cfg(lm, tmp_path, caches=[str(cache)], kd={"temperature": 2.0, "weight": 1.0, "hard_weight": 1.0})
+    with pytest.raises(KDError) as err:
+        distill(cfg)
+    assert str(err.value) == (
+        f"distill.kd.temperature: 2 differs from cache {cache}'s capture temperature 1: a cached teacher holds its "
+        "distribution at the temperature it was captured at; set precompute.lm.temperature: 2 and rerun kd "
+        "precompute (or distill.kd.temperature: 1)")
+    sampled = precompute(_cfg(lm, tmp_path, codec={"codec": "sampled", "samples": 4}))[0].path
+    with pytest.raises(KDError, match=r"^distill.lm.loss: jsd is not served by a sampled cache \(it serves "
+                                      r"forward_kl only\)"):
+        distill(_cfg(lm, tmp_path, caches=[str(sampled)], lm={"loss": "jsd"}))
+    import cache_format as cf
+
+    old = cf.CacheReader(Path(__file__).parent / "fixtures" / "cache_v1")  # topk_ids, topk_logprobs, logsumexp
+    with pytest.raises(KDError, match=r"written before the exact tail mass \(tail_logprob\) .* re-run `kd "
+                                      "precompute`"):
+        _codec(old)
+
+
+def test_uld_runs_at_the_distill_temperature(lm, batch_setup):
+    """Cross-tokenizer KD on one batch at T = 2: T^2 times the mean `uld_loss` at T = 2 over the paired positions,
+    each student position's logits against the teacher position's cached top k and tail."""
+    import cache_format as cf
+    from stages.data import collate
+    from stages.losses import uld_loss
+    from stages.methods.lm import _alignment, _build_student
+    from stages.models import head_logits, load_tokenizer
+    from stages.tasks import get_task
+    from stages.train import set_seed
+
+    task = get_task(config_from_dict({"data": {"task": "causal_lm"}}).data)
+    rows = task.encode_like(load_tokenizer(str(lm / "other")), batch_setup["rows"], L)
+    set_seed(0)
+    student, _ = _build_student(_cfg(lm, batch_setup["tmp"], student={"config": str(lm / "other"), "num_layers": 1}))
+    with torch.no_grad():
+        student.lm_head.weight.mul_(20)
+    path = batch_setup["caches"]["topk"]
+    pairs = _alignment(rows, cf.CacheReader(path), L)
+    cfg = _hot(lm, batch_setup["tmp"])
+    cfg = cfg.model_copy(update={"distill": cfg.distill.model_copy(update={
+        "lm": cfg.distill.lm.model_copy(update={"cross_tokenizer": True})})})
+    got = _kd_of_one_batch(cfg, *_cached(path), student, rows, pairs)
+    batch, ids = collate(rows, np.arange(8))
+    reader, parts = cf.CacheReader(path), []
+    with torch.no_grad():
+        hidden = student.base_model(input_ids=batch["input_ids"],
+                                    attention_mask=batch["attention_mask"]).last_hidden_state
+        for b, rid in enumerate(ids):
+            s_pos, t_pos = pairs[rid]
+            cached = reader.get(rid)
+            parts.append(uld_loss(head_logits(student, hidden[b, torch.from_numpy(s_pos)]),
+                                  torch.from_numpy(cached["topk_logprobs"][t_pos].astype(np.float32)),
+                                  torch.from_numpy(cached["tail_logprob"][t_pos]), temperature=2.0))
+    want = 4 * float(torch.cat(parts).mean())
+    assert got == pytest.approx(want, rel=1e-5)

@@ -1,16 +1,19 @@
 """`kd distill` for language models (`data.task: causal_lm`).
 
 The student learns next-token cross-entropy on the text plus a KD term against the teacher's next-token
-distribution, read from the sparse cache (`topk`, `sampled`, `dense`: `CachedTeachers`), from a live teacher
-(online: forward KL, reverse KL, generalized JSD over its full logits, served by `OnlineTeachers` like every
-kind's online signal) or, for a teacher with another tokenizer, by Universal Logit Distillation over the cached
-top-k with positions aligned by character offsets. The codec and loss names are the tables of stages/kinds.py
-(`LM_CODECS`, `LM_LOSSES`). Every loss runs through `chunked_loss`, so the student's [B, T, V] logits never exist
-in full.
+distribution, read from the cache (`dense`, `topk`, `sampled`: `CachedTeachers`), from a live teacher (online:
+the teacher's full logits, served by `OnlineTeachers` like every kind's online signal) or, for a teacher with
+another tokenizer, by Universal Logit Distillation over the cached top-k with positions aligned by character
+offsets. The codec and loss names are the tables of stages/kinds.py (`LM_CODECS`, `LM_LOSSES`: which codecs serve
+which loss). Every path runs at distill.kd.temperature T (a cache only at the T it was captured at) and, with
+distill.kd.temperature_squared, multiplies the KD term by T^2. Every loss runs through `chunked_loss` on the
+logits of `head_logits` (the output layer as precompute and evaluate apply it, softcapping included), so the
+student's [B, T, V] logits never exist in full.
 """
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
@@ -22,7 +25,7 @@ from torch import Tensor, nn
 
 import cache_format as cf
 from cache_format import KDError
-from stages.config import Config
+from stages.config import Config, lm_codec_problem, lm_temperature_problem
 from stages.kinds import LM_CODECS, LM_LOSSES, ULD_CODEC
 from stages.train import fit, save_model
 from stages.data import Encoded, Examples
@@ -30,7 +33,7 @@ from stages.methods.common import start_method
 from stages.methods.kd import DistillResult, distill_settings, load_distill_data, write_metrics
 from stages.losses import (CODEC_LOSSES, LM_LOSS_FUNCTIONS, align_by_offsets, auto_chunk_tokens, chunked_loss,
                            next_token_ce, uld_loss)
-from stages.models import causal_lm_student, lm_metrics
+from stages.models import causal_lm_student, head_logits, lm_metrics
 from stages.models import load_causal_lm, load_tokenizer
 from stages.tasks import TeacherSpec, get_task
 from stages.teacher import CachedTeachers, OnlineTeachers
@@ -38,14 +41,33 @@ from stages.models import resolve_model
 
 __all__ = ["distill_lm", "LMObjective"]
 
+_F16_MIN = float(torch.finfo(torch.float16).min)  # a log-probability of 0, as the codecs store it
+
 
 def _codec(reader: cf.CacheReader) -> str:
     """Which codec a causal-LM cache holds, from the fields its KD term reads (`LM_CODECS`)."""
     for codec, kind in LM_CODECS.items():
         if all(f in reader.fields for f in kind.kd_fields):
             return codec
+    if {"topk_ids", "topk_logprobs", "logsumexp"} <= set(reader.fields):
+        raise KDError(f"cache {reader.path} is a top-k cache written before the exact tail mass (tail_logprob) was "
+                      "stored, and distill reads that field; re-run `kd precompute` (it writes a new folder) and "
+                      "point distill at it")
     raise KDError(f"cache {reader.path} holds no next-token distribution (fields: {', '.join(sorted(reader.fields))}); "
                   "point distill.caches at a cache written by `kd precompute` with data.task: causal_lm")
+
+
+def _check_cache(cfg: Config, reader: cf.CacheReader, codec: str) -> None:
+    """The cache can serve distill.lm.loss at distill.kd.temperature: the config's rules for the caches precompute
+    writes (stages/config.py `_lm_rules`), checked here against the manifest for any cache."""
+    d = cfg.distill
+    if not d.lm.cross_tokenizer and codec not in LM_LOSSES[d.lm.loss].codecs:
+        raise KDError(f"distill.lm.loss: {lm_codec_problem(d.lm.loss, codec)}")
+    lm = reader.manifest.settings.get("lm")
+    capture = float(lm.get("temperature", 1.0)) if isinstance(lm, dict) else 1.0  # caches without one: T = 1
+    if d.kd.temperature != capture:
+        raise KDError("distill.kd.temperature: "
+                      + lm_temperature_problem(d.kd.temperature, capture, f"cache {reader.path}"))
 
 
 def _same_vocabulary(student_tok, teacher_tok) -> bool:
@@ -69,27 +91,29 @@ class LMObjective:
         self.pairs = pairs  # cross-tokenizer: row id -> (student positions, teacher positions) to compare
         self.teacher_length = teacher_length
         self.modules = nn.ModuleList()  # no projections: only the student trains
+        # At T = 1 the student's log-softmax is the same for both terms: a cached KD term then takes the one
+        # log-softmax the cross-entropy computes (normalized=True) instead of computing its own.
+        self.shared = (cfg.distill.kd.temperature == 1.0 and source is not None and not self.online
+                       and not cfg.distill.lm.cross_tokenizer)
 
     def start_epoch(self, id_batches: Sequence[Sequence[str]]) -> None:
         if self.source is not None:
             self.source.start(id_batches)
 
     def _kd_term(self) -> Callable[..., Tensor]:
-        """Per-token KD loss on student logits and the teacher targets of those positions."""
-        lm, kd = self.cfg.distill.lm, self.cfg.distill.kd
+        """Per-token KD loss (before T^2) on student logits and the teacher targets of those positions."""
+        lm, t = self.cfg.distill.lm, self.cfg.distill.kd.temperature
         if lm.cross_tokenizer:
-            return uld_loss
+            return partial(uld_loss, temperature=t)
         if self.online:
-            beta = {"beta": lm.jsd_beta} if "jsd_beta" in LM_LOSSES[lm.loss].options else {}
-            return partial(LM_LOSS_FUNCTIONS[lm.loss], temperature=kd.temperature, **beta)
-        # The cached codecs take the log-probabilities per_token computes once for both terms.
-        kl = CODEC_LOSSES[self.codec]
-        if self.codec == "topk":
-            return partial(kl, tail=lm.topk_tail, normalized=True)
-        if self.codec == "sampled":
-            return partial(kl, proposal_temperature=self.settings["proposal_temperature"],
-                           samples=self.settings["samples"], normalized=True)
-        return partial(kl, temperature=kd.temperature)
+            return partial(LM_LOSS_FUNCTIONS[lm.loss], temperature=t, beta=lm.jsd_beta, alpha=lm.skew_alpha)
+        fn = CODEC_LOSSES[self.codec]
+        if self.codec == "sampled":  # forward KL only (LM_LOSSES says which codecs serve which loss)
+            return partial(fn, proposal_temperature=self.settings["proposal_temperature"],
+                           samples=self.settings["samples"], temperature=t, normalized=self.shared)
+        tail = {"tail": lm.topk_tail} if self.codec == "topk" else {}
+        return partial(fn, loss=lm.loss, temperature=t, beta=lm.jsd_beta, alpha=lm.skew_alpha,
+                       normalized=self.shared, **tail)
 
     def _teacher_targets(self, batch: dict[str, Tensor], ids: Sequence[str], keep: Tensor
                          ) -> tuple[dict[str, Tensor], Tensor]:
@@ -101,18 +125,21 @@ class LMObjective:
         if not self.cfg.distill.lm.cross_tokenizer:
             return {n: signal[n][:, :-1][keep] for n in LM_CODECS[self.codec].kd_fields}, every
         # Another tokenizer: the (student, teacher) position pairs of each row were found once, from the cached
-        # character offsets (`_alignment`); positions without a partner get no KD term (mask 0).
+        # character offsets (`_alignment`); positions without a partner get no KD term (mask 0) and a stand-in
+        # target (k equal log-probabilities, no tail) that keeps their zero-weighted loss finite.
         s_len = batch["input_ids"].shape[1] - 1
         k = signal["topk_logprobs"].shape[-1]
         rows = [np.full(len(self.pairs[r][0]), b) for b, r in enumerate(ids)]
         b_idx = torch.from_numpy(np.concatenate(rows)).to(keep.device)
         s_idx = torch.from_numpy(np.concatenate([self.pairs[r][0] for r in ids])).to(keep.device)
         t_idx = torch.from_numpy(np.concatenate([self.pairs[r][1] for r in ids])).to(keep.device)
-        target = torch.zeros(len(ids), s_len, k, device=keep.device)
+        logprobs = torch.full((len(ids), s_len, k), -math.log(k), device=keep.device)
+        tail = torch.full((len(ids), s_len), _F16_MIN, device=keep.device)
         mask = torch.zeros(len(ids), s_len, device=keep.device)
-        target[b_idx, s_idx] = signal["topk_logprobs"][b_idx, t_idx].float()
+        logprobs[b_idx, s_idx] = signal["topk_logprobs"][b_idx, t_idx].float()
+        tail[b_idx, s_idx] = signal["tail_logprob"][b_idx, t_idx].float()
         mask[b_idx, s_idx] = 1.0
-        return {"topk_logprobs": target[keep]}, mask[keep]
+        return {"topk_logprobs": logprobs[keep], "tail_logprob": tail[keep]}, mask[keep]
 
     def losses(self, model: nn.Module, batch: dict[str, Tensor], ids: Sequence[str], step: int,
                total_steps: int) -> dict[str, Tensor]:
@@ -125,37 +152,36 @@ class LMObjective:
         n = max(int(keep.sum()), 1)
         use_kd = kd.weight > 0 and self.source is not None
         targets: dict[str, Tensor] = {"labels": labels}
-        kd_mask = None
         if use_kd:
             teacher, kd_mask = self._teacher_targets(batch, ids, keep)
             targets.update(teacher)
-        scale = kd.temperature ** 2 if kd.temperature_squared and self.online else 1.0
+            # One rule for every signal: the KD term times T^2 with temperature_squared (Hinton et al.: its
+            # gradients then keep their size as T changes), the mean over the positions that have a target.
+            scale = kd.temperature ** 2 if kd.temperature_squared else 1.0
+            targets["kd_weight"] = kd_mask * (kd.weight * scale / max(float(kd_mask.sum()), 1.0))
         kd_term = self._kd_term() if use_kd else None
+        shared = self.shared
         # One pass computes both terms (the head's logits are the expensive part); the KD part is also kept
         # detached so the two are logged apart: `hard` carries the gradient of the sum.
         kd_parts: list[Tensor] = []
 
-        shared = isinstance(kd_term, partial) and kd_term.keywords.get("normalized", False)
-
         def per_token(logits: Tensor, labels: Tensor, kd_weight: Tensor | None = None, **teacher: Tensor) -> Tensor:
-            if shared:  # one log-softmax over the vocabulary serves the cross-entropy and the KD term
-                log_s = F.log_softmax(logits.float(), dim=-1)
-                ce = F.nll_loss(log_s, labels.long(), ignore_index=-100, reduction="none")
+            if shared:
+                student = F.log_softmax(logits.float(), dim=-1)
+                ce = F.nll_loss(student, labels.long(), ignore_index=-100, reduction="none")
             else:
-                ce = next_token_ce(logits, labels)
+                student, ce = logits, next_token_ce(logits, labels)
             loss = kd.hard_weight / n * ce
             if kd_term is not None:
-                part = kd_weight * kd_term(log_s if shared else logits, **teacher)
+                part = kd_weight * kd_term(student, **teacher)
                 kd_parts.append(part.detach().sum())
                 loss = loss + part
             return loss
 
-        if use_kd:
-            n_kd = max(float(kd_mask.sum()), 1.0)
-            targets["kd_weight"] = kd_mask * (kd.weight * scale / n_kd)
-        head = model.get_output_embeddings()
-        chunk = self.cfg.distill.lm.chunk_tokens or auto_chunk_tokens(head.weight.shape[0])
-        total = chunked_loss(hidden, head, per_token, targets, chunk_tokens=chunk)
+        vocab = model.get_output_embeddings().weight.shape[0]
+        chunk = self.cfg.distill.lm.chunk_tokens or auto_chunk_tokens(vocab)
+        # The logits precompute and evaluate use (`head_logits`: the output layer, softcapping included).
+        total = chunked_loss(hidden, partial(head_logits, model), per_token, targets, chunk_tokens=chunk)
         if not use_kd:
             return {"hard": total}
         kd_value = torch.stack(kd_parts).sum() if kd_parts else total.new_zeros(())
@@ -222,6 +248,8 @@ def distill_lm(cfg: Config, *, on_step: Callable[[int], None] | None = None) -> 
         raise KDError(f"distill.lm.cross_tokenizer needs a {ULD_CODEC} cache, but "
                       f"{readers[0].path if readers else 'none'} holds {codec or 'no cache'}; precompute with "
                       f"precompute.lm.codec: {ULD_CODEC}")
+    if readers:
+        _check_cache(cfg, readers[0], codec)
     student, student_tok = _build_student(cfg)
     teacher_tok = load_tokenizer(resolve_model(_teacher_name(run.teachers))) if d.teacher_signal != "none" else None
     if teacher_tok is not None and not d.lm.cross_tokenizer and not _same_vocabulary(student_tok, teacher_tok):

@@ -107,7 +107,8 @@ def _resized_config(config: Any, source: str, *, num_layers: int | None, hidden_
 
 
 def head_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
-    """float32 next-token logits of `hidden` [n, H] through the model's output layer."""
+    """float32 next-token logits of `hidden` [n, H] through the model's output layer: the one head function that
+    precompute (a teacher's cache), distillation (the student's training loss) and evaluation apply."""
     logits = model.get_output_embeddings()(hidden).float()
     cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma-2 style capping, part of the model
     return torch.tanh(logits / cap) * cap if cap else logits

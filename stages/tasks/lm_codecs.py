@@ -1,8 +1,14 @@
 """What a causal-LM teacher's cache stores per token instead of its [T, V] logits (`precompute.lm.codec`).
 
-- dense:   `logprobs` [T, V] float16, the teacher's log-softmax at temperature 1 (small vocabularies only).
-- topk:    `topk_ids` [T, k], `topk_logprobs` [T, k] float16 (log-softmax over the whole vocabulary, sorted
-           descending) and `logsumexp` [T] float32, so the tail mass 1 - sum(exp(topk_logprobs)) is exact.
+Every codec first divides the teacher's float32 logits by the capture temperature T_c (`precompute.lm.temperature`,
+default 1), so p below is the teacher's softmax(logits / T_c); T_c is recorded in the manifest (settings["lm"]) and
+is part of the cache's folder name.
+
+- dense:   `logprobs` [T, V] float16, log p (small vocabularies only).
+- topk:    `topk_ids` [T, k], `topk_logprobs` [T, k] float16 (log p over the whole vocabulary, sorted descending)
+           and `tail_logprob` [T] float32 = log of the teacher's mass outside its k ids, computed exactly as a
+           logsumexp of the other V - k logits (not as 1 - the rounded top-k sum); the float16 floor -65504
+           (probability 0) when the k ids hold all the mass.
 - sampled: `samples` ids drawn per token from q ~ p^(1/proposal_temperature), stored as unique ids with counts
            in `samples` slots (`sample_ids`, `sample_counts` uint8, 0 = empty slot with id 0), `sample_logprobs`
            float16 = log p(id) and `proposal_lognorm` [T] float32 = log sum_j p_j^(1/tau), so
@@ -52,7 +58,8 @@ def codec_fields(lm: Any, vocab_size: int) -> list[cf.FieldSpec]:
     ids = id_dtype(vocab_size)
     types = {  # every codec's fields: (dtype, shape)
         "logprobs": ("float16", ("T", vocab_size)),
-        "topk_ids": (ids, ("T", lm.k)), "topk_logprobs": ("float16", ("T", lm.k)), "logsumexp": ("float32", ("T",)),
+        "topk_ids": (ids, ("T", lm.k)), "topk_logprobs": ("float16", ("T", lm.k)),
+        "tail_logprob": ("float32", ("T",)),
         "sample_ids": (ids, ("T", lm.samples)), "sample_counts": ("uint8", ("T", lm.samples)),
         "sample_logprobs": ("float16", ("T", lm.samples)), "proposal_lognorm": ("float32", ("T",)),
     }
@@ -60,13 +67,15 @@ def codec_fields(lm: Any, vocab_size: int) -> list[cf.FieldSpec]:
 
 
 def codec_settings(lm: Any) -> dict[str, Any]:
-    """The settings that change what codec `lm.codec` stores (part of the cache's identity)."""
+    """The settings that change what codec `lm.codec` stores (part of the cache's identity; recorded in the manifest's
+    settings["lm"], where distill reads the capture temperature back)."""
+    base = {"codec": lm.codec, "temperature": float(lm.temperature)}
     if lm.codec == "topk":
-        return {"codec": "topk", "k": lm.k}
+        return {**base, "k": lm.k}
     if lm.codec == "sampled":
-        return {"codec": "sampled", "samples": lm.samples, "proposal_temperature": lm.proposal_temperature,
-                "seed": lm.seed, "chunk_elements": CHUNK_ELEMENTS}
-    return {"codec": lm.codec}
+        return {**base, "samples": lm.samples, "proposal_temperature": lm.proposal_temperature, "seed": lm.seed,
+                "chunk_elements": CHUNK_ELEMENTS}
+    return base
 
 
 def _bytes_per_token(lm: Any, vocab_size: int) -> int:
@@ -109,8 +118,8 @@ def encode_rows(hidden: Tensor, head: Callable[[Tensor], Tensor], vocab_size: in
     (they seed the sampled codec).
 
     Returns padded [B, T, ...] tensors on `hidden`'s device (float16 log-probabilities, int32 ids, uint8 counts,
-    float32 normalisers); positions past a row's length are zeros. `chunk_tokens` (tokens per chunk; default
-    CHUNK_ELEMENTS // V) bounds the logits held at once.
+    float32 tail log-masses and normalisers); positions past a row's length are zeros. `chunk_tokens` (tokens per
+    chunk; default CHUNK_ELEMENTS // V) bounds the logits held at once. `lm.temperature` divides the logits first.
     """
     b, t = hidden.shape[:2]
     vocab = vocab_size
@@ -135,14 +144,16 @@ _TORCH = {"float16": torch.float16, "float32": torch.float32, "uint8": torch.uin
 
 
 def _encode_chunk(logits: Tensor, lm: Any, gen: torch.Generator | None) -> dict[str, Tensor]:
-    """One chunk's fields from its float32 logits [n, V]."""
+    """One chunk's fields from its float32 logits [n, V], at the capture temperature `lm.temperature`."""
+    logits = logits / lm.temperature
     if lm.codec == "dense":
         return {"logprobs": logits.log_softmax(-1).clamp_min(_F16_MIN).half()}
     lse = logits.logsumexp(-1)
     if lm.codec == "topk":
         top, ids = logits.topk(lm.k, dim=-1, sorted=True)
+        rest = logits.scatter(1, ids, float("-inf")).logsumexp(-1)  # the other V - k ids: -inf when k = V
         return {"topk_ids": ids.int(), "topk_logprobs": (top - lse[:, None]).clamp_min(_F16_MIN).half(),
-                "logsumexp": lse}
+                "tail_logprob": (rest - lse).clamp_min(_F16_MIN)}
     logp = logits - lse[:, None]
     scaled = logp / lm.proposal_temperature
     lognorm = scaled.logsumexp(-1)
