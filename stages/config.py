@@ -9,6 +9,7 @@ valid values or the fix. This module must stay light: no torch (the kinds come f
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping, Sequence
@@ -1149,7 +1150,48 @@ def config_from_dict(data: Mapping[str, Any] | None) -> Config:
     try:
         return Config.model_validate(dict(data or {}))
     except ValidationError as e:
-        raise ConfigError("invalid settings:\n  " + "\n  ".join(dict.fromkeys(_messages(e)))) from None
+        raise ConfigError("invalid settings:\n  " + "\n  ".join(_every_problem(dict(data or {}), e))) from None
+
+
+def _every_problem(data: dict[str, Any], err: ValidationError) -> list[str]:
+    """The messages of `err` and of every rule it hid.
+
+    pydantic stops a section at an unknown key or a wrong type before the section's value rules run, so the
+    settings are validated again without the keys already reported until nothing new turns up. A rule that
+    names a dropped choice (`codec: dense`, `data.task: ...`) would judge the default in its place, so those
+    messages are left out.
+    """
+    messages = dict.fromkeys(_messages(err))
+    for _ in range(4):  # each pass can only uncover the rules of sections whose bad keys it dropped
+        data = copy.deepcopy(data)
+        dropped = [e for e in err.errors() if e["type"] != "value_error" and _drop(data, e["loc"])]
+        if not dropped:
+            break
+        choices = [str(e["loc"][-1]) for e in dropped if e["type"] == "literal_error"]
+        try:
+            Config.model_validate(data)
+            break
+        except ValidationError as again:
+            err = again
+        for message in _messages(err):
+            if not any(re.search(rf"\b{re.escape(c)}\b", message) for c in choices):
+                messages.setdefault(message)
+    return list(messages)
+
+
+def _drop(data: Any, loc: tuple[int | str, ...]) -> bool:
+    """Remove the setting at `loc` from nested dicts and lists; False if it is not there."""
+    for part in loc[:-1]:
+        if isinstance(data, dict) and part in data:
+            data = data[part]
+        elif isinstance(data, list) and isinstance(part, int) and part < len(data):
+            data = data[part]
+        else:
+            return False
+    if isinstance(data, dict) and loc and loc[-1] in data:
+        del data[loc[-1]]
+        return True
+    return False
 
 
 def _set_dotted(data: dict[str, Any], assignment: str) -> None:

@@ -52,6 +52,30 @@ def test_types_are_strict(key, value, expected):
         config_from_dict({"distill": {key: value}})
 
 
+@pytest.mark.parametrize("data, expected", [
+    # an unknown key or a wrong type stops a section before its value rules: they must still be reported
+    ({"distill": {"foo": 1, "lr": -1.0}}, ["distill.foo: unknown key", "distill.lr: must be > 0 (got -1.0)"]),
+    ({"distill": {"epochs": "abc", "lr": -1.0}}, ["distill.epochs: expected float, got 'abc'",
+                                                  "distill.lr: must be > 0 (got -1.0)"]),
+    ({"precompute": {"lm": {"codec": "dens", "k": 0}}}, ["precompute.lm.codec: 'dens' is not one of",
+                                                         "precompute.lm.k: must be >= 1 (got 0)"]),
+])
+def test_rules_behind_a_type_error_or_unknown_key_are_reported_too(data, expected):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(data)
+    lines = str(err.value).splitlines()[1:]
+    assert len(lines) == len(expected)
+    for line, want in zip(sorted(lines), sorted(expected)):
+        assert line.strip().startswith(want)
+
+
+def test_a_rule_about_a_mistyped_choice_is_not_judged_against_its_default():
+    # codec "dens" is dropped for the second pass; max_dense_vocab must not be called a topk misfit
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"precompute": {"lm": {"codec": "dens", "max_dense_vocab": 10}}})
+    assert "max_dense_vocab" not in str(err.value) and "precompute.lm.codec: 'dens'" in str(err.value)
+
+
 def test_errors_are_collected_and_name_the_key():
     with pytest.raises(ConfigError) as err:
         config_from_dict({"distill": {"lr": "fast", "epochs": "two", "bogus": 1}, "precompute": {"dtype": "int3"}})
@@ -138,6 +162,6 @@ def test_config_stays_light(module: str):
                 for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
                 for a in (n.names if isinstance(n, ast.Import) else [n])}
     top = {name.split(".")[0] for name in imported if name}
-    assert top <= {"__future__", "dataclasses", "re", "pathlib", "typing", "yaml", "pydantic", "pydantic_core",
+    assert top <= {"__future__", "copy", "dataclasses", "re", "pathlib", "typing", "yaml", "pydantic", "pydantic_core",
                    "cache_format", "stages"}, top
     assert {name for name in imported if name and name.startswith("stages")} <= {"stages.kinds"}
