@@ -107,6 +107,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="make every run this many times, in rotated orders, "
                     "for steadier step-time ratios on a shared machine (held-out metrics: the first repeat)")
     ap.add_argument("--no-quality", action="store_true", help="timings only: skip the held-out metrics")
+    ap.add_argument("--precompute-only", action="store_true", help="only precompute vs a bare forward over the "
+                    "same training blocks, alternating, --repeats times (no students)")
     ap.add_argument("--keep", type=Path, default=None, help="work folder to keep (default: a temporary one)")
     ap.add_argument("--teacher", default=TEACHER, help="another causal-LM teacher (e.g. a random-weight model "
                     "of SmolLM2's shape where the real one cannot be installed: then only the timings mean anything)")
@@ -150,6 +152,9 @@ def main() -> None:
                             "metrics": str(root / "metrics" / f"{name}.json")},
             }
 
+        if args.precompute_only:
+            _precompute_only(args, params, root, teacher, train_rows, device)
+            return
         bpe = make_tiny_causal_lm(root / "student-bpe", texts=train_lines, vocab_size=8192, layers=args.layers,
                                   hidden=args.hidden, heads=args.heads, intermediate=3 * args.hidden)
         runs = [("labels only", "none", None, None, None), ("online full KD", "online", None, None, None)]
@@ -231,6 +236,28 @@ def main() -> None:
     finally:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def _precompute_only(args, params, root: Path, teacher, train_rows, device: torch.device) -> None:
+    """Precompute tokens/s over bare-forward tokens/s on the same blocks, each codec right after its own bare
+    forward, --repeats times in rotated order: the median ratio per codec (a shared machine's slow phases hit
+    both halves of a ratio alike)."""
+    codecs = [{"codec": "topk", "k": k} for k in args.topk] + [{"codec": "sampled", "samples": n}
+                                                                 for n in args.samples]
+    ratios: list[list[float]] = [[] for _ in codecs]
+    for rep in range(args.repeats):
+        for i in [(j + rep) % len(codecs) for j in range(len(codecs))]:
+            bare = _bare_forward_tokens_per_second(teacher, train_rows, args.batch, device, len(train_rows))
+            settings = params(f"pre{i}-{rep}", "cached", codecs[i])
+            settings["precompute"]["cache_root"] = str(root / f"caches-{rep}-{i}")  # a new cache every time
+            pre = precompute(config_from_dict(settings))[0]
+            ratios[i].append(cache_info(pre.path)["tokens"] / pre.seconds / bare)
+            log(f"{codecs[i]}: precompute {ratios[i][-1]:.3f} of the bare forward's tokens/s ({bare:.0f} tokens/s)")
+    rows = [[", ".join(f"{k}={v}" for k, v in c.items()), median(r), min(r), max(r)] for c, r in zip(codecs, ratios)]
+    print(table(["codec", "precompute tokens/s vs bare forward (median)", "min", "max"], rows))
+    print(f"\n{len(train_rows)} blocks of {args.block} tokens, batch {args.batch}, {args.repeats} repeats, on {device}")
+    write_results("lm_cache_precompute", {"args": {k: str(v) for k, v in vars(args).items()},
+                                          "codecs": codecs, "ratios": ratios})
 
 
 if __name__ == "__main__":

@@ -261,6 +261,19 @@ def test_sampled_draws_follow_the_proposal(lm_dir):
         assert ((counts.double() / n - q).abs() <= 4.5 * stderr + 1e-9).all(), (capture, tau)
 
 
+@pytest.mark.parametrize("lm", [LMCacheConfig(codec="topk", k=5), LMCacheConfig(codec="sampled"),
+                                LMCacheConfig(codec="sampled", proposal_temperature=2.0)])
+def test_encoding_never_overwrites_its_input(lm):
+    # The codecs work in place on logits they own; a head that returns a view of the hidden states (identity)
+    # must find them unchanged, and give what a copy gives.
+    hidden = torch.randn(2, 4, 40, generator=torch.Generator().manual_seed(1)) * 3
+    before = hidden.clone()
+    out = encode_rows(hidden, lambda h: h, 40, torch.tensor([4, 3]), ["a", "b"], lm)
+    assert torch.equal(hidden, before)
+    copied = encode_rows(hidden, lambda h: h.clone(), 40, torch.tensor([4, 3]), ["a", "b"], lm)
+    assert all(torch.equal(out[k], copied[k]) for k in out)
+
+
 def test_chunking_does_not_change_topk_or_dense(lm_dir):
     model = load_causal_lm(str(lm_dir / "teacher")).eval()
     hidden = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(0))

@@ -134,7 +134,8 @@ def encode_rows(hidden: Tensor, head: Callable[[Tensor], Tensor], vocab_size: in
         for start in range(0, n, chunk):
             stop = min(start + chunk, n)
             logits = head(hidden[r, start:stop]).float()  # the softmax below in float32
-            for name, value in _encode_chunk(logits, lm, gen).items():
+            owned = logits.untyped_storage().data_ptr() != hidden.untyped_storage().data_ptr()  # not a view
+            for name, value in _encode_chunk(logits, lm, gen, owned=owned).items():
                 out[name][r, start:stop] = value
     return out
 
@@ -143,23 +144,43 @@ _TORCH = {"float16": torch.float16, "float32": torch.float32, "uint8": torch.uin
           "int32": torch.int32}
 
 
-def _encode_chunk(logits: Tensor, lm: Any, gen: torch.Generator | None) -> dict[str, Tensor]:
-    """One chunk's fields from its float32 logits [n, V], at the capture temperature `lm.temperature`."""
-    logits = logits / lm.temperature
+def _encode_chunk(logits: Tensor, lm: Any, gen: torch.Generator | None, *, owned: bool = False) -> dict[str, Tensor]:
+    """One chunk's fields from its float32 logits [n, V], at the capture temperature `lm.temperature`.
+
+    `owned`: the caller does not read `logits` again, so the top-k codec may overwrite them. Every pass over
+    [n, V] costs about as much as a fifth of the output layer's matmul on a CPU, so each codec makes as few as it
+    can (bench/lm_cache.py measures precompute against a bare forward).
+    """
+    if lm.temperature != 1.0:
+        logits, owned = logits / lm.temperature, True
     if lm.codec == "dense":
         return {"logprobs": logits.log_softmax(-1).clamp_min(_F16_MIN).half()}
-    lse = logits.logsumexp(-1)
     if lm.codec == "topk":
         top, ids = logits.topk(lm.k, dim=-1, sorted=True)
-        rest = logits.scatter(1, ids, float("-inf")).logsumexp(-1)  # the other V - k ids: -inf when k = V
+        peak = top[:, :1]  # the row's largest logit: exp(logit - peak) <= 1 cannot overflow
+        work = logits if owned else logits.clone()
+        # The other V - k ids (-inf when k = V); in-place sub/exp/sum takes half the time of logsumexp here.
+        rest = work.scatter_(1, ids, float("-inf")).sub_(peak).exp_().sum(-1).log() + peak[:, 0]
+        lse = torch.logaddexp(rest, top.logsumexp(-1))
         return {"topk_ids": ids.int(), "topk_logprobs": (top - lse[:, None]).clamp_min(_F16_MIN).half(),
                 "tail_logprob": (rest - lse).clamp_min(_F16_MIN)}
-    logp = logits - lse[:, None]
-    scaled = logp / lm.proposal_temperature
-    lognorm = scaled.logsumexp(-1)
-    draws = torch.multinomial((scaled - lognorm[:, None]).exp(), lm.samples, replacement=True, generator=gen)
-    ids, counts = _unique_counts(draws)
-    slot_logp = logp.gather(1, ids).masked_fill(counts == 0, 0.0)
+    if lm.proposal_temperature == 1.0:
+        # q = p: one pass of exp(logit - max) serves the draws (multinomial normalises) and log p of the drawn
+        # ids, and log Z is 0.
+        peak = logits.amax(-1, keepdim=True)
+        weights = (logits if owned else logits.clone()).sub_(peak).exp_()
+        draws = torch.multinomial(weights, lm.samples, replacement=True, generator=gen)
+        ids, counts = _unique_counts(draws)
+        log_total = weights.sum(-1, keepdim=True).log()
+        slot_logp = (weights.gather(1, ids).log() - log_total).masked_fill(counts == 0, 0.0)
+        lognorm = torch.zeros(len(logits), device=logits.device)
+    else:
+        logp = logits.log_softmax(-1)
+        scaled = logp / lm.proposal_temperature
+        lognorm = scaled.logsumexp(-1)
+        draws = torch.multinomial(scaled.sub_(lognorm[:, None]).exp_(), lm.samples, replacement=True, generator=gen)
+        ids, counts = _unique_counts(draws)
+        slot_logp = logp.gather(1, ids).masked_fill(counts == 0, 0.0)
     return {"sample_ids": ids.int(), "sample_counts": counts.to(torch.uint8),
             "sample_logprobs": slot_logp.clamp_min(_F16_MIN).half(), "proposal_lognorm": lognorm}
 
