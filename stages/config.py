@@ -1122,10 +1122,10 @@ def _dotted(loc: tuple[int | str, ...]) -> str:
     return key or "params"
 
 
-def _messages(err: ValidationError) -> list[str]:
-    """One `dotted.key: problem and fix` line per pydantic error."""
+def _messages(errors: list[Any]) -> list[str]:
+    """One `dotted.key: problem and fix` line per pydantic error (`ValidationError.errors()`)."""
     out: list[str] = []
-    for e in err.errors():
+    for e in errors:
         loc, kind = e["loc"], e["type"]
         key = _dotted(loc)
         if kind == "value_error" and isinstance(e["ctx"]["error"], _Problems):  # a `_check` rule
@@ -1159,21 +1159,26 @@ def _every_problem(data: dict[str, Any], err: ValidationError) -> list[str]:
     pydantic stops a section at an unknown key or a wrong type before the section's value rules run, so the
     settings are validated again without the keys already reported until nothing new turns up. A rule that
     names a dropped choice (`codec: dense`, `data.task: ...`) would judge the default in its place, so those
-    messages are left out.
+    messages are left out. A dropped key that is required (a match's `kind`) leaves its section invalid, so
+    that section's value rules stay hidden until it is fixed.
     """
-    messages = dict.fromkeys(_messages(err))
+    messages = dict.fromkeys(_messages(err.errors()))
+    gone: list[tuple[int | str, ...]] = []
+    choices: list[str] = []
     for _ in range(4):  # each pass can only uncover the rules of sections whose bad keys it dropped
         data = copy.deepcopy(data)
         dropped = [e for e in err.errors() if e["type"] != "value_error" and _drop(data, e["loc"])]
         if not dropped:
             break
-        choices = [str(e["loc"][-1]) for e in dropped if e["type"] == "literal_error"]
+        gone += [e["loc"] for e in dropped]
+        choices += [str(e["loc"][-1]) for e in dropped if e["type"] == "literal_error"]
         try:
             Config.model_validate(data)
             break
         except ValidationError as again:
             err = again
-        for message in _messages(err):
+        # a dropped required key now reads as missing: it was reported as what it was
+        for message in _messages([e for e in err.errors() if e["loc"] not in gone]):
             if not any(re.search(rf"\b{re.escape(c)}\b", message) for c in choices):
                 messages.setdefault(message)
     return list(messages)

@@ -59,6 +59,10 @@ def test_types_are_strict(key, value, expected):
                                                   "distill.lr: must be > 0 (got -1.0)"]),
     ({"precompute": {"lm": {"codec": "dens", "k": 0}}}, ["precompute.lm.codec: 'dens' is not one of",
                                                          "precompute.lm.k: must be >= 1 (got 0)"]),
+    # a dropped required key is not reported again as missing (its section's other rules stay hidden then)
+    ({"distill": {"teacher_signal": "online", "matches": [{"kind": "bogus", "teacher_layer": 1,
+                                                          "student_layer": 1}], "lr": -1.0}},
+     ["distill.matches[0].kind: 'bogus' is not one of"]),
 ])
 def test_rules_behind_a_type_error_or_unknown_key_are_reported_too(data, expected):
     with pytest.raises(ConfigError) as err:
