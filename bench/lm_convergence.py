@@ -35,9 +35,11 @@ every `--steps / --evals` steps is the convergence curve; an arm counts as plate
 evaluations (mean over seeds) are within `--plateau` of each other. `--long-steps`: the `--long-arms` again with
 the first seed and more steps, to see whether the gaps between arms hold with more training.
 
-    python bench/lm_convergence.py --quick                 # about a minute: tiny models, a slice of PTB, 1 seed
-    python bench/lm_convergence.py                         # the full table (about an hour on a 2-core CPU)
-    python bench/lm_convergence.py --work /tmp/lmconv      # the work folder: a rerun reuses its teacher and caches
+    python bench/lm_convergence.py --quick          # about a minute: tiny models, a slice of PTB, 1 seed
+    python bench/lm_convergence.py                  # the full table: on a 2-core CPU about 12 min for the teacher
+                                                    # and the caches (once per --work folder), 35 min for the rest
+    python bench/lm_convergence.py --work DIR       # another work folder (a rerun reuses its teacher and caches)
+    python bench/lm_convergence.py --steps 1000 --long-steps 2000    # shorter runs, and four arms at 2000 steps
 """
 
 from __future__ import annotations
@@ -350,7 +352,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny models, few steps, 1 seed: checks the script runs")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="distill.seed of each student")
-    ap.add_argument("--steps", type=int, default=1000, help="optimizer steps of every student")
+    ap.add_argument("--steps", type=int, default=2000, help="optimizer steps of every student")
     ap.add_argument("--evals", type=int, default=8, help="dev evaluations per student (every steps/evals steps)")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "kd-bench-lm-convergence",
                     help="folder for the data, tokenizer, teacher and caches (kept: a rerun reuses them)")
@@ -374,7 +376,7 @@ def main() -> None:
     ap.add_argument("--student-hidden", type=int, default=64)
     ap.add_argument("--topk", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--samples", type=int, nargs="+", default=[12, 32])
-    ap.add_argument("--long-steps", type=int, default=2000, help="a longer run of --long-arms with the first seed, "
+    ap.add_argument("--long-steps", type=int, default=0, help="a longer run of --long-arms with the first seed, "
                     "to see whether the gaps hold with more training (0: none)")
     ap.add_argument("--long-arms", nargs="+", default=["labels only", "online full KD", "cached topk k=8",
                                                        "cached sampled n=12"])
