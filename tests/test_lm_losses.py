@@ -52,11 +52,8 @@ def _softmax(z, temperature: float = 1.0) -> np.ndarray:
     return e / e.sum(-1, keepdims=True)
 
 
-def _np_div(name: str, p: np.ndarray, s: np.ndarray, beta: float = 0.3, alpha: float = 0.2) -> np.ndarray:
-    """Each divergence per row, from its definition, with scipy's rel_entr (x log(x / y), 0 at x = 0)."""
-    def kl(a, b):
-        return rel_entr(a, b).sum(-1)
-
+def _definition(name: str, p, s, kl, beta: float, alpha: float):
+    """Each divergence per row, from its definition, on numpy arrays or torch tensors alike (`kl` sums rows)."""
     if name == "forward_kl":
         return kl(p, s)
     if name == "reverse_kl":
@@ -65,30 +62,21 @@ def _np_div(name: str, p: np.ndarray, s: np.ndarray, beta: float = 0.3, alpha: f
         m = beta * p + (1 - beta) * s
         return beta * kl(p, m) + (1 - beta) * kl(s, m)
     if name == "tvd":
-        return 0.5 * np.abs(p - s).sum(-1)
+        return 0.5 * abs(p - s).sum(-1)
     if name == "skew_kl":
         return kl(p, alpha * p + (1 - alpha) * s)
     assert name == "skew_reverse_kl"
     return kl(s, alpha * s + (1 - alpha) * p)
 
 
+def _np_div(name: str, p: np.ndarray, s: np.ndarray, beta: float = 0.3, alpha: float = 0.2) -> np.ndarray:
+    """The definitions with scipy's rel_entr (x log(x / y), 0 at x = 0)."""
+    return _definition(name, p, s, lambda a, b: rel_entr(a, b).sum(-1), beta, alpha)
+
+
 def _t_div(name: str, p: torch.Tensor, s: torch.Tensor, beta: float = 0.3, alpha: float = 0.2) -> torch.Tensor:
     """The same definitions on float64 probabilities (all > 0), for float64 autograd."""
-    def kl(a, b):
-        return (a * torch.log(a / b)).sum(-1)
-
-    if name == "forward_kl":
-        return kl(p, s)
-    if name == "reverse_kl":
-        return kl(s, p)
-    if name == "jsd":
-        m = beta * p + (1 - beta) * s
-        return beta * kl(p, m) + (1 - beta) * kl(s, m)
-    if name == "tvd":
-        return 0.5 * (p - s).abs().sum(-1)
-    if name == "skew_kl":
-        return kl(p, alpha * p + (1 - alpha) * s)
-    return kl(s, alpha * s + (1 - alpha) * p)
+    return _definition(name, p, s, lambda a, b: (a * torch.log(a / b)).sum(-1), beta, alpha)
 
 
 def _ref_grad(z_s: torch.Tensor, loss_of_probs) -> torch.Tensor:
